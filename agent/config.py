@@ -1,0 +1,227 @@
+"""The agent's one TOML config file, validated by pydantic.
+
+Unknown keys are refused. Every error names the file, the dotted key and a fix.
+Reading the file happens in :func:`load_config`, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import ConfigError, ConfigIssue
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+OUTCOMES = ("match", "mismatch", "inconclusive", "unknown_plate", "unreadable_plate", "unsupported")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteConfig(_Section):
+    site_id: str = Field("site-000", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                         description="Radar site identifier; part of every MQTT topic.")
+    device_id: str = Field("box-00", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                           description="This box's identifier; part of every MQTT topic.")
+
+
+class SpoolConfig(_Section):
+    dir: Path = Field(Path("/var/lib/iaflash/spool"),
+                      description="Spool root; radars write into <dir>/incoming.")
+    poll_interval_s: float = Field(0.2, gt=0, le=60, description="How often incoming/ is scanned.")
+    max_image_bytes: int = Field(30_000_000, gt=0, description="Larger image files are rejected.")
+    max_image_pixels: int = Field(60_000_000, gt=0, description="Images with more pixels are rejected.")
+    min_image_side: int = Field(64, gt=0, description="Images with a smaller side are rejected.")
+    max_sidecar_bytes: int = Field(65_536, gt=0, description="Larger sidecars are rejected.")
+    retention_days: float = Field(30, ge=0, description="Processed captures are kept this long in done/.")
+
+
+class ModelConfig(_Section):
+    bundle: Path = Field(Path("/var/lib/iaflash/models/classifier"),
+                         description="Directory of the classifier model bundle (manifest.json, model.onnx, labels.csv).")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="Inference backend; auto tries TensorRT then falls back to ONNX Runtime.")
+    threads: int = Field(0, ge=0, le=64, description="Intra-op threads for ONNX Runtime; 0 = number of cores.")
+
+
+class RegistryConfig(_Section):
+    db: Path = Field(Path("/var/lib/iaflash/registry.db"), description="SQLite file of the SIV subset cache.")
+    hmac_key_file: Path = Field(
+        Path("/etc/iaflash/hmac.key"),
+        description="Deployment HMAC key (hex, >= 32 bytes), mode 0600. "
+                    "$CREDENTIALS_DIRECTORY/hmac-key takes precedence when set by systemd.")
+    max_age_hours: float = Field(72, gt=0, description="Past this age verdicts are marked registry_stale.")
+
+
+class DecisionConfig(_Section):
+    min_plate_confidence: float = Field(0.5, ge=0, le=1,
+                                        description="Radar plate reads below this are unreadable_plate.")
+    min_top1: float = Field(0.6, ge=0, le=1,
+                            description="The classifier's top-1 probability must reach this for any flag.")
+    make_threshold: float = Field(0.05, ge=0, le=1,
+                                  description="mismatch/make when P(registered make) is below this.")
+    model_threshold: float = Field(0.05, ge=0, le=1,
+                                   description="mismatch/model when P(registered model) is below this.")
+    match_threshold: float = Field(0.3, ge=0, le=1,
+                                   description="match when P(registered model) reaches this.")
+    top_k: int = Field(5, ge=1, le=50, description="How many predictions the verdict's evidence keeps.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DecisionConfig:
+        if self.model_threshold > self.match_threshold:
+            raise ValueError("model_threshold must not exceed match_threshold "
+                             "(a vehicle cannot be both a mismatch and a match)")
+        return self
+
+
+class OutboxConfig(_Section):
+    db: Path = Field(Path("/var/lib/iaflash/state.db"),
+                     description="SQLite (WAL) file holding processed captures and unsent events.")
+
+
+class MqttConfig(_Section):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
+    client_id: str = Field("", description="MQTT client id; empty = iaflash-<site_id>-<device_id>.")
+    topic_prefix: str = Field("iaflash/v1", description="Topics are <prefix>/<site>/<device>/...")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
+    tls: bool = Field(False, description="Use TLS.")
+    ca_file: Path | None = Field(None, description="CA bundle for TLS.")
+    cert_file: Path | None = Field(None, description="Client certificate for TLS.")
+    key_file: Path | None = Field(None, description="Client private key for TLS.")
+    username: str | None = Field(None, description="Username (use with TLS).")
+    password_file: Path | None = Field(None, description="File holding the password (mode 0600).")
+    publish: list[Literal["match", "mismatch", "inconclusive", "unknown_plate",
+                          "unreadable_plate", "unsupported"]] = Field(
+        default_factory=lambda: ["mismatch"], description="Verdict outcomes sent as events.")
+    max_inflight: int = Field(100, ge=1, le=1000, description="Unacknowledged publishes at once.")
+    republish_after_s: float = Field(120, gt=0, description="Republish an event unacknowledged this long.")
+    heartbeat_interval_s: float = Field(60, gt=0, description="Period of the heartbeat message.")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> MqttConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        if (self.cert_file is not None or self.ca_file is not None) and not self.tls:
+            raise ValueError("ca_file/cert_file are set but tls = false: set tls = true")
+        return self
+
+
+class LogConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    format: Literal["json", "text"] = Field("json", description="json for journald, text for a terminal.")
+
+
+class Config(_Section):
+    site: SiteConfig = Field(default_factory=SiteConfig)  # type: ignore[arg-type]  # all fields defaulted
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)  # type: ignore[arg-type]  # all fields defaulted
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]  # all fields defaulted
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)  # type: ignore[arg-type]  # defaulted
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)  # type: ignore[arg-type]  # defaulted
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]  # all defaulted
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]  # all fields defaulted
+    log: LogConfig = Field(default_factory=LogConfig)  # type: ignore[arg-type]  # all fields defaulted
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"iaflash-{self.site.site_id}-{self.site.device_id}"
+
+    @property
+    def topic_root(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.site.site_id}/{self.site.device_id}"
+
+
+def _fix_for(err: dict[str, Any], section_model: type[BaseModel] | None) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(sorted(section_model.model_fields)) if section_model else "see README"
+        return f"remove it or correct its spelling; allowed keys here: {allowed}"
+    if kind == "missing":
+        return "add this key"
+    if kind == "literal_error":
+        return f"use one of the allowed values ({err.get('ctx', {}).get('expected', '')})"
+    if kind.endswith("_parsing") or kind.endswith("_type"):
+        return "give a value of the right type (see the config reference in README.md)"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return "use a value inside the documented range"
+    return "see the config reference in README.md"
+
+
+def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    if len(loc) <= 1:
+        return Config
+    field = Config.model_fields.get(str(loc[0]))
+    ann = field.annotation if field else None
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def issues_from_validation(exc: ValidationError, file: str) -> list[ConfigIssue]:
+    """Turn pydantic's errors into file/key/problem/fix issues."""
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        problem = err["msg"].replace("Value error, ", "")
+        out.append(ConfigIssue(file=file, key=key, problem=problem, fix=_fix_for(dict(err), _section_of(loc))))
+    return out
+
+
+def parse_config(data: dict[str, Any], file: str = "<config>") -> Config:
+    """Validate an already-parsed TOML document."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(issues_from_validation(exc, file)) from exc
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read and validate a config file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(path), "(file)", f"cannot read: {exc.strerror}",
+                                       "check the path and that the service user may read it")]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([ConfigIssue(str(path), "(syntax)", f"not valid TOML: {exc}",
+                                       "fix the TOML syntax at the position given")]) from exc
+    return parse_config(data, str(path))
+
+
+def read_secret(name: str, fallback: Path | None, *, what: str, config_key: str) -> bytes:
+    """Read a secret from ``$CREDENTIALS_DIRECTORY/<name>`` or from a 0600 file.
+
+    Refuses a fallback file readable by group or others, saying how to fix it.
+    """
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / name).is_file():
+        return (Path(creds) / name).read_bytes().strip()
+    if fallback is None:
+        raise ConfigError([ConfigIssue("(config)", config_key, f"no {what} configured",
+                                       f"set {config_key} or provide the systemd credential {name!r}")])
+    try:
+        st = fallback.stat()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("(config)", config_key, f"{what} file {fallback}: {exc.strerror}",
+                                       f"create it (mode 0600) or set LoadCredential={name}:...")]) from exc
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError([ConfigIssue("(config)", config_key,
+                                       f"{what} file {fallback} is readable by group/others "
+                                       f"(mode {stat.S_IMODE(st.st_mode):o})",
+                                       f"chmod 600 {fallback}")])
+    return fallback.read_bytes().strip()

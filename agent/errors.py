@@ -1,0 +1,97 @@
+"""The one exception tree of the project.
+
+Every error says what failed, where (file, config key, capture id) and how to fix it::
+
+    IaflashError
+    ├── ConfigError            config file unreadable or invalid; carries a list of ConfigIssue
+    ├── CaptureRejected        a capture's image or sidecar is bad; it goes to rejected/ with this reason
+    ├── PlateError             a plate string does not normalise to a French SIV or FNI plate
+    ├── RegistryError          the SIV cache or a subset file is unusable
+    │   └── RegistryFileError  a subset file is malformed (line number given)
+    ├── OutboxError            the SQLite outbox could not be written or read
+    ├── LinkError              the MQTT link is misconfigured (paho errors are mapped here)
+    └── engines.errors.EngineError  (re-exported: BackendUnavailable, BundleError,
+                                     ModelLoadError, InferenceError)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engines.errors import (
+    BackendUnavailable,
+    BundleError,
+    EngineError,
+    InferenceError,
+    ModelLoadError,
+)
+
+__all__ = [
+    "BackendUnavailable",
+    "BundleError",
+    "CaptureRejected",
+    "ConfigError",
+    "ConfigIssue",
+    "EngineError",
+    "IaflashError",
+    "InferenceError",
+    "LinkError",
+    "ModelLoadError",
+    "OutboxError",
+    "PlateError",
+    "RegistryError",
+    "RegistryFileError",
+]
+
+
+class IaflashError(Exception):
+    """Base class for the agent's own errors."""
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file: where it is, what is wrong, how to fix it."""
+
+    file: str
+    key: str
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.problem} (fix: {self.fix})"
+
+
+class ConfigError(IaflashError):
+    """The config file cannot be used. ``issues`` lists every problem found."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+class CaptureRejected(IaflashError):
+    """A capture cannot be processed. ``reason`` is a short stable code for counters."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class PlateError(IaflashError):
+    """A plate string is not a French plate in SIV or FNI format."""
+
+
+class RegistryError(IaflashError):
+    """The registry cache or a subset file cannot be used."""
+
+
+class RegistryFileError(RegistryError):
+    """A registry subset file is malformed."""
+
+
+class OutboxError(IaflashError):
+    """The durable outbox failed."""
+
+
+class LinkError(IaflashError):
+    """The MQTT link is misconfigured or its library failed."""

@@ -1,0 +1,33 @@
+"""Errors raised by the inference layer.
+
+``engines`` knows nothing of the agent, so its errors live here; ``agent.errors``
+re-exports them into the one tree the rest of the project documents::
+
+    EngineError
+    ├── BackendUnavailable   the backend's library or device is missing (is_available() said why)
+    ├── BundleError          a model bundle is missing a file, fails its sha256, or has a bad manifest
+    ├── ModelLoadError       the runtime refused the model file (corrupt ONNX, bad plan)
+    └── InferenceError       a batch had the wrong shape/dtype, or the runtime failed while running
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class for every error raised by ``engines``."""
+
+
+class BackendUnavailable(EngineError):
+    """The requested backend cannot run on this machine."""
+
+
+class BundleError(EngineError):
+    """A model bundle is invalid: missing file, sha256 mismatch, bad manifest or labels."""
+
+
+class ModelLoadError(EngineError):
+    """The runtime could not load the model file."""
+
+
+class InferenceError(EngineError):
+    """A call to ``infer`` failed: wrong input shape/dtype or a runtime failure."""

@@ -1,0 +1,20 @@
+"""Shared fixtures: a real Mosquitto broker on a free 127.0.0.1 port, real files in tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from agent.demo.broker import MosquittoBroker, find_mosquitto
+
+
+@pytest.fixture
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A private mosquitto (MQTT 5 and 3.1.1) on a free port; the test may kill() and start() it."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is required by the tests: run './run test' (installs it) or apt-get install mosquitto")
+    b = MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto"))
+    b.start()
+    yield b
+    b.stop()
