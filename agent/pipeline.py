@@ -1,0 +1,278 @@
+"""The capture pipeline: an intake thread and an inference thread joined by a bounded queue.
+
+intake (claim → JPEG checks → reduced decode → crop → quality → preprocess) overlaps
+inference (infer → calibrate → registry → decide → outbox commit → spool finish):
+OpenCV and ONNX Runtime release the GIL, so on two cores both run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.capture import Capture
+from agent.config import Config
+from agent.decision import Verdict, decide, softmax
+from agent.errors import CaptureRejected, EngineError, PlateError
+from agent.events import build_event, topic_for
+from agent.health import Liveness
+from agent.outbox import Outbox
+from agent.plates import normalise_plate, plate_key
+from agent.preprocess import crop, decode_jpeg, inspect_jpeg, preprocess
+from agent.quality import quality_problem
+from agent.registry import Registry, RegistryRecord
+from agent.spool import Claimed, Spool
+from agent.taxonomy import Taxonomy
+from engines.base import Backend
+from engines.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+CROP_MARGIN = 0.1
+QUEUE_DEPTH = 4
+
+VerdictCallback = Callable[[Capture, Verdict, "dict[str, Any] | None"], None]
+
+
+@dataclass
+class Work:
+    """One capture between intake and inference."""
+
+    claimed: Claimed
+    tensor: np.ndarray | None
+    image_problem: str | None
+    started: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def choose_reduction(width: int, height: int, box: tuple[int, int, int, int] | None, input_side: int) -> int:
+    """Largest JPEG decode reduction (1, 2, 4, 8) that keeps the crop ≥ 2× the model input."""
+    region = min(box[2], box[3]) if box else min(width, height)
+    for factor in (8, 4, 2):
+        if region / factor >= 2 * input_side:
+            return factor
+    return 1
+
+
+def scale_box(box: tuple[int, int, int, int], sx: float, sy: float) -> tuple[int, int, int, int]:
+    x, y, w, h = box
+    return round(x * sx), round(y * sy), max(1, round(w * sx)), max(1, round(h * sy))
+
+
+class Pipeline:
+    """Owns the two worker threads. The service owns everything they use."""
+
+    def __init__(self, cfg: Config, spool: Spool, backend: Backend, bundle: Bundle,
+                 registry: Registry, hmac_key: bytes, on_verdict: VerdictCallback | None = None) -> None:
+        self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
+        self.registry, self.hmac_key, self.on_verdict = registry, hmac_key, on_verdict
+        self.taxonomy = Taxonomy(bundle.labels)
+        self.pp = bundle.manifest.preprocessing
+        self.liveness = Liveness(stuck_after_s=60.0)
+        self.outcomes: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.latencies_ms: list[float] = []
+        self._queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._stop = threading.Event()
+        self._intake_done = threading.Event()
+        self._fatal: BaseException | None = None
+        self._outbox: Outbox | None = None
+        self._threads = [threading.Thread(target=self._intake_loop, name="intake", daemon=True),
+                         threading.Thread(target=self._infer_loop, name="inference", daemon=True)]
+        info = backend.info
+        self.model_info = {"name": bundle.manifest.name, "version": bundle.manifest.version,
+                           "backend": info.kind, "device": info.device}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming; finish what was already claimed; join both threads."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    @property
+    def fatal(self) -> BaseException | None:
+        """The error that stopped a worker thread, if any (the service exits on it)."""
+        return self._fatal
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # -- intake ----------------------------------------------------------------------------
+    def _intake_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                ids = self.spool.ready(limit=32)
+                if not ids:
+                    self._stop.wait(self.cfg.spool.poll_interval_s)
+                    continue
+                for capture_id in ids:
+                    if self._stop.is_set():
+                        break
+                    work = self._intake_one(capture_id)
+                    if work is not None:
+                        self._put(work)
+        except BaseException as exc:  # a bug or a disk failure: stop the service, loudly
+            log.exception("intake thread failed")
+            self._fatal = exc
+            self._stop.set()
+        finally:
+            self._intake_done.set()
+
+    def _put(self, work: Work) -> None:
+        while True:  # never drop a claimed capture: wait for room even while stopping
+            try:
+                self._queue.put(work, timeout=0.1)
+                return
+            except queue.Full:
+                if self._fatal is not None:
+                    return  # inference died; the capture stays in processing/ for recovery
+
+    def _intake_one(self, capture_id: str) -> Work | None:
+        started = time.perf_counter()
+        try:
+            claimed = self.spool.claim(capture_id)
+        except CaptureRejected:
+            return None  # the spool moved it to rejected/, counted and logged it
+        if claimed is None:
+            return None
+        try:
+            return self._prepare(claimed, started)
+        except CaptureRejected as exc:
+            self.spool.reject(capture_id, exc)
+            return None
+
+    def _prepare(self, claimed: Claimed, started: float) -> Work:
+        timings: dict[str, float] = {"claim": (time.perf_counter() - started) * 1e3}
+        data = claimed.image_bytes[0]
+        t = time.perf_counter()
+        width, height = inspect_jpeg(data, max_pixels=self.cfg.spool.max_image_pixels,
+                                     min_side=self.cfg.spool.min_image_side)
+        box = claimed.capture.vehicle_box
+        factor = choose_reduction(width, height, box, max(self.pp.height, self.pp.width))
+        image = decode_jpeg(data, reduce=factor)
+        timings["decode"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        if box is not None:
+            box = scale_box(box, image.shape[1] / width, image.shape[0] / height)
+            region = crop(image, box, margin=CROP_MARGIN)
+        else:
+            region = image
+        problem = quality_problem(region)
+        tensor = None if problem else preprocess(region, self.pp)
+        timings["preprocess"] = (time.perf_counter() - t) * 1e3
+        return Work(claimed, tensor, problem, started, timings)
+
+    # -- inference -------------------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        try:
+            self._outbox = Outbox(self.cfg.outbox.db)  # this thread's own connection
+            while True:
+                try:
+                    work = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    if self._intake_done.is_set():
+                        return
+                    continue
+                self.liveness.begin()
+                try:
+                    self._process(work)
+                finally:
+                    self.liveness.end()
+        except BaseException as exc:
+            log.exception("inference thread failed")
+            self._fatal = exc
+            self._stop.set()
+        finally:
+            if self._outbox is not None:
+                self._outbox.close()
+
+    def _classify(self, work: Work) -> tuple[np.ndarray | None, str | None]:
+        if work.tensor is None:
+            return None, work.image_problem
+        t = time.perf_counter()
+        try:
+            out = self.backend.infer(work.tensor)[0]
+        except EngineError as exc:
+            self.errors["inference"] += 1
+            log.error("capture %s: inference failed: %s", work.claimed.capture.capture_id, exc)
+            return None, f"inference failed: {exc}"
+        finally:
+            work.timings["infer"] = (time.perf_counter() - t) * 1e3
+        manifest = self.bundle.manifest
+        logits = np.log(np.clip(out, 1e-12, 1.0)) if manifest.output_kind == "probabilities" else out
+        return softmax(logits, manifest.temperature), None
+
+    def _plate(self, capture: Capture) -> tuple[str | None, bytes | None, RegistryRecord | None]:
+        """(plate problem, HMAC key, registry record). The plate itself never leaves this function."""
+        if not capture.plate:
+            return "radar could not read the plate", None, None
+        conf = capture.plate_confidence
+        if conf is not None and conf < self.cfg.decision.min_plate_confidence:
+            return f"radar plate confidence {conf:.2f} < {self.cfg.decision.min_plate_confidence}", None, None
+        try:
+            plate = normalise_plate(capture.plate)
+        except PlateError as exc:
+            return str(exc), None, None
+        return None, plate_key(self.hmac_key, plate), self.registry.lookup(plate)
+
+    def _process(self, work: Work) -> None:
+        capture = work.claimed.capture
+        probs, image_problem = self._classify(work)
+        t = time.perf_counter()
+        plate_problem, key, record = self._plate(capture)
+        stale = self.registry.is_stale(self.cfg.registry.max_age_hours)
+        verdict = decide(probs=probs, taxonomy=self.taxonomy, record=record, plate_problem=plate_problem,
+                         cfg=self.cfg.decision, registry_stale=stale, model_info=self.model_info,
+                         image_problem=image_problem)
+        work.timings["decide"] = (time.perf_counter() - t) * 1e3
+        event = self._commit(work, verdict, key)
+        work.timings["total"] = (time.perf_counter() - work.started) * 1e3
+        self._account(capture, verdict, event, work.timings)
+
+    def _commit(self, work: Work, verdict: Verdict, key: bytes | None) -> dict[str, Any] | None:
+        capture = work.claimed.capture
+        t = time.perf_counter()
+        event = topic = None
+        if verdict.outcome in self.cfg.mqtt.publish:
+            event = build_event(verdict=verdict.to_dict(), site_id=self.cfg.site.site_id,
+                                device_id=self.cfg.site.device_id, capture_id=capture.capture_id,
+                                captured_at=capture.captured_at.isoformat(),
+                                plate_key=None if key is None else key.hex(),
+                                timings_ms={k: round(v, 2) for k, v in work.timings.items()})
+            topic = topic_for(self.cfg.topic_root, verdict.outcome)
+        assert self._outbox is not None  # opened by _infer_loop before any work
+        if not self._outbox.record(capture.capture_id, verdict.outcome, event, topic):
+            log.info("capture %s was already processed; not sent twice", capture.capture_id)
+            event = None
+        self.spool.finish(capture.capture_id)
+        work.timings["commit"] = (time.perf_counter() - t) * 1e3
+        return event
+
+    def _account(self, capture: Capture, verdict: Verdict, event: dict[str, Any] | None,
+                 timings: dict[str, float]) -> None:
+        key = verdict.outcome if verdict.level is None else f"{verdict.outcome}/{verdict.level}"
+        self.outcomes[key] += 1
+        self.latencies_ms.append(timings["total"])
+        del self.latencies_ms[:-1000]
+        log.info("capture %s: %s", capture.capture_id, key,
+                 extra={"capture_id": capture.capture_id, "verdict": key, "reason": verdict.reason,
+                        "stage_ms": {k: round(v, 1) for k, v in timings.items()},
+                        "event_id": None if event is None else event["event_id"]})
+        if self.on_verdict is not None:
+            self.on_verdict(capture, verdict, event)

@@ -1,0 +1,147 @@
+"""Service wiring: build every part from the config, run, supervise, stop cleanly.
+
+Start order: secrets → registry → bundle + backend (warm-up) → outbox recovery →
+MQTT link + publisher → pipeline → READY=1. Stop order is the reverse, so that the
+capture in flight is committed before the link goes down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from typing import Any
+
+from agent.config import Config, read_secret
+from agent.health import sd_notify, watchdog_interval_s
+from agent.link import MqttLink
+from agent.outbox import Outbox
+from agent.pipeline import Pipeline, VerdictCallback
+from agent.plates import key_id, load_hmac_key
+from agent.publisher import Publisher
+from agent.registry import Registry
+from agent.spool import Spool
+from engines.base import Backend, create_backend
+from engines.bundle import load_bundle
+
+log = logging.getLogger(__name__)
+
+PURGE_EVERY_S = 3600.0
+AGENT_VERSION = "0.1.0"
+
+
+class Service:
+    """The running agent. ``start()`` then ``run(stop_event)`` (blocks) or ``stop()``."""
+
+    def __init__(self, cfg: Config, *, on_verdict: VerdictCallback | None = None) -> None:
+        self.cfg = cfg
+        self.on_verdict = on_verdict
+        self.started_at = time.time()
+        self.pipeline: Pipeline | None = None
+        self.publisher: Publisher | None = None
+        self.link: MqttLink | None = None
+        self.backend: Backend | None = None
+        self.registry: Registry | None = None
+        self.spool = Spool(cfg.spool.dir, cfg.spool)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        for path in (cfg.outbox.db.parent, cfg.registry.db.parent):
+            path.mkdir(parents=True, exist_ok=True)
+        self.spool.ensure_layout()
+        hmac_key = load_hmac_key(read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key",
+                                             config_key="registry.hmac_key_file"))
+        self.registry = Registry(cfg.registry.db, hmac_key)
+        self._check_registry(key_id(hmac_key))
+        bundle = load_bundle(cfg.model.bundle)
+        self.backend = create_backend(cfg.model.backend, threads=cfg.model.threads)
+        self.backend.load(bundle)
+        self.backend.warmup()
+        outbox = Outbox(cfg.outbox.db)
+        try:
+            finished, requeued = self.spool.recover(outbox.is_processed)
+            pending = outbox.depth()
+        finally:
+            outbox.close()
+        log.info("recovery: %d captures finished, %d requeued, %d events to (re)send",
+                 finished, requeued, pending)
+        self.link = MqttLink(cfg)
+        self.link.start()
+        self.publisher = Publisher(cfg.outbox.db, self.link, cfg.mqtt, heartbeat=self.heartbeat,
+                                   heartbeat_topic=f"{cfg.topic_root}/heartbeat")
+        self.publisher.start()
+        self.pipeline = Pipeline(cfg, self.spool, self.backend, bundle, self.registry, hmac_key,
+                                 on_verdict=self.on_verdict)
+        self.pipeline.start()
+        sd_notify("READY=1")
+        log.info("agent started: site %s device %s, model %s %s on %s", cfg.site.site_id,
+                 cfg.site.device_id, bundle.manifest.name, bundle.manifest.version, self.backend.info.kind)
+
+    def _check_registry(self, expected_key_id: str) -> None:
+        assert self.registry is not None
+        state = self.registry.state()
+        if state is None:
+            log.warning("registry cache %s is empty: every plate will be unknown_plate; "
+                        "import a snapshot with 'iaflash-provision registry import FILE'", self.cfg.registry.db)
+        elif state.key_id != expected_key_id:
+            log.error("registry cache was hashed with key %s but this box's key is %s: no plate will match; "
+                      "import a snapshot made for this key", state.key_id, expected_key_id)
+
+    def run(self, stop: threading.Event) -> int:
+        """Supervise until ``stop`` is set or a worker dies. Returns the process exit code."""
+        wd = watchdog_interval_s()
+        tick = min(wd, 1.0) if wd else 1.0
+        next_purge = time.monotonic()
+        assert self.pipeline is not None
+        while not stop.wait(tick):
+            if self.pipeline.fatal is not None or not self.pipeline.alive():
+                log.error("a pipeline thread stopped (%s); exiting so systemd restarts the agent",
+                          self.pipeline.fatal)
+                self.stop()
+                return 1
+            if wd and self.pipeline.liveness.healthy():
+                sd_notify("WATCHDOG=1")
+            if time.monotonic() >= next_purge:
+                self._purge()
+                next_purge = time.monotonic() + PURGE_EVERY_S
+        sd_notify("STOPPING=1")
+        self.stop()
+        return 0
+
+    def _purge(self) -> None:
+        removed = self.spool.purge(older_than_days=self.cfg.spool.retention_days)
+        if removed:
+            log.info("purged %d evidence files older than %s days", removed, self.cfg.spool.retention_days)
+
+    def stop(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.stop()
+        if self.publisher is not None:
+            self.publisher.stop(timeout=5)
+        if self.link is not None:
+            self.link.stop(timeout=5)
+        if self.backend is not None:
+            self.backend.close()
+        if self.registry is not None:
+            self.registry.close()
+        self.pipeline = self.publisher = self.link = self.backend = self.registry = None  # stop is idempotent
+
+    def heartbeat(self) -> dict[str, Any]:
+        """Counters, queue depth, latency, versions: the heartbeat payload and `doctor`'s view."""
+        p = self.pipeline
+        lat = sorted(p.latencies_ms) if p else []
+        return {
+            "site_id": self.cfg.site.site_id,
+            "device_id": self.cfg.site.device_id,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "outcomes": dict(p.outcomes) if p else {},
+            "errors": dict(p.errors) if p else {},
+            "spool": self.spool.counters(),
+            "queue_depth": p.queue_depth() if p else 0,
+            "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
+            "versions": {"agent": AGENT_VERSION, "python": platform.python_version(),
+                         "backend": self.backend.info.to_dict() if self.backend else None},
+            "pid": os.getpid(),
+        }
