@@ -56,7 +56,14 @@ def _paho_errors(action: str, where: str) -> Iterator[None]:
     except ssl.SSLError as exc:
         raise LinkError(f"MQTT {where}: cannot {action}: TLS error {exc} "
                         "(fix: check mqtt.ca_file, mqtt.cert_file and mqtt.key_file)") from exc
-    except (ValueError, OSError, RuntimeError) as exc:
+    except OSError as exc:
+        if exc.filename is None:
+            raise LinkError(f"MQTT {where}: cannot {action}: {exc} "
+                            "(fix: check mqtt.host, mqtt.port and the TLS files)") from exc
+        raise LinkError(f"MQTT {where}: cannot {action}: {exc.strerror}: {exc.filename} "
+                        "(fix: check that the mqtt.*_file paths exist and the service user may read them)"
+                        ) from exc
+    except (ValueError, RuntimeError) as exc:
         raise LinkError(f"MQTT {where}: cannot {action}: {exc} (fix: check the [mqtt] section)") from exc
 
 
@@ -87,6 +94,7 @@ class MqttLink:
         self._where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
         self._version = _agent_version()
         self._started = False
+        self._stopping = False
         self._client = self._make_client()
 
     # ----- construction -------------------------------------------------------------------
@@ -113,6 +121,10 @@ class MqttLink:
     def _auth(self, client: mqtt.Client) -> None:
         m = self.cfg.mqtt
         if m.tls:
+            for key, path in (("ca_file", m.ca_file), ("cert_file", m.cert_file), ("key_file", m.key_file)):
+                if path is not None and not os.access(path, os.R_OK):
+                    raise LinkError(f"MQTT {self._where}: mqtt.{key} {path} is missing or unreadable "
+                                    "(fix: correct the path or let the service user read it)")
             client.tls_set(
                 ca_certs=str(m.ca_file) if m.ca_file else None,
                 certfile=str(m.cert_file) if m.cert_file else None,
@@ -161,7 +173,9 @@ class MqttLink:
                        properties: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if was_connected:
+        if was_connected and self._stopping:
+            log.info("MQTT disconnected from %s (stopped)", self._where)
+        elif was_connected:
             self.disconnects += 1
             log.warning("MQTT disconnected from %s: %s; paho reconnects with backoff",
                         self._where, reason_code)
@@ -208,6 +222,7 @@ class MqttLink:
         """Publish a retained ``offline`` status, disconnect cleanly, stop the network thread."""
         if not self._started:
             return
+        self._stopping = True
         if self.connected:
             with _paho_errors("publish the offline status", self._where):
                 info = self._client.publish(self.status_topic, self._status("offline", "stopped"),
@@ -219,6 +234,7 @@ class MqttLink:
             self._client.loop_stop()
         self._connected.clear()
         self._started = False
+        self._stopping = False
 
     def _check(self, rc: MQTTErrorCode | int, action: str) -> None:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -162,7 +163,8 @@ class Spool:
             raise ValueError(f"spool: {capture_id!r} is not a capture id from ready()")
         src = self.incoming / f"{capture_id}{_SIDECAR}"
         if not CAPTURE_ID_RE.fullmatch(capture_id):
-            return self._reject_bad_name(capture_id, src)
+            self._reject_bad_name(capture_id, src)  # raises unless another claimer took it
+            return None
         sidecar = self.processing / src.name
         if sidecar.exists():
             log.debug("spool: %s is already in processing/; claim later", capture_id)
@@ -208,7 +210,11 @@ class Spool:
                 except FileNotFoundError:
                     raise CaptureRejected("missing_image", f"{source}: image {name} listed by the sidecar "
                                           f"is not in incoming/. Fix: {_FIX_RADAR}") from None
-            size = dest.stat().st_size
+            st = dest.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                raise CaptureRejected("not_a_file", f"{source}: image {name} is not a regular file "
+                                      "(a link or a folder). Fix: write plain files into incoming/")
+            size = st.st_size
             if size == 0 or size > limit:
                 raise CaptureRejected("empty_image" if size == 0 else "image_too_large",
                                       f"{source}: image {name} is {size} bytes (allowed 1..{limit}, "
@@ -220,6 +226,7 @@ class Spool:
     # --- rejection ------------------------------------------------------------------------------
 
     def _reject_bad_name(self, capture_id: str, src: Path) -> None:
+        """Move a sidecar with an invalid name to rejected/ under a safe name, then raise."""
         safe = _safe_name(capture_id)
         try:
             _move(src, self.rejected, f"{safe}{_SIDECAR}")
@@ -244,7 +251,9 @@ class Spool:
     def _reject_files(self, capture_id: str, exc: CaptureRejected, source: str,
                       image_names: Iterable[str]) -> Path:
         moved = []
-        for name in (*image_names, f"{capture_id}{_SIDECAR}"):
+        defaults = (f"{capture_id}.jpg", f"{capture_id}.jpeg")  # by convention this capture's too
+        names = dict.fromkeys((*image_names, *defaults, f"{capture_id}{_SIDECAR}"))
+        for name in names:
             for folder in (self.processing, self.incoming):
                 if (folder / name).is_file():
                     moved.append(_move(folder / name, self.rejected).name)
@@ -344,9 +353,12 @@ class Spool:
         count = 0
         for mtime_ns, name in self._sidecars(self.done):
             capture_id = name[: -len(_SIDECAR)]
-            if mtime_ns / 1e9 >= cutoff or keep(capture_id):
+            if mtime_ns / 1e9 >= cutoff or keep(capture_id.split("~")[0]):
                 continue
-            for image in _image_names(capture_id, self.done / name):
+            # A "<id>~N" sidecar is a duplicate id renamed on arrival: its images carry the same ~N.
+            images = ((f"{capture_id}.jpg", f"{capture_id}.jpeg") if "~" in capture_id
+                      else _image_names(capture_id, self.done / name))
+            for image in images:
                 (self.done / image).unlink(missing_ok=True)
             (self.done / name).unlink(missing_ok=True)
             count += 1

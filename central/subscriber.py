@@ -68,6 +68,7 @@ class Subscriber:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else not self.persistent,
         )
+        self._client.reconnect_delay_set(1, 10)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -94,8 +95,10 @@ class Subscriber:
         if self.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent else 0
-        self._client.connect_async(self.host, self.port, keepalive=30,
-                                   clean_start=not self.persistent if self.protocol == "5" else 3,
+        clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY  # 3.1.1 uses clean_session instead
+        if self.protocol == "5":
+            clean_start = not self.persistent
+        self._client.connect_async(self.host, self.port, keepalive=30, clean_start=clean_start,
                                    properties=props)
         self._client.loop_start()
         if not self._subscribed.wait(timeout):

@@ -58,8 +58,13 @@ class BackendInfo:
     engine_key: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "precision": self.precision, "device": self.device,
-                "versions": dict(self.versions), "engine_key": self.engine_key}
+        return {
+            "kind": self.kind,
+            "precision": self.precision,
+            "device": self.device,
+            "versions": dict(self.versions),
+            "engine_key": self.engine_key,
+        }
 
 
 class Backend(abc.ABC):
@@ -108,8 +113,10 @@ class Backend(abc.ABC):
         spec = self.input_spec
         dims = spec.shape[1:]
         if not all(isinstance(d, int) for d in dims):
-            raise InferenceError(f"cannot warm up: input '{spec.name}' has dynamic dims {spec.shape}; "
-                                 "fix: give concrete sizes in the manifest's input_shape")
+            raise InferenceError(
+                f"cannot warm up: input '{spec.name}' has dynamic dims {spec.shape}; "
+                "fix: give concrete sizes in the manifest's input_shape"
+            )
         shape = (1, *(int(d) for d in dims if d is not None))
         self.infer(np.zeros(shape, dtype=np.dtype(spec.dtype)))
 
@@ -123,22 +130,30 @@ class Backend(abc.ABC):
         if not isinstance(batch, np.ndarray):
             raise InferenceError(f"input '{spec.name}': expected a numpy array, got {type(batch).__name__}")
         if batch.dtype != np.dtype(spec.dtype):
-            raise InferenceError(f"input '{spec.name}': expected dtype {spec.dtype}, got {batch.dtype}; "
-                                 f"fix: convert with batch.astype(np.{spec.dtype})")
+            raise InferenceError(
+                f"input '{spec.name}': expected dtype {spec.dtype}, got {batch.dtype}; "
+                f"fix: convert with batch.astype(np.{spec.dtype})"
+            )
         expected = "[" + ", ".join(str(d) for d in spec.shape) + "]"
         if batch.ndim != len(spec.shape):
-            raise InferenceError(f"input '{spec.name}': expected {len(spec.shape)} dims {expected}, "
-                                 f"got {batch.ndim} dims {list(batch.shape)}")
-        bad = [axis for axis, want in enumerate(spec.shape[1:], start=1)
-               if isinstance(want, int) and batch.shape[axis] != want]
+            raise InferenceError(
+                f"input '{spec.name}': expected {len(spec.shape)} dims {expected}, "
+                f"got {batch.ndim} dims {list(batch.shape)}"
+            )
+        bad = [
+            axis
+            for axis, want in enumerate(spec.shape[1:], start=1)
+            if isinstance(want, int) and batch.shape[axis] != want
+        ]
         if bad or batch.shape[0] < 1:
             raise InferenceError(f"input '{spec.name}': expected shape {expected}, got {list(batch.shape)}")
 
     def __enter__(self) -> Backend:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

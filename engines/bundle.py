@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -53,6 +53,15 @@ SIGNATURE_FILE = "manifest.sig"  # later issue: detached Ed25519 signature over 
 LABELS_HEADER = ("index", "make", "model", "aliases")
 _CHUNK = 1 << 20
 
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
 ManifestVerifier = Callable[[bytes, Path], None]
 """Called with the raw manifest bytes and the bundle directory; raises BundleError to refuse."""
 
@@ -70,10 +79,7 @@ class Preprocessing:
     resize: Literal["stretch", "letterbox", "center_crop"] = "stretch"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "height": self.height, "width": self.width, "color_order": self.color_order,
-            "mean": list(self.mean), "std": list(self.std), "scale": self.scale, "resize": self.resize,
-        }
+        return cast(dict[str, Any], _jsonable(asdict(self)))
 
 
 @dataclass(frozen=True)
@@ -110,14 +116,10 @@ class Manifest:
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version, "name": self.name, "version": self.version,
-            "task": self.task, "input_name": self.input_name, "input_shape": list(self.input_shape),
-            "input_dtype": self.input_dtype, "preprocessing": self.preprocessing.to_dict(),
-            "output_name": self.output_name, "output_kind": self.output_kind,
-            "temperature": self.temperature, "files": dict(sorted(self.files.items())),
-            "demo": self.demo, "description": self.description,
-        }
+        """The JSON document of the manifest (tuples become lists, files sorted by name)."""
+        data = cast(dict[str, Any], _jsonable(asdict(self)))
+        data["files"] = dict(sorted(self.files.items()))
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -147,7 +149,9 @@ def _bad(key: str, problem: str, fix: str) -> BundleError:
     return BundleError(f"{MANIFEST_FILE}: field '{key}' {problem}; fix: {fix}")
 
 
-def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], fix: str, default: Any = ...) -> Any:
+def _get(
+    data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], fix: str, default: Any = ...
+) -> Any:
     if key not in data:
         if default is ...:
             raise _bad(key, "is missing", fix)
@@ -183,7 +187,9 @@ def _number(data: Mapping[str, Any], key: str, fix: str, default: Any = ...) -> 
     return value
 
 
-def _triple(pp: Mapping[str, Any], key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
+def _triple(
+    pp: Mapping[str, Any], key: str, default: tuple[float, float, float]
+) -> tuple[float, float, float]:
     fix = "give three numbers, one per channel in the model's color_order"
     value = _get(pp, key, list, fix, list(default))
     if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
@@ -195,32 +201,46 @@ def _parse_preprocessing(data: Mapping[str, Any]) -> Preprocessing:
     pp = _get(data, "preprocessing", dict, "add an object with height, width, color_order, mean, std, resize")
     unknown = sorted(set(pp) - _PP_KEYS)
     if unknown:
-        raise _bad(f"preprocessing.{unknown[0]}", "is not a known key",
-                   f"remove it or correct its spelling; allowed: {', '.join(sorted(_PP_KEYS))}")
+        raise _bad(
+            f"preprocessing.{unknown[0]}",
+            "is not a known key",
+            f"remove it or correct its spelling; allowed: {', '.join(sorted(_PP_KEYS))}",
+        )
     sizes = {}
     for key in ("height", "width"):
         sizes[key] = _get(pp, key, int, "give the model's input size in pixels")
         if sizes[key] <= 0:
-            raise _bad(f"preprocessing.{key}", f"must be > 0, got {sizes[key]}", "give the input size in pixels")
+            raise _bad(
+                f"preprocessing.{key}", f"must be > 0, got {sizes[key]}", "give the input size in pixels"
+            )
     std = _triple(pp, "std", Preprocessing.std)
     if any(s <= 0 for s in std):
-        raise _bad("preprocessing.std", f"must be > 0 for every channel, got {list(std)}", "use positive values")
+        raise _bad(
+            "preprocessing.std", f"must be > 0 for every channel, got {list(std)}", "use positive values"
+        )
     scale = _number(pp, "scale", "usually 1/255 = 0.00392156862745098", Preprocessing.scale)
     if scale <= 0:
         raise _bad("preprocessing.scale", f"must be > 0, got {scale}", "usually 1/255")
     return Preprocessing(
-        height=sizes["height"], width=sizes["width"],
+        height=sizes["height"],
+        width=sizes["width"],
         color_order=cast(Literal["RGB", "BGR"], _choice(pp, "color_order", ("RGB", "BGR"), "RGB")),
-        mean=_triple(pp, "mean", Preprocessing.mean), std=std, scale=scale,
-        resize=cast(Literal["stretch", "letterbox", "center_crop"],
-                    _choice(pp, "resize", ("stretch", "letterbox", "center_crop"), "stretch")),
+        mean=_triple(pp, "mean", Preprocessing.mean),
+        std=std,
+        scale=scale,
+        resize=cast(
+            Literal["stretch", "letterbox", "center_crop"],
+            _choice(pp, "resize", ("stretch", "letterbox", "center_crop"), "stretch"),
+        ),
     )
 
 
 def _parse_shape(data: Mapping[str, Any], pp: Preprocessing) -> tuple[int | str, ...]:
-    fix = f"give [batch, 3, {pp.height}, {pp.width}] (NCHW); a dynamic batch is a name such as \"N\""
+    fix = f'give [batch, 3, {pp.height}, {pp.width}] (NCHW); a dynamic batch is a name such as "N"'
     raw = _get(data, "input_shape", list, fix)
-    ok = all((isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d) for d in raw)
+    ok = all(
+        (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d) for d in raw
+    )
     if len(raw) != 4 or not ok:
         raise _bad("input_shape", f"must be 4 positive ints or dimension names, got {raw!r}", fix)
     for axis, want in ((1, 3), (2, pp.height), (3, pp.width)):
@@ -235,7 +255,11 @@ def _parse_files(data: Mapping[str, Any]) -> dict[str, str]:
     for name, digest in files.items():
         if not name or Path(name).name != name or name in (".", "..", MANIFEST_FILE):
             raise _bad("files", f"lists {name!r}, which is not a plain file name of the bundle", fix)
-        if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or not all(c in "0123456789abcdef" for c in digest)
+        ):
             raise _bad(f"files.{name}", f"must be a lowercase sha256 hex digest, got {digest!r}", fix)
     for name in _REQUIRED_FILES:
         if name not in files:
@@ -243,17 +267,31 @@ def _parse_files(data: Mapping[str, Any]) -> dict[str, str]:
     return dict(files)
 
 
-def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
+def _check_envelope(data: Mapping[str, Any]) -> int:
+    """The manifest is an object with known keys only, in the schema version this agent reads."""
     if not isinstance(data, Mapping):
-        raise BundleError(f"{MANIFEST_FILE}: must hold a JSON object, got {type(data).__name__}; fix: re-pack it")
+        raise BundleError(
+            f"{MANIFEST_FILE}: must hold a JSON object, got {type(data).__name__}; fix: re-pack it"
+        )
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
-        raise _bad(unknown[0], "is not a known key",
-                   f"remove it or correct its spelling; allowed: {', '.join(sorted(_TOP_KEYS))}")
+        raise _bad(
+            unknown[0],
+            "is not a known key",
+            f"remove it or correct its spelling; allowed: {', '.join(sorted(_TOP_KEYS))}",
+        )
     version = _get(data, "schema_version", int, f"set it to {SCHEMA_VERSION}")
     if version != SCHEMA_VERSION:
-        raise _bad("schema_version", f"is {version}, this agent reads {SCHEMA_VERSION}",
-                   "upgrade the agent or re-pack the bundle for this schema version")
+        raise _bad(
+            "schema_version",
+            f"is {version}, this agent reads {SCHEMA_VERSION}",
+            "upgrade the agent or re-pack the bundle for this schema version",
+        )
+    return cast(int, version)
+
+
+def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
+    version = _check_envelope(data)
     pp = _parse_preprocessing(data)
     temperature = _number(data, "temperature", "use 1.0 when uncalibrated", 1.0)
     if temperature <= 0:
@@ -262,20 +300,26 @@ def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
     return Manifest(
         schema_version=version,
         name=_text(data, "name", "give the model's name"),
-        version=_text(data, "version", "give the model's version, e.g. \"2026.11.0\""),
+        version=_text(data, "version", 'give the model\'s version, e.g. "2026.11.0"'),
         task=cast(Literal["classifier", "detector"], _choice(data, "task", ("classifier", "detector"))),
         input_name=_text(data, "input_name", "give the ONNX graph's input tensor name"),
-        input_shape=_parse_shape(data, pp), input_dtype=dtype, preprocessing=pp,
+        input_shape=_parse_shape(data, pp),
+        input_dtype=dtype,
+        preprocessing=pp,
         output_name=_text(data, "output_name", "give the ONNX graph's output tensor name"),
-        output_kind=cast(Literal["logits", "probabilities"],
-                         _choice(data, "output_kind", ("logits", "probabilities"), "logits")),
-        temperature=temperature, files=_parse_files(data),
+        output_kind=cast(
+            Literal["logits", "probabilities"],
+            _choice(data, "output_kind", ("logits", "probabilities"), "logits"),
+        ),
+        temperature=temperature,
+        files=_parse_files(data),
         demo=bool(_get(data, "demo", bool, "use true or false", False)),
         description=_text(data, "description", "give a short text", ""),
     )
 
 
 # ---------------------------------------------------------------- files and labels
+
 
 def sha256_file(path: Path) -> str:
     """The sha256 hex digest of a file, read in 1 MiB chunks."""
@@ -292,24 +336,32 @@ def _verify_files(root: Path, files: Mapping[str, str]) -> None:
         try:
             actual = sha256_file(path)
         except FileNotFoundError as exc:
-            raise BundleError(f"{path}: listed in {MANIFEST_FILE} but missing; fix: re-install the bundle "
-                              "(copy every file of it) or re-pack it") from exc
+            raise BundleError(
+                f"{path}: listed in {MANIFEST_FILE} but missing; fix: re-install the bundle "
+                "(copy every file of it) or re-pack it"
+            ) from exc
         except OSError as exc:
             raise BundleError(f"{path}: cannot be read ({exc.strerror}); fix: check its permissions") from exc
         if actual != expected:
-            raise BundleError(f"{name} sha256 {actual[:12]}… does not match {MANIFEST_FILE} (expected "
-                              f"{expected[:12]}…) in {root}: the file was altered or the manifest is stale; "
-                              "re-pack the bundle")
+            raise BundleError(
+                f"{name} sha256 {actual[:12]}… does not match {MANIFEST_FILE} (expected "
+                f"{expected[:12]}…) in {root}: the file was altered or the manifest is stale; "
+                "re-pack the bundle"
+            )
 
 
 def _parse_label_row(row: list[str], line: int, where: str) -> Label:
     if len(row) != 4:
-        raise BundleError(f"{where}:{line}: expected 4 columns (index,make,model,aliases), got {len(row)}; "
-                          "fix: quote fields that contain commas")
+        raise BundleError(
+            f"{where}:{line}: expected 4 columns (index,make,model,aliases), got {len(row)}; "
+            "fix: quote fields that contain commas"
+        )
     try:
         index = int(row[0])
     except ValueError as exc:
-        raise BundleError(f"{where}:{line}: index {row[0]!r} is not an integer; fix: number rows 0..n-1") from exc
+        raise BundleError(
+            f"{where}:{line}: index {row[0]!r} is not an integer; fix: number rows 0..n-1"
+        ) from exc
     make, model = row[1].strip(), row[2].strip()
     if not make or not model:
         raise BundleError(f"{where}:{line}: make and model must not be empty; fix: fill both columns")
@@ -322,8 +374,9 @@ def parse_labels(text: str, where: str = LABELS_FILE) -> tuple[Label, ...]:
     rows = list(csv.reader(io.StringIO(text)))
     if not rows or tuple(c.strip() for c in rows[0]) != LABELS_HEADER:
         got = ",".join(rows[0]) if rows else "an empty file"
-        raise BundleError(f"{where}:1: header must be '{','.join(LABELS_HEADER)}', got {got!r}; "
-                          "fix: add that header line")
+        raise BundleError(
+            f"{where}:1: header must be '{','.join(LABELS_HEADER)}', got {got!r}; fix: add that header line"
+        )
     labels = [_parse_label_row(row, n, where) for n, row in enumerate(rows[1:], start=2) if row]
     if not labels:
         raise BundleError(f"{where}: has no label rows; fix: one row per class of the model")
@@ -331,15 +384,19 @@ def parse_labels(text: str, where: str = LABELS_FILE) -> tuple[Label, ...]:
     names: set[str] = set()
     for label in labels:
         if label.index in by_index:
-            raise BundleError(f"{where}: index {label.index} appears twice; fix: number rows 0..n-1 once each")
+            raise BundleError(
+                f"{where}: index {label.index} appears twice; fix: number rows 0..n-1 once each"
+            )
         if label.name in names:
             raise BundleError(f"{where}: label {label.name!r} appears twice; fix: merge the rows")
         by_index[label.index] = label
         names.add(label.name)
     missing = sorted(set(range(len(labels))) - set(by_index))
     if missing:
-        raise BundleError(f"{where}: indices must be 0..{len(labels) - 1} with no gap, index {missing[0]} is "
-                          "missing; fix: renumber the rows to match the model's output order")
+        raise BundleError(
+            f"{where}: indices must be 0..{len(labels) - 1} with no gap, index {missing[0]} is "
+            "missing; fix: renumber the rows to match the model's output order"
+        )
     return tuple(by_index[i] for i in range(len(labels)))
 
 
@@ -348,8 +405,10 @@ def _read_manifest(root: Path, verify: ManifestVerifier | None) -> Manifest:
     try:
         raw = path.read_bytes()
     except FileNotFoundError as exc:
-        raise BundleError(f"{path}: missing; fix: point at a bundle directory (manifest.json, model.onnx, "
-                          "labels.csv) or re-pack it") from exc
+        raise BundleError(
+            f"{path}: missing; fix: point at a bundle directory (manifest.json, model.onnx, "
+            "labels.csv) or re-pack it"
+        ) from exc
     except OSError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror}); fix: check its permissions") from exc
     if verify is not None:
@@ -368,8 +427,10 @@ def load_bundle(path: Path, *, verify: ManifestVerifier | None = None) -> Bundle
     """Read and verify the bundle in directory ``path``; any problem raises :class:`BundleError`."""
     root = Path(path)
     if not root.is_dir():
-        raise BundleError(f"{root}: is not a directory; fix: set the model bundle path to the directory "
-                          "holding manifest.json")
+        raise BundleError(
+            f"{root}: is not a directory; fix: set the model bundle path to the directory "
+            "holding manifest.json"
+        )
     manifest = _read_manifest(root, verify)
     _verify_files(root, manifest.files)
     labels_path = root / LABELS_FILE
@@ -378,11 +439,17 @@ def load_bundle(path: Path, *, verify: ManifestVerifier | None = None) -> Bundle
     except UnicodeDecodeError as exc:
         raise BundleError(f"{labels_path}: not UTF-8 text; fix: save it as UTF-8") from exc
     labels = parse_labels(text, str(labels_path))
-    return Bundle(path=root, manifest=manifest, labels=labels, model_path=root / MODEL_FILE,
-                  model_sha256=manifest.files[MODEL_FILE])
+    return Bundle(
+        path=root,
+        manifest=manifest,
+        labels=labels,
+        model_path=root / MODEL_FILE,
+        model_sha256=manifest.files[MODEL_FILE],
+    )
 
 
 # ---------------------------------------------------------------- writing
+
 
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -408,11 +475,21 @@ def labels_csv(labels: Sequence[Label]) -> bytes:
 
 
 def write_bundle(
-    path: Path, *, onnx_bytes: bytes, labels: Sequence[Label], name: str, version: str,
-    task: Literal["classifier", "detector"] = "classifier", input_name: str,
-    input_shape: Sequence[int | str], preprocessing: Preprocessing, output_name: str,
-    output_kind: Literal["logits", "probabilities"] = "logits", temperature: float = 1.0,
-    demo: bool = False, description: str = "",
+    path: Path,
+    *,
+    onnx_bytes: bytes,
+    labels: Sequence[Label],
+    name: str,
+    version: str,
+    task: Literal["classifier", "detector"] = "classifier",
+    input_name: str,
+    input_shape: Sequence[int | str],
+    preprocessing: Preprocessing,
+    output_name: str,
+    output_kind: Literal["logits", "probabilities"] = "logits",
+    temperature: float = 1.0,
+    demo: bool = False,
+    description: str = "",
 ) -> Bundle:
     """Write a bundle into directory ``path`` (created if needed) and return it, loaded and verified.
 
@@ -422,13 +499,24 @@ def write_bundle(
     label_bytes = labels_csv(labels)
     parse_labels(label_bytes.decode("utf-8"), LABELS_FILE)
     payloads = {MODEL_FILE: onnx_bytes, LABELS_FILE: label_bytes}
-    manifest = Manifest.from_dict({
-        "schema_version": SCHEMA_VERSION, "name": name, "version": version, "task": task,
-        "input_name": input_name, "input_shape": list(input_shape), "input_dtype": "float32",
-        "preprocessing": preprocessing.to_dict(), "output_name": output_name, "output_kind": output_kind,
-        "temperature": temperature, "demo": demo, "description": description,
-        "files": {n: hashlib.sha256(b).hexdigest() for n, b in payloads.items()},
-    })
+    manifest = Manifest.from_dict(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "version": version,
+            "task": task,
+            "input_name": input_name,
+            "input_shape": list(input_shape),
+            "input_dtype": "float32",
+            "preprocessing": preprocessing.to_dict(),
+            "output_name": output_name,
+            "output_kind": output_kind,
+            "temperature": temperature,
+            "demo": demo,
+            "description": description,
+            "files": {n: hashlib.sha256(b).hexdigest() for n, b in payloads.items()},
+        }
+    )
     root.mkdir(parents=True, exist_ok=True)
     for file_name, payload in payloads.items():
         _atomic_write(root / file_name, payload)

@@ -29,8 +29,14 @@ logger = logging.getLogger(__name__)
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 _TRT = "TensorrtExecutionProvider"
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8"}
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+}
 
 ProviderEntry = str | tuple[str, dict[str, Any]]
 
@@ -40,8 +46,20 @@ def _ort_errors(error: type[EngineError], where: str, fix: str) -> Iterator[None
     """The one place where onnxruntime's exceptions become ours."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state  # noqa: PLC0415  # native, lazy
 
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
-             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail", "NotFound")
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+        "NotFound",
+    )
     native = tuple(getattr(state, n) for n in names if hasattr(state, n))
     try:
         yield
@@ -53,8 +71,16 @@ def _providers(available: Sequence[str], cache_dir: Path) -> list[ProviderEntry]
     """TensorRT EP (fp16, engine cache in ``cache_dir``), then CUDA, then CPU, as far as installed."""
     chosen: list[ProviderEntry] = []
     if _TRT in available:
-        chosen.append((_TRT, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                              "trt_engine_cache_path": str(cache_dir)}))
+        chosen.append(
+            (
+                _TRT,
+                {
+                    "trt_fp16_enable": True,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache_dir),
+                },
+            )
+        )
     if _CUDA in available:
         chosen.append(_CUDA)
     chosen.append(_CPU)
@@ -71,8 +97,10 @@ def _find(nodes: Sequence[Any], name: str, role: str, model: Path) -> Any:
         if node.name == name:
             return node
     names = ", ".join(repr(n.name) for n in nodes)
-    raise ModelLoadError(f"{model}: the manifest's {role}_name {name!r} is not in the model (it has {names}); "
-                         f"fix: set {role}_name in manifest.json to one of those and re-pack the bundle")
+    raise ModelLoadError(
+        f"{model}: the manifest's {role}_name {name!r} is not in the model (it has {names}); "
+        f"fix: set {role}_name in manifest.json to one of those and re-pack the bundle"
+    )
 
 
 def _merge_input(model_spec: TensorSpec, bundle: Bundle) -> TensorSpec:
@@ -80,17 +108,23 @@ def _merge_input(model_spec: TensorSpec, bundle: Bundle) -> TensorSpec:
     manifest = bundle.manifest
     fix = "make the manifest's input_shape/input_dtype match the ONNX model and re-pack the bundle"
     if len(model_spec.shape) != len(manifest.input_shape):
-        raise ModelLoadError(f"{bundle.model_path}: input {model_spec.name!r} has shape {list(model_spec.shape)}, "
-                             f"manifest says {list(manifest.input_shape)}; fix: {fix}")
+        raise ModelLoadError(
+            f"{bundle.model_path}: input {model_spec.name!r} has shape {list(model_spec.shape)}, "
+            f"manifest says {list(manifest.input_shape)}; fix: {fix}"
+        )
     if model_spec.dtype != manifest.input_dtype:
-        raise ModelLoadError(f"{bundle.model_path}: input {model_spec.name!r} is {model_spec.dtype}, "
-                             f"manifest says {manifest.input_dtype}; fix: {fix}")
+        raise ModelLoadError(
+            f"{bundle.model_path}: input {model_spec.name!r} is {model_spec.dtype}, "
+            f"manifest says {manifest.input_dtype}; fix: {fix}"
+        )
     dims: list[int | str | None] = [model_spec.shape[0]]
     for axis in range(1, len(model_spec.shape)):
         have, want = model_spec.shape[axis], manifest.input_shape[axis]
         if isinstance(have, int) and isinstance(want, int) and have != want:
-            raise ModelLoadError(f"{bundle.model_path}: input {model_spec.name!r} has {have} at axis {axis}, "
-                                 f"manifest says {want}; fix: {fix}")
+            raise ModelLoadError(
+                f"{bundle.model_path}: input {model_spec.name!r} has {have} at axis {axis}, "
+                f"manifest says {want}; fix: {fix}"
+            )
         dims.append(have if isinstance(have, int) else want)
     return TensorSpec(name=model_spec.name, shape=tuple(dims), dtype=model_spec.dtype)
 
@@ -98,9 +132,11 @@ def _merge_input(model_spec: TensorSpec, bundle: Bundle) -> TensorSpec:
 def _check_classes(output: TensorSpec, bundle: Bundle) -> None:
     classes = output.shape[-1]
     if bundle.manifest.task == "classifier" and isinstance(classes, int) and classes != len(bundle.labels):
-        raise ModelLoadError(f"{bundle.model_path}: output {output.name!r} has {classes} classes but "
-                             f"labels.csv has {len(bundle.labels)} rows: the labels belong to another model; "
-                             "fix: re-pack the bundle with this model's labels")
+        raise ModelLoadError(
+            f"{bundle.model_path}: output {output.name!r} has {classes} classes but "
+            f"labels.csv has {len(bundle.labels)} rows: the labels belong to another model; "
+            "fix: re-pack the bundle with this model's labels"
+        )
 
 
 class OnnxRuntimeBackend(Backend):
@@ -113,8 +149,9 @@ class OnnxRuntimeBackend(Backend):
 
     kind = "onnxruntime"
 
-    def __init__(self, *, threads: int = 0, providers: Sequence[str] | None = None,
-                 cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, *, threads: int = 0, providers: Sequence[str] | None = None, cache_dir: Path | None = None
+    ) -> None:
         if threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = one per core), got {threads}")
         self._threads = threads
@@ -130,7 +167,10 @@ class OnnxRuntimeBackend(Backend):
         try:
             import onnxruntime as ort  # noqa: PLC0415  # native library, imported lazily
         except ImportError as exc:
-            return False, f"python package 'onnxruntime' cannot be imported ({exc}); fix: pip install onnxruntime"
+            return (
+                False,
+                f"python package 'onnxruntime' cannot be imported ({exc}); fix: pip install onnxruntime",
+            )
         return True, f"onnxruntime {ort.__version__}, providers {', '.join(ort.get_available_providers())}"
 
     def load(self, bundle: Bundle) -> None:
@@ -152,14 +192,21 @@ class OnnxRuntimeBackend(Backend):
         self._output = output
         used = list(session.get_providers())
         self._info = BackendInfo(
-            kind=self.kind, precision="fp16" if _TRT in used else "fp32",
+            kind=self.kind,
+            precision="fp16" if _TRT in used else "fp32",
             device="cuda:0" if (_TRT in used or _CUDA in used) else "cpu",
             versions={"onnxruntime": ort.__version__, "numpy": np.__version__},
             engine_key=_engine_key(bundle.model_sha256, ort.__version__, used),
         )
         self._session = session
-        logger.info("loaded %s %s with onnxruntime %s on %s (providers %s)", bundle.manifest.name,
-                    bundle.manifest.version, ort.__version__, self._info.device, ",".join(used))
+        logger.info(
+            "loaded %s %s with onnxruntime %s on %s (providers %s)",
+            bundle.manifest.name,
+            bundle.manifest.version,
+            ort.__version__,
+            self._info.device,
+            ",".join(used),
+        )
 
     def _open(self, ort: Any, path: Path, providers: Sequence[ProviderEntry]) -> Any:
         opts = ort.SessionOptions()
@@ -174,8 +221,12 @@ class OnnxRuntimeBackend(Backend):
         except ModelLoadError:
             if list(providers) == [_CPU]:
                 raise
-            logger.warning("onnxruntime could not load %s with providers %s; retrying on the CPU",
-                           path, providers, exc_info=True)
+            logger.warning(
+                "onnxruntime could not load %s with providers %s; retrying on the CPU",
+                path,
+                providers,
+                exc_info=True,
+            )
         with _ort_errors(ModelLoadError, str(path), fix):
             return ort.InferenceSession(str(path), sess_options=opts, providers=[_CPU])
 
@@ -201,7 +252,7 @@ class OnnxRuntimeBackend(Backend):
         batch = np.ascontiguousarray(batch)
         if spec.shape[0] == 1 and batch.shape[0] > 1:
             # Fixed batch of one: run the rows one by one so callers can micro-batch regardless.
-            return np.concatenate([self._run(batch[i:i + 1]) for i in range(batch.shape[0])], axis=0)
+            return np.concatenate([self._run(batch[i : i + 1]) for i in range(batch.shape[0])], axis=0)
         fix = "check the batch against input_spec; if it matches, the model failed at run time"
         with _ort_errors(InferenceError, f"onnxruntime run of input {spec.name!r}", fix):
             result = session.run([out.name], {spec.name: batch})[0]

@@ -33,9 +33,17 @@ def classifier_weights(num_classes: int = 4, seed: int = 7) -> tuple[np.ndarray,
     return weights, bias
 
 
-def classifier_onnx(*, num_classes: int = 4, height: int = 8, width: int = 8, batch: int | str = "N",
-                    softmax: bool = False, input_name: str = "input", output_name: str = "logits",
-                    spatial_dynamic: bool = False) -> bytes:
+def classifier_onnx(
+    *,
+    num_classes: int = 4,
+    height: int = 8,
+    width: int = 8,
+    batch: int | str = "N",
+    softmax: bool = False,
+    input_name: str = "input",
+    output_name: str = "logits",
+    spatial_dynamic: bool = False,
+) -> bytes:
     """The serialised classifier; ``batch`` is a dim name (dynamic) or a fixed int such as 1."""
     weights, bias = classifier_weights(num_classes)
     spatial: list[int | str] = ["H", "W"] if spatial_dynamic else [height, width]
@@ -49,33 +57,57 @@ def classifier_onnx(*, num_classes: int = 4, height: int = 8, width: int = 8, ba
     ]
     if softmax:
         nodes.append(helper.make_node("Softmax", [gemm_out], [output_name], axis=1))
-    graph = helper.make_graph(nodes, "tiny_classifier", [x], [y], initializer=[
-        numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="iaflash-tests")
+    graph = helper.make_graph(
+        nodes,
+        "tiny_classifier",
+        [x],
+        [y],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="iaflash-tests"
+    )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def classifier_reference(batch: np.ndarray, *, num_classes: int = 4, softmax: bool = False) -> np.ndarray:
     """What :func:`classifier_onnx` computes, in float64 numpy."""
     weights, bias = classifier_weights(num_classes)
-    logits = batch.astype(np.float64).mean(axis=(2, 3)) @ weights.astype(np.float64) + bias
+    logits: np.ndarray = batch.astype(np.float64).mean(axis=(2, 3)) @ weights.astype(np.float64) + bias
     if not softmax:
         return logits
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    exp: np.ndarray = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return probabilities
 
 
-def make_bundle(path: Path, *, height: int = 8, width: int = 8, batch: int | str = "N",
-                onnx_bytes: bytes | None = None, labels: tuple[Label, ...] = LABELS, **manifest: object) -> Bundle:
+def make_bundle(
+    path: Path,
+    *,
+    height: int = 8,
+    width: int = 8,
+    batch: int | str = "N",
+    onnx_bytes: bytes | None = None,
+    labels: tuple[Label, ...] = LABELS,
+    **manifest: object,
+) -> Bundle:
     """A real classifier bundle on disk, written by write_bundle."""
-    data = onnx_bytes if onnx_bytes is not None else classifier_onnx(
-        num_classes=len(labels), height=height, width=width, batch=batch)
+    data = (
+        onnx_bytes
+        if onnx_bytes is not None
+        else classifier_onnx(num_classes=len(labels), height=height, width=width, batch=batch)
+    )
     return write_bundle(
-        path, onnx_bytes=data, labels=labels, name="tiny-classifier", version="1.0.0",
-        input_name="input", input_shape=[batch, 3, height, width],
-        preprocessing=Preprocessing(height=height, width=width), output_name="logits",
+        path,
+        onnx_bytes=data,
+        labels=labels,
+        name="tiny-classifier",
+        version="1.0.0",
+        input_name="input",
+        input_shape=[batch, 3, height, width],
+        preprocessing=Preprocessing(height=height, width=width),
+        output_name="logits",
         **manifest,  # type: ignore[arg-type]  # tests pass manifest keywords through
     )

@@ -46,7 +46,8 @@ def find_mosquitto() -> str | None:
 class MosquittoBroker:
     """A private mosquitto process: start, SIGKILL, restart on the same port."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None, extra_conf: str = "") -> None:
+    def __init__(self, port: int | None = None, workdir: Path | None = None, extra_conf: str = "",
+                 persistence: bool = False) -> None:
         binary = find_mosquitto()
         if binary is None:
             raise FileNotFoundError("mosquitto not found: install it with 'apt-get install -y mosquitto'")
@@ -55,6 +56,7 @@ class MosquittoBroker:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="iaflash-mosq-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]  # set when workdir is None
         self.extra_conf = extra_conf
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "mosquitto.log"
 
@@ -63,7 +65,10 @@ class MosquittoBroker:
         lines = [
             f"listener {self.port} {LOOPBACK}",
             "allow_anonymous true",
-            "persistence false",
+            # With persistence, sessions and queued QoS 1 messages survive a SIGKILL (saved every second),
+            # as on a production broker.
+            *(["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
+              if self.persistence else ["persistence false"]),
             "max_queued_messages 100000",
             f"log_dest file {self.log_path}",
         ]
