@@ -133,9 +133,13 @@ class Publisher(threading.Thread):
             self._note_error(exc)
             self._stop_evt.wait(ERROR_PAUSE_S)
 
-    def _note_error(self, exc: Exception) -> None:
+    def _count(self, counter: str) -> None:
         with self._lock:
-            self._counts["errors"] += 1
+            self._counts[counter] += 1
+            self._gauges["inflight"] = len(self._by_seq)
+
+    def _note_error(self, exc: Exception) -> None:
+        self._count("errors")
         message = str(exc)
         if message != self._last_error:
             log.error("publisher: %s; retrying every %.0f s", message, ERROR_PAUSE_S)
@@ -171,8 +175,7 @@ class Publisher(threading.Thread):
                     "(fix: allow this device to publish under its topic prefix in the broker ACL)",
                     entry.row.event_id, entry.row.topic, reason, delay)
         self._forget(seq)
-        with self._lock:
-            self._counts[counter] += 1
+        self._count(counter)
 
     def _forget(self, seq: int) -> None:
         entry = self._by_seq.pop(seq, None)
@@ -209,8 +212,7 @@ class Publisher(threading.Thread):
                 self._forget(row.seq)
                 outbox.defer(row.seq, str(exc), _retry_delay(row.attempts))
                 raise
-            with self._lock:
-                self._counts["published"] += 1
+            self._count("published")
 
     def _republish_stale(self) -> None:
         limit = time.monotonic() - self.cfg.republish_after_s
@@ -219,8 +221,7 @@ class Publisher(threading.Thread):
                 log.info("event %s unacknowledged for %.0f s while connected: publishing it again",
                          entry.row.event_id, self.cfg.republish_after_s)
                 self._send(entry)
-                with self._lock:
-                    self._counts["republished"] += 1
+                self._count("republished")
 
     # ----- heartbeat and stats ------------------------------------------------------------
     def _maybe_heartbeat(self, outbox: Outbox) -> None:
@@ -237,8 +238,7 @@ class Publisher(threading.Thread):
         doc.update(self.stats())
         doc["at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.link.publish(self.heartbeat_topic, json.dumps(doc, separators=(",", ":")).encode(), qos=0)
-        with self._lock:
-            self._counts["heartbeats"] += 1
+        self._count("heartbeats")
 
     def _refresh_stats(self, outbox: Outbox, force: bool = False) -> None:
         now = time.monotonic()

@@ -55,6 +55,7 @@ class MosquittoBroker:
         self.port = port or free_port()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="iaflash-mosq-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]  # set when workdir is None
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_conf = extra_conf
         self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
