@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from agent.config import Config, ConfigIssue, load_config, read_secret
-from agent.errors import ConfigError, EngineError, IaflashError
+from agent.config import Config, load_config, read_secret
+from agent.errors import ConfigError, ConfigIssue, EngineError, IaflashError
 from agent.health import setup_logging
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}

@@ -21,7 +21,13 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
 
-OUTCOMES = ("match", "mismatch", "inconclusive", "unknown_plate", "unreadable_plate", "unsupported")
+Outcome = Literal["match", "mismatch", "inconclusive", "unknown_plate", "unreadable_plate", "unsupported"]
+OUTCOMES: tuple[Outcome, ...] = ("match", "mismatch", "inconclusive", "unknown_plate", "unreadable_plate",
+                                 "unsupported")
+
+
+def _default_publish() -> list[Outcome]:
+    return ["mismatch"]
 
 
 class _Section(BaseModel):
@@ -48,7 +54,7 @@ class SpoolConfig(_Section):
 
 class ModelConfig(_Section):
     bundle: Path = Field(Path("/var/lib/iaflash/models/classifier"),
-                         description="Directory of the classifier model bundle (manifest.json, model.onnx, labels.csv).")
+                         description="Classifier model bundle directory (manifest.json, model.onnx, labels.csv).")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="Inference backend; auto tries TensorRT then falls back to ONNX Runtime.")
     threads: int = Field(0, ge=0, le=64, description="Intra-op threads for ONNX Runtime; 0 = number of cores.")
@@ -102,9 +108,7 @@ class MqttConfig(_Section):
     key_file: Path | None = Field(None, description="Client private key for TLS.")
     username: str | None = Field(None, description="Username (use with TLS).")
     password_file: Path | None = Field(None, description="File holding the password (mode 0600).")
-    publish: list[Literal["match", "mismatch", "inconclusive", "unknown_plate",
-                          "unreadable_plate", "unsupported"]] = Field(
-        default_factory=lambda: ["mismatch"], description="Verdict outcomes sent as events.")
+    publish: list[Outcome] = Field(default_factory=_default_publish, description="Verdict outcomes sent as events.")
     max_inflight: int = Field(100, ge=1, le=1000, description="Unacknowledged publishes at once.")
     republish_after_s: float = Field(120, gt=0, description="Republish an event unacknowledged this long.")
     heartbeat_interval_s: float = Field(60, gt=0, description="Period of the heartbeat message.")

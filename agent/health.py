@@ -29,7 +29,7 @@ def sd_notify(state: str) -> bool:
             sock.connect(addr)
             sock.sendall(state.encode())
     except OSError as exc:
-        log.warning("sd_notify(%s) failed on %s: %s", state.split("=")[0], addr, exc)
+        log.warning("sd_notify(%s) failed on %s: %s", state.split("=", maxsplit=1)[0], addr, exc)
         return False
     return True
 

@@ -80,6 +80,7 @@ class Pipeline:
         self.outcomes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.latencies_ms: list[float] = []
+        self.stage_samples: dict[str, list[float]] = {}  # recent per-stage ms, for heartbeat and benchmarks
         self._queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._stop = threading.Event()
         self._intake_done = threading.Event()
@@ -270,6 +271,10 @@ class Pipeline:
         self.outcomes[key] += 1
         self.latencies_ms.append(timings["total"])
         del self.latencies_ms[:-1000]
+        for stage, ms in timings.items():
+            samples = self.stage_samples.setdefault(stage, [])
+            samples.append(ms)
+            del samples[:-1000]
         log.info("capture %s: %s", capture.capture_id, key,
                  extra={"capture_id": capture.capture_id, "verdict": key, "reason": verdict.reason,
                         "stage_ms": {k: round(v, 1) for k, v in timings.items()},

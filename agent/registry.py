@@ -17,16 +17,14 @@ import gzip
 import json
 import logging
 import os
-import queue
 import sqlite3
 import tempfile
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 import sqlite_utils
 
@@ -168,7 +166,7 @@ def _record_problems(obj: dict[str, Any]) -> Iterator[str]:
             yield "genre and body must be strings or null"
 
 
-def _parse_record(obj: object, where: str) -> tuple[str, Row]:
+def _parse_record(obj: object, file: Path | str, lineno: int) -> tuple[str, Row]:
     """Validate one record; return (op, row) with the plate key as bytes.
 
     The fast path accepts well-formed records in a few checks (1M of them per import); anything else
@@ -186,7 +184,7 @@ def _parse_record(obj: object, where: str) -> tuple[str, Row]:
                 and (genre is None or type(genre) is str) and (body is None or type(body) is str))):
             return op, (key, make or "", model or "", genre, body)
     problem = next(_record_problems(obj), "bad record") if isinstance(obj, dict) else "not a JSON object"
-    raise RegistryFileError(f"{where}: bad record: {problem}; fix: rebuild the file with "
+    raise RegistryFileError(f"{file}:{lineno}: bad record: {problem}; fix: rebuild the file with "
                             "`iaflash-central registry build`")
 
 
@@ -205,7 +203,7 @@ def write_subset(path: Path, *, kind: str = "snapshot", dataset_id: str, seq: in
     with tempfile.SpooledTemporaryFile(max_size=64 << 20) as body:
         count = 0
         for count, rec in enumerate(records, start=1):
-            op, _ = _parse_record(rec, f"record {count}")
+            op, _ = _parse_record(rec, "(records)", count)
             out = {"op": op, "plate_key": rec["plate_key"]}
             if op == "upsert":
                 out.update(make=rec["make"], model=rec["model"], genre=rec.get("genre"), body=rec.get("body"))
@@ -341,69 +339,38 @@ def _flush(conn: sqlite3.Connection, op: str, batch: list[tuple[int, Row]], file
                 raise RegistryFileError(f"{file}:{lineno}: plate_key appears twice in the snapshot; "
                                         "fix: rebuild the file without duplicates") from exc
     conn.execute("RELEASE batch")
-
-
-Batch: TypeAlias = "tuple[str, list[tuple[int, Row]]]"
-
-
-def _put(out: queue.Queue[object], stop: threading.Event, item: object) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(queue.Full):
-            out.put(item, timeout=0.1)
-            return
-
-
-def _produce(file: Path, header: _Header, out: queue.Queue[object], stop: threading.Event) -> None:
-    """Parser thread: read and validate lines, hand (op, batch) to the writer; then None or the error."""
-    try:
-        batch: list[tuple[int, Row]] = []
-        batch_op = "snapshot" if header.kind == "snapshot" else "upsert"
-        done = 0
-        for lineno, line in _lines(file):
-            if lineno == 1 or stop.is_set():
-                continue
-            op, row = _parse_record(_decode(file, lineno, line), f"{file}:{lineno}")
-            if header.kind == "snapshot" and op != "upsert":
-                raise RegistryFileError(f"{file}:{lineno}: a snapshot holds upserts only; fix: rebuild the file")
-            if (header.kind == "delta" and op != batch_op) or len(batch) >= _BATCH:
-                _put(out, stop, (batch_op, batch))
-                batch, batch_op = [], batch_op if header.kind == "snapshot" else op
-            batch.append((lineno, row))
-            done += 1
-        _put(out, stop, (batch_op, batch))
-        if done != header.count:
-            raise RegistryFileError(f"{file}: header count is {header.count} but the file holds {done} "
-                                    "records; fix: copy the file again (truncated?) or rebuild it")
-        _put(out, stop, None)
-    except BaseException as exc:  # noqa: BLE001  # handed to the writer thread, which raises it
-        _put(out, stop, exc)
+    batch.clear()
 
 
 def _apply(conn: sqlite3.Connection, file: Path, header: _Header,
            progress: Callable[[int, int], None] | None) -> None:
-    """Stream the records into the open transaction.
-
-    Parsing (JSON, validation) runs in a second thread so that it overlaps SQLite's B-tree work,
-    which releases the GIL: about 40% faster on two cores (benchmarks/registry_bench.py).
-    """
-    out: queue.Queue[object] = queue.Queue(maxsize=8)
-    stop = threading.Event()
-    parser = threading.Thread(target=_produce, args=(file, header, out, stop), name="registry-parse",
-                              daemon=True)
-    parser.start()
-    try:
-        done = 0
-        while (item := out.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            op, batch = cast(Batch, item)
-            _flush(conn, op, batch, file)
+    """Stream the records into the open transaction, in batches of executemany."""
+    batch: list[tuple[int, Row]] = []
+    batch_op = "snapshot" if header.kind == "snapshot" else "upsert"
+    done = 0
+    for lineno, line in _lines(file):
+        if lineno == 1:
+            continue
+        op, row = _parse_record(_decode(file, lineno, line), file, lineno)
+        if op != batch_op and (header.kind == "delta" or op == "delete"):
+            if header.kind == "snapshot":
+                raise RegistryFileError(f"{file}:{lineno}: a snapshot holds upserts only; "
+                                        "fix: rebuild the file")
+            _flush(conn, batch_op, batch, file)
+            batch_op = op
+        batch.append((lineno, row))
+        if len(batch) >= _BATCH:
             done += len(batch)
+            _flush(conn, batch_op, batch, file)
             if progress is not None:
                 progress(done, header.count)
-    finally:
-        stop.set()
-        parser.join()
+    done += len(batch)
+    _flush(conn, batch_op, batch, file)
+    if done != header.count:
+        raise RegistryFileError(f"{file}: header count is {header.count} but the file holds {done} records; "
+                                "fix: copy the file again (truncated?) or rebuild it")
+    if progress is not None:
+        progress(done, header.count)
 
 
 def _read_header(file: Path) -> _Header:

@@ -82,7 +82,8 @@ def road_background(rng: np.random.Generator, width: int = SCENE_W, height: int 
         for y0 in range(sky, height, 120):
             cv2.line(img, (lane_x, y0), (lane_x, y0 + 60), (230, 230, 230), 8)
     noise = rng.integers(-6, 7, size=img.shape, dtype=np.int16)
-    return np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    return out
 
 
 def random_box(rng: np.random.Generator, width: int = SCENE_W, height: int = SCENE_H) -> tuple[int, int, int, int]:

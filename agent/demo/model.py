@@ -26,7 +26,8 @@ def features(batch: np.ndarray) -> np.ndarray:
     """What the ONNX graph computes before its linear layer: 8×8 average pooling, flattened."""
     n, c, h, w = batch.shape
     pooled = batch.reshape(n, c, h // POOL, POOL, w // POOL, POOL).mean(axis=(3, 5))
-    return pooled.reshape(n, -1)
+    out: np.ndarray = pooled.reshape(n, -1)
+    return out
 
 
 def training_set(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

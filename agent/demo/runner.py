@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import click
 
@@ -59,9 +59,10 @@ class DemoResult:
 
 
 @contextlib.contextmanager
-def local_broker(kind: str) -> Iterator[tuple[_Broker, str]]:
+def local_broker(kind: str) -> Iterator[tuple[_Broker, Literal["5", "3.1.1"]]]:
     """A broker on a free 127.0.0.1 port: mosquitto when installed (MQTT 5), else amqtt (3.1.1)."""
     broker: _Broker
+    protocol: Literal["5", "3.1.1"]
     if kind == "mosquitto" or (kind == "auto" and find_mosquitto()):
         broker, protocol = MosquittoBroker().start(), "5"
     else:
