@@ -387,7 +387,7 @@ def import_subset(db_path: Path, file: Path, *, expected_key_id: str | None,
     with _db_errors("registry import", db_path):
         conn = _connect(db_path)
         try:
-            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: random-order B-tree inserts
+            conn.execute("PRAGMA cache_size=-131072")  # 64 MiB: random-order B-tree inserts
             conn.execute("BEGIN IMMEDIATE")
             try:
                 _check_against_cache(header, _read_state(conn), expected_key_id, file)
