@@ -50,6 +50,9 @@ class SpoolConfig(_Section):
     min_image_side: int = Field(64, gt=0, description="Images with a smaller side are rejected.")
     max_sidecar_bytes: int = Field(65_536, gt=0, description="Larger sidecars are rejected.")
     retention_days: float = Field(30, ge=0, description="Processed captures are kept this long in done/.")
+    min_free_mb: int = Field(500, ge=0, description="Disk guard: intake pauses below this much free space.")
+    orphan_after_s: float = Field(3600, gt=0,
+                                  description="Files in incoming/ with no sidecar this long are rejected.")
 
 
 class ModelConfig(_Section):

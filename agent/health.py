@@ -41,9 +41,10 @@ def watchdog_interval_s() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 2e6
+        value = int(usec)
     except ValueError:
         return None
+    return value / 2e6 if value > 0 else None
 
 
 class Liveness:
@@ -82,7 +83,7 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
-                doc[key] = value
+                doc[f"extra_{key}" if key in doc else key] = value  # never overwrite the core fields
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str, separators=(",", ":"))

@@ -55,7 +55,11 @@ class Work:
 
 def choose_reduction(width: int, height: int, box: tuple[int, int, int, int] | None, input_side: int) -> int:
     """Largest JPEG decode reduction (1, 2, 4, 8) that keeps the crop ≥ 2× the model input."""
-    region = min(box[2], box[3]) if box else min(width, height)
+    if box is None:
+        region = min(width, height)
+    else:  # only the part of the box inside the frame counts
+        x, y, w, h = box
+        region = max(0, min(min(x + w, width) - x, min(y + h, height) - y))
     for factor in (8, 4, 2):
         if region / factor >= 2 * input_side:
             return factor
@@ -83,6 +87,7 @@ class Pipeline:
         self.stage_samples: dict[str, list[float]] = {}  # recent per-stage ms, for heartbeat and benchmarks
         self._queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._stop = threading.Event()
+        self.disk_paused = False
         self._intake_done = threading.Event()
         self._fatal: BaseException | None = None
         self._outbox: Outbox | None = None
@@ -118,6 +123,9 @@ class Pipeline:
     def _intake_loop(self) -> None:
         try:
             while not self._stop.is_set():
+                if not self._disk_ok():
+                    self._stop.wait(5.0)
+                    continue
                 ids = self.spool.ready(limit=32)
                 if not ids:
                     self._stop.wait(self.cfg.spool.poll_interval_s)
@@ -134,6 +142,18 @@ class Pipeline:
             self._stop.set()
         finally:
             self._intake_done.set()
+
+    def _disk_ok(self) -> bool:
+        """The disk guard: pause intake (never delete anything) while free space is low."""
+        ok = self.spool.disk_ok(self.cfg.spool.min_free_mb)
+        if not ok and not self.disk_paused:
+            self.errors["disk_low_pauses"] += 1
+            log.error("intake paused: less than %d MiB free on %s; captures wait in incoming/",
+                      self.cfg.spool.min_free_mb, self.cfg.spool.dir)
+        elif ok and self.disk_paused:
+            log.warning("intake resumed: disk space is back above %d MiB", self.cfg.spool.min_free_mb)
+        self.disk_paused = not ok
+        return ok
 
     def _put(self, work: Work) -> None:
         while True:  # never drop a claimed capture: wait for room even while stopping

@@ -33,7 +33,7 @@ from agent.plates import key_id as compute_key_id
 from agent.plates import plate_key
 
 __all__ = ["FORMAT", "VERSION", "Registry", "RegistryRecord", "RegistryState",
-           "import_subset", "records_from_plates", "write_subset"]
+           "import_subset", "read_state", "records_from_plates", "write_subset"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,11 @@ class RegistryState:
     imported_at: datetime
     count: int
     created_at: datetime | None = None
+
+    def age_hours(self, now: datetime | None = None) -> float:
+        """Hours since the data was created at central (since import when created_at is unknown)."""
+        since = self.created_at or self.imported_at
+        return ((now or datetime.now(timezone.utc)) - since).total_seconds() / 3600
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -296,15 +301,24 @@ def _check_against_cache(header: _Header, current: RegistryState | None, expecte
 
 
 def _lines(file: Path) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines of a gzip file; gzip damage becomes RegistryFileError."""
-    lineno = 0
+    """Numbered lines of a gzip file, read in 1 MiB chunks (gzip's readline is slow in Python).
+
+    gzip damage becomes RegistryFileError; a last line without a newline is still a line.
+    """
+    lineno, rest = 0, b""
     try:
         with gzip.open(file, "rb") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                yield lineno, line
+            while chunk := fh.read(1 << 20):
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    lineno += 1
+                    yield lineno, line
     except (OSError, EOFError, zlib.error) as exc:
         raise RegistryFileError(f"{file}: unreadable after line {lineno}: {exc}; "
                                 "fix: copy the file again (it is damaged or not gzip)") from exc
+    if rest:
+        yield lineno + 1, rest
 
 
 _JSON = json.JSONDecoder()
@@ -323,16 +337,17 @@ _SQL = {"upsert": "INSERT OR REPLACE INTO vehicles VALUES (?, ?, ?, ?, ?)",
         "delete": "DELETE FROM vehicles WHERE plate_key = ?"}
 
 
-def _flush(conn: sqlite3.Connection, op: str, batch: list[tuple[int, Row]], file: Path) -> None:
+def _flush(conn: sqlite3.Connection, op: str, batch: list[Row], first_line: int, file: Path) -> None:
+    """executemany one batch (lines first_line.. of the file) under a savepoint, then empty it."""
     if not batch:
         return
-    params: list[Any] = [(r[0],) for _, r in batch] if op == "delete" else [r for _, r in batch]
+    params: list[Any] = [(r[0],) for r in batch] if op == "delete" else batch
     conn.execute("SAVEPOINT batch")
     try:
         conn.executemany(_SQL[op], params)
     except sqlite3.IntegrityError:
         conn.execute("ROLLBACK TO batch")
-        for lineno, row in batch:  # find the duplicate's line
+        for lineno, row in enumerate(batch, start=first_line):  # find the duplicate's line
             try:
                 conn.execute(_SQL[op], row)
             except sqlite3.IntegrityError as exc:
@@ -345,9 +360,9 @@ def _flush(conn: sqlite3.Connection, op: str, batch: list[tuple[int, Row]], file
 def _apply(conn: sqlite3.Connection, file: Path, header: _Header,
            progress: Callable[[int, int], None] | None) -> None:
     """Stream the records into the open transaction, in batches of executemany."""
-    batch: list[tuple[int, Row]] = []
+    batch: list[Row] = []
     batch_op = "snapshot" if header.kind == "snapshot" else "upsert"
-    done = 0
+    done = first_line = 0
     for lineno, line in _lines(file):
         if lineno == 1:
             continue
@@ -356,16 +371,18 @@ def _apply(conn: sqlite3.Connection, file: Path, header: _Header,
             if header.kind == "snapshot":
                 raise RegistryFileError(f"{file}:{lineno}: a snapshot holds upserts only; "
                                         "fix: rebuild the file")
-            _flush(conn, batch_op, batch, file)
+            _flush(conn, batch_op, batch, first_line, file)
             batch_op = op
-        batch.append((lineno, row))
+        if not batch:
+            first_line = lineno
+        batch.append(row)
         if len(batch) >= _BATCH:
             done += len(batch)
-            _flush(conn, batch_op, batch, file)
+            _flush(conn, batch_op, batch, first_line, file)
             if progress is not None:
                 progress(done, header.count)
     done += len(batch)
-    _flush(conn, batch_op, batch, file)
+    _flush(conn, batch_op, batch, first_line, file)
     if done != header.count:
         raise RegistryFileError(f"{file}: header count is {header.count} but the file holds {done} records; "
                                 "fix: copy the file again (truncated?) or rebuild it")
@@ -374,6 +391,8 @@ def _apply(conn: sqlite3.Connection, file: Path, header: _Header,
 
 
 def _read_header(file: Path) -> _Header:
+    if not file.is_file():
+        raise RegistryFileError(f"{file}: no such file; fix: check the path of the subset file")
     for lineno, line in _lines(file):
         return _parse_header(_decode(file, lineno, line), f"{file}:1")
     raise RegistryFileError(f"{file}: empty file; fix: copy the file again or rebuild it")
@@ -387,7 +406,7 @@ def import_subset(db_path: Path, file: Path, *, expected_key_id: str | None,
     with _db_errors("registry import", db_path):
         conn = _connect(db_path)
         try:
-            conn.execute("PRAGMA cache_size=-131072")  # 64 MiB: random-order B-tree inserts
+            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: random-order B-tree inserts
             conn.execute("BEGIN IMMEDIATE")
             try:
                 _check_against_cache(header, _read_state(conn), expected_key_id, file)
@@ -408,6 +427,22 @@ def import_subset(db_path: Path, file: Path, *, expected_key_id: str | None,
     log.info("registry import: %s %s seq %s, %s vehicles in cache", header.kind, header.dataset_id,
              header.seq, state.count)
     return state
+
+
+def read_state(db_path: Path) -> RegistryState | None:
+    """The state of an existing cache without creating anything (None if never imported)."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise RegistryError(f"{db_path}: no registry cache here; fix: check [registry] db or --db, "
+                            "or import a snapshot with `iaflash-provision registry import FILE`")
+    with _db_errors("reading the registry state", db_path):
+        conn = sqlite3.connect(str(db_path), timeout=30)
+        try:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+                return None
+            return _read_state(conn)
+        finally:
+            conn.close()
 
 
 class Registry:
@@ -447,12 +482,9 @@ class Registry:
         return self._current()
 
     def age_hours(self, now: datetime | None = None) -> float | None:
-        """Hours since the data was created at central (since import for caches without created_at)."""
+        """Hours since the data was created at central (see RegistryState.age_hours); None if empty."""
         state = self._current()
-        if state is None:
-            return None
-        since = state.created_at or state.imported_at
-        return ((now or datetime.now(timezone.utc)) - since).total_seconds() / 3600
+        return None if state is None else state.age_hours(now)
 
     def is_stale(self, max_age_hours: float, now: datetime | None = None) -> bool:
         age = self.age_hours(now)

@@ -111,9 +111,18 @@ class Service:
         return 0
 
     def _purge(self) -> None:
-        removed = self.spool.purge(older_than_days=self.cfg.spool.retention_days)
+        """Hourly housekeeping: purge old evidence (never that of an unsent flag), reject orphans."""
+        outbox = Outbox(self.cfg.outbox.db)
+        try:
+            removed = self.spool.purge(older_than_days=self.cfg.spool.retention_days, keep=outbox.has_unsent)
+        finally:
+            outbox.close()
         if removed:
-            log.info("purged %d evidence files older than %s days", removed, self.cfg.spool.retention_days)
+            log.info("purged %d captures older than %s days from done/", removed, self.cfg.spool.retention_days)
+        orphans = self.spool.reject_orphans(older_than_s=self.cfg.spool.orphan_after_s)
+        if orphans:
+            log.warning("moved %d orphan files (no sidecar after %.0f s) to rejected/", orphans,
+                        self.cfg.spool.orphan_after_s)
 
     def stop(self) -> None:
         if self.pipeline is not None:

@@ -305,7 +305,7 @@ def test_registered_vehicle_outside_taxonomy_never_flags(probs: np.ndarray, cfg:
 def test_uniform_probabilities_never_flag_when_min_top1_exceeds_1_over_n(
         n: int, cfg: DecisionConfig, data: st.DataObject) -> None:
     """A flat vector (the classifier knows nothing) abstains for any min_top1 above 1/n, default included."""
-    labels = LABELS + (Label(3, "PEUGEOT", "308", ()),)
+    labels = (*LABELS, Label(3, "PEUGEOT", "308", ()))
     tax = Taxonomy(labels[:n])
     min_top1 = data.draw(st.floats(1 / n, 1.0, exclude_min=True), label="min_top1")
     record = data.draw(st.sampled_from([CLIO, MEGANE, PEUGEOT][: min(n, 3)]), label="record")

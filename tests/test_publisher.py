@@ -130,13 +130,14 @@ def test_broker_killed_mid_stream_loses_nothing(tmp_path: Path, agents: list[Age
         flashing.start()
         assert sub.wait_for(50, 10)
         broker.kill()  # mid-stream
+        at_kill = (len(recorded), len(sub.events))
         assert wait_until(lambda: not agent.link.connected, 5)
         time.sleep(1.0)
         broker.start()
         flashing.join(20)
         assert len(recorded) == 300
         assert wait_until(lambda: set(recorded) <= sub.event_ids, 20), \
-            f"missing {len(set(recorded) - sub.event_ids)} event(s)"
+            f"missing {sorted(recorded.index(x) for x in set(recorded) - sub.event_ids)} {at_kill} {agent.publisher.stats()}"
         with Outbox(tmp_path / "state.db") as ob:
             assert wait_until(lambda: ob.depth() == 0, 10)
         assert agent.link.disconnects >= 1 and agent.link.connects >= 2
