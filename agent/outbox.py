@@ -187,6 +187,14 @@ class Outbox:
             row = self._conn.execute("SELECT attempts FROM outbox WHERE seq = ?", (seq,)).fetchone()
         return None if row is None else int(row[0])
 
+    def has_unsent(self, capture_id: str) -> bool:
+        """True while this capture's event is still waiting for a PUBACK (its evidence must be kept)."""
+        with self._errors(f"read capture {capture_id}"):
+            row = self._conn.execute(
+                "SELECT 1 FROM processed p JOIN outbox o ON o.event_id = p.event_id WHERE p.capture_id = ?",
+                (capture_id,)).fetchone()
+        return row is not None
+
     def depth(self) -> int:
         """Number of unsent events."""
         with self._errors("count events"):
