@@ -1,0 +1,189 @@
+"""``iaflash-provision``: the field technician's CLI.
+
+Exit codes: 0 ok, 1 operational error (bad file, gap, key mismatch...), 2 usage error (Click),
+3 a check found problems (reserved for ``doctor``). Diagnostics go to stderr; ``--json`` puts one
+stable document on stdout. Errors read ``error: <where>: <what>; fix: <how>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+
+from agent.config import load_config, read_secret
+from agent.errors import IaflashError, RegistryError
+from agent.plates import key_id, load_hmac_key
+from agent.registry import RegistryState, import_subset, read_state
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _operational(func: F) -> F:
+    """Print our errors as ``error: ...`` on stderr and exit 1 (Click keeps exit 2 for usage errors)."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except IaflashError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
+
+
+def _emit(doc: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        click.echo(text)
+
+
+def _read_key_file(path: Path) -> bytes:
+    """An explicit --key-file obeys the same rule as the configured one: mode 0600."""
+    try:
+        mode = path.stat().st_mode
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the HMAC key ({exc.strerror}); fix: check --key-file") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise RegistryError(f"{path}: HMAC key file is readable by group/others (mode {stat.S_IMODE(mode):o}); "
+                            f"fix: chmod 600 {path}")
+    return raw
+
+
+@contextmanager
+def _progress_printer(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback: a rich bar on a terminal, otherwise a plain line per 10% on stderr."""
+    if sys.stderr.isatty():
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    last = [-1]
+
+    def plain(done: int, total: int) -> None:
+        tenth = done * 10 // total if total else 10
+        if tenth != last[0]:
+            last[0] = tenth
+            click.echo(f"{label}: {done}/{total} records", err=True)
+
+    yield plain
+
+
+@click.group(context_settings=CONTEXT)
+def cli() -> None:
+    """Install, enrol, check and fix an iaflash edge box.
+
+    \b
+    Example:
+      iaflash-provision registry import /media/usb/siv-snapshot.jsonl.gz
+    """
+
+
+@cli.group("registry", context_settings=CONTEXT)
+def registry() -> None:
+    """The local SIV subset cache: import subset files, show its state.
+
+    \b
+    Example:
+      iaflash-provision registry status --json
+    """
+
+
+_config_option = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+                              help="Agent config file (TOML); default: built-in defaults.")
+_db_option = click.option("--db", type=click.Path(path_type=Path, dir_okay=False),
+                          help="Registry cache file; default: [registry] db from the config.")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
+
+
+@registry.command("import", context_settings=CONTEXT)
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@_config_option
+@_db_option
+@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="HMAC key file (hex, mode 0600); default: systemd credential hmac-key or "
+                   "[registry] hmac_key_file.")
+@_json_option
+@_operational
+def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: Path | None,
+               as_json: bool) -> None:
+    """Import a registry subset FILE (snapshot or delta) into the cache, in one transaction.
+
+    On any error the cache is left exactly as it was. A delta must follow the cache's seq.
+
+    \b
+    Example:
+      iaflash-provision registry import siv-0042.jsonl.gz --config /etc/iaflash/agent.toml
+    """
+    cfg = load_config(config_path)
+    db_path = db or cfg.registry.db
+    raw = _read_key_file(key_file) if key_file else read_secret(
+        "hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file")
+    expected = key_id(load_hmac_key(raw))
+    records = [0]
+    start = time.perf_counter()
+    with _progress_printer(f"importing {file.name}") as show:
+        def progress(done: int, total: int) -> None:
+            records[0] = done
+            show(done, total)
+
+        state = import_subset(db_path, file, expected_key_id=expected, progress=progress)
+    seconds = time.perf_counter() - start
+    rate = records[0] / seconds if seconds > 0 else 0.0
+    doc = {"command": "registry import", "file": str(file), "db": str(db_path), "records": records[0],
+           "seconds": round(seconds, 3), "records_per_s": round(rate), "state": state.to_dict()}
+    _emit(doc, as_json, f"imported {state.kind} {state.dataset_id} seq {state.seq}: {records[0]} records "
+                        f"in {seconds:.1f} s ({rate:,.0f} records/s); {state.count} vehicles in {db_path}")
+
+
+def _status_text(db_path: Path, state: RegistryState | None, max_age: float) -> str:
+    if state is None:
+        return f"{db_path}: empty (never imported); import a snapshot"
+    age = state.age_hours()
+    stale = " (STALE)" if age > max_age else ""
+    return (f"{db_path}: dataset {state.dataset_id} seq {state.seq} ({state.kind}), key id {state.key_id}, "
+            f"{state.count} vehicles, age {age:.1f} h{stale} (max {max_age:g} h), "
+            f"imported {state.imported_at.isoformat(timespec='seconds')}")
+
+
+@registry.command("status", context_settings=CONTEXT)
+@_config_option
+@_db_option
+@_json_option
+@_operational
+def status_cmd(config_path: Path | None, db: Path | None, as_json: bool) -> None:
+    """Show the cache's dataset, seq, key id, age and vehicle count.
+
+    \b
+    Example:
+      iaflash-provision registry status --config /etc/iaflash/agent.toml --json
+    """
+    cfg = load_config(config_path)
+    db_path = db or cfg.registry.db
+    state = read_state(db_path)
+    max_age = cfg.registry.max_age_hours
+    age = None if state is None else round(state.age_hours(), 3)
+    doc = {"command": "registry status", "db": str(db_path), "state": None if state is None else state.to_dict(),
+           "age_hours": age, "max_age_hours": max_age, "stale": age is None or age > max_age}
+    _emit(doc, as_json, _status_text(db_path, state, max_age))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``iaflash-provision``)."""
+    cli.main(args=argv, prog_name="iaflash-provision")
