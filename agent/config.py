@@ -61,6 +61,24 @@ class ModelConfig(_Section):
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="Inference backend; auto tries TensorRT then falls back to ONNX Runtime.")
     threads: int = Field(0, ge=0, le=64, description="Intra-op threads for ONNX Runtime; 0 = number of cores.")
+    detector_bundle: Path | None = Field(
+        None, description="Vehicle detector bundle; unset = use the sidecar's vehicle box or the whole frame.")
+    precision: Literal["fp16", "fp32", "int8"] = Field(
+        "fp16", description="TensorRT engine precision (int8 only after an accuracy check).")
+    engine_cache_dir: Path = Field(Path("/var/lib/iaflash/engines"),
+                                   description="Where built TensorRT plans are cached, keyed by staleness key.")
+    workspace_mb: int = Field(1024, ge=64, description="TensorRT builder workspace.")
+    max_batch: int = Field(4, ge=1, le=64, description="Micro-batching: most captures classified in one call.")
+    max_wait_ms: float = Field(5.0, ge=0, le=1000,
+                               description="Micro-batching: longest wait for a batch to fill.")
+
+
+class SecurityConfig(_Section):
+    trust_dir: Path = Field(Path("/etc/iaflash/trust"),
+                            description="Directory of trusted Ed25519 publisher keys (*.pub) for bundles, "
+                                        "registry files and commands.")
+    allow_unsigned: bool = Field(False, description="Accept unsigned bundles and registry files "
+                                                    "(development only; each one is logged and counted).")
 
 
 class RegistryConfig(_Section):
@@ -70,6 +88,9 @@ class RegistryConfig(_Section):
         description="Deployment HMAC key (hex, >= 32 bytes), mode 0600. "
                     "$CREDENTIALS_DIRECTORY/hmac-key takes precedence when set by systemd.")
     max_age_hours: float = Field(72, gt=0, description="Past this age verdicts are marked registry_stale.")
+    fuzzy_min_score: float = Field(88, ge=0, le=100,
+                                   description="Registry make/model text maps onto the taxonomy only at or "
+                                               "above this fuzzy score; below it the verdict is unsupported.")
 
 
 class DecisionConfig(_Section):
@@ -135,6 +156,7 @@ class Config(_Section):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)  # type: ignore[arg-type]  # all fields defaulted
     model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]  # all fields defaulted
     registry: RegistryConfig = Field(default_factory=RegistryConfig)  # type: ignore[arg-type]  # defaulted
+    security: SecurityConfig = Field(default_factory=SecurityConfig)  # type: ignore[arg-type]  # defaulted
     decision: DecisionConfig = Field(default_factory=DecisionConfig)  # type: ignore[arg-type]  # defaulted
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]  # all defaulted
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]  # all fields defaulted

@@ -376,12 +376,11 @@ def _apply(conn: sqlite3.Connection, file: Path, header: _Header,
         if not batch:
             first_line = lineno
         batch.append(row)
+        done += 1
         if len(batch) >= _BATCH:
-            done += len(batch)
             _flush(conn, batch_op, batch, first_line, file)
             if progress is not None:
                 progress(done, header.count)
-    done += len(batch)
     _flush(conn, batch_op, batch, first_line, file)
     if done != header.count:
         raise RegistryFileError(f"{file}: header count is {header.count} but the file holds {done} records; "

@@ -1,0 +1,54 @@
+"""``iaflash-engines``: the model publisher's and the technician's inference tools.
+
+Subcommands live beside the code they drive (``engines/cli_bundle.py``: keygen, pack,
+sign, verify; ``engines/cli_build.py``: build); this module only assembles the group.
+
+Exit codes: 0 ok, 1 operational error, 2 usage error, 3 check found problems.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+log = logging.getLogger(__name__)
+
+# (module, attribute) of each command or group attached to `main`.
+_COMMANDS = (
+    ("engines.cli_bundle", "commands"),
+    ("engines.cli_build", "commands"),
+)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option("0.1.0", prog_name="iaflash-engines")
+def main() -> None:
+    """iaflash-engines: build, pack, sign and verify model bundles and TensorRT engines.
+
+    \b
+    Example:
+      iaflash-engines keygen --out publisher
+      iaflash-engines pack model.onnx --labels labels.csv --name vmmr --version 1.0 --out bundle/
+      iaflash-engines sign bundle/ --key publisher.key
+      iaflash-engines verify bundle/ --trust /etc/iaflash/trust/
+      iaflash-engines build bundle/ --precision fp16
+    """
+
+
+def _attach() -> None:
+    for module_name, attr in _COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        for command in getattr(module, attr):
+            main.add_command(command)
+
+
+_attach()
