@@ -13,7 +13,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,51 +23,20 @@ from agent.decision import Verdict, decide, softmax
 from agent.errors import CaptureRejected, EngineError, PlateError
 from agent.events import build_event, topic_for
 from agent.health import Liveness
+from agent.intake import Preparer, Work
 from agent.outbox import Outbox
 from agent.plates import normalise_plate, plate_key
-from agent.preprocess import crop, decode_jpeg, inspect_jpeg, preprocess
-from agent.quality import quality_problem
 from agent.registry import Registry, RegistryRecord
-from agent.spool import Claimed, Spool
+from agent.spool import Spool
 from agent.taxonomy import Taxonomy
 from engines.base import Backend
 from engines.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
-CROP_MARGIN = 0.1
-QUEUE_DEPTH = 4
+QUEUE_DEPTH = 8
 
 VerdictCallback = Callable[[Capture, Verdict, "dict[str, Any] | None"], None]
-
-
-@dataclass
-class Work:
-    """One capture between intake and inference."""
-
-    claimed: Claimed
-    tensor: np.ndarray | None
-    image_problem: str | None
-    started: float
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def choose_reduction(width: int, height: int, box: tuple[int, int, int, int] | None, input_side: int) -> int:
-    """Largest JPEG decode reduction (1, 2, 4, 8) that keeps the crop ≥ 2× the model input."""
-    if box is None:
-        region = min(width, height)
-    else:  # only the part of the box inside the frame counts
-        x, y, w, h = box
-        region = max(0, min(min(x + w, width) - x, min(y + h, height) - y))
-    for factor in (8, 4, 2):
-        if region / factor >= 2 * input_side:
-            return factor
-    return 1
-
-
-def scale_box(box: tuple[int, int, int, int], sx: float, sy: float) -> tuple[int, int, int, int]:
-    x, y, w, h = box
-    return round(x * sx), round(y * sy), max(1, round(w * sx)), max(1, round(h * sy))
 
 
 class Pipeline:
@@ -79,7 +47,7 @@ class Pipeline:
         self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
         self.registry, self.hmac_key, self.on_verdict = registry, hmac_key, on_verdict
         self.taxonomy = Taxonomy(bundle.labels)
-        self.pp = bundle.manifest.preprocessing
+        self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing)
         self.liveness = Liveness(stuck_after_s=60.0)
         self.outcomes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -173,46 +141,26 @@ class Pipeline:
         if claimed is None:
             return None
         try:
-            return self._prepare(claimed, started)
+            return self.preparer.prepare(claimed, started)
         except CaptureRejected as exc:
             self.spool.reject(capture_id, exc)
             return None
-
-    def _prepare(self, claimed: Claimed, started: float) -> Work:
-        timings: dict[str, float] = {"claim": (time.perf_counter() - started) * 1e3}
-        data = claimed.image_bytes[0]
-        t = time.perf_counter()
-        width, height = inspect_jpeg(data, max_pixels=self.cfg.spool.max_image_pixels,
-                                     min_side=self.cfg.spool.min_image_side)
-        box = claimed.capture.vehicle_box
-        factor = choose_reduction(width, height, box, max(self.pp.height, self.pp.width))
-        image = decode_jpeg(data, reduce=factor)
-        timings["decode"] = (time.perf_counter() - t) * 1e3
-        t = time.perf_counter()
-        if box is not None:
-            box = scale_box(box, image.shape[1] / width, image.shape[0] / height)
-            region = crop(image, box, margin=CROP_MARGIN)
-        else:
-            region = image
-        problem = quality_problem(region)
-        tensor = None if problem else preprocess(region, self.pp)
-        timings["preprocess"] = (time.perf_counter() - t) * 1e3
-        return Work(claimed, tensor, problem, started, timings)
 
     # -- inference -------------------------------------------------------------------------
     def _infer_loop(self) -> None:
         try:
             self._outbox = Outbox(self.cfg.outbox.db)  # this thread's own connection
             while True:
-                try:
-                    work = self._queue.get(timeout=0.1)
-                except queue.Empty:
-                    if self._intake_done.is_set():
+                batch = self._next_batch()
+                if batch is None:
+                    if self._intake_done.is_set() and self._queue.empty():
                         return
                     continue
                 self.liveness.begin()
                 try:
-                    self._process(work)
+                    probs = self._classify(batch)
+                    for work, (p, problem) in zip(batch, probs, strict=True):
+                        self._process(work, p, problem)
                 finally:
                     self.liveness.end()
         except BaseException as exc:
@@ -223,21 +171,47 @@ class Pipeline:
             if self._outbox is not None:
                 self._outbox.close()
 
-    def _classify(self, work: Work) -> tuple[np.ndarray | None, str | None]:
-        if work.tensor is None:
-            return None, work.image_problem
+    def _next_batch(self) -> list[Work] | None:
+        """Micro-batching: one item (waiting ≤ 0.1 s), then whatever else is queued, up to
+        ``max_batch``, waiting at most ``max_wait_ms`` for more."""
+        try:
+            batch = [self._queue.get(timeout=0.1)]
+        except queue.Empty:
+            return None
+        deadline = time.perf_counter() + self.cfg.model.max_wait_ms / 1e3
+        while len(batch) < self.cfg.model.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _classify(self, batch: list[Work]) -> list[tuple[np.ndarray | None, str | None]]:
+        """Calibrated probabilities for each item with a tensor, in one backend call."""
+        results: list[tuple[np.ndarray | None, str | None]] = [(None, w.image_problem) for w in batch]
+        ready = [i for i, w in enumerate(batch) if w.tensor is not None]
+        if not ready:
+            return results
         t = time.perf_counter()
         try:
-            out = self.backend.infer(work.tensor)[0]
+            out = self.backend.infer(np.concatenate([batch[i].tensor for i in ready]))
         except EngineError as exc:
             self.errors["inference"] += 1
-            log.error("capture %s: inference failed: %s", work.claimed.capture.capture_id, exc)
-            return None, f"inference failed: {exc}"
+            log.error("inference failed for %d capture(s): %s", len(ready), exc)
+            failed = f"inference failed: {exc}"
+            return [(None, failed) if w.tensor is not None else r for w, r in zip(batch, results, strict=True)]
         finally:
-            work.timings["infer"] = (time.perf_counter() - t) * 1e3
+            ms = (time.perf_counter() - t) * 1e3
+            for i in ready:
+                batch[i].timings["infer"] = ms
+                batch[i].evidence["batch_size"] = len(ready)
         manifest = self.bundle.manifest
         logits = np.log(np.clip(out, 1e-12, 1.0)) if manifest.output_kind == "probabilities" else out
-        return softmax(logits, manifest.temperature), None
+        probs = softmax(logits, manifest.temperature)
+        for row, i in enumerate(ready):
+            results[i] = (probs[row], None)
+        return results
 
     def _plate(self, capture: Capture) -> tuple[str | None, bytes | None, RegistryRecord | None]:
         """(plate problem, HMAC key, registry record). The plate itself never leaves this function."""
@@ -252,9 +226,8 @@ class Pipeline:
             return str(exc), None, None
         return None, plate_key(self.hmac_key, plate), self.registry.lookup(plate)
 
-    def _process(self, work: Work) -> None:
+    def _process(self, work: Work, probs: np.ndarray | None, image_problem: str | None) -> None:
         capture = work.claimed.capture
-        probs, image_problem = self._classify(work)
         t = time.perf_counter()
         plate_problem, key, record = self._plate(capture)
         stale = self.registry.is_stale(self.cfg.registry.max_age_hours)

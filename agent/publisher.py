@@ -68,7 +68,7 @@ class Publisher(threading.Thread):
         self.error: BaseException | None = None
         self._stop_evt = threading.Event()
         self._lock = threading.Lock()
-        self._counts = {"published": 0, "acked": 0, "refused": 0, "republished": 0, "errors": 0,
+        self._counts = {"published": 0, "acked": 0, "refused": 0, "republished": 0, "publish_errors": 0,
                         "heartbeats": 0}
         self._gauges: dict[str, Any] = {"inflight": 0, "depth": None, "oldest_age_s": None}
         self._by_seq: dict[int, _InFlight] = {}
@@ -80,7 +80,7 @@ class Publisher(threading.Thread):
 
     # ----- public -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """published, acked, refused, republished, errors, heartbeats, inflight, depth, oldest_age_s."""
+        """published, acked, refused, republished, publish_errors, heartbeats, inflight, depth, oldest_age_s."""
         with self._lock:
             return {**self._counts, **self._gauges}
 
@@ -139,7 +139,7 @@ class Publisher(threading.Thread):
             self._gauges["inflight"] = len(self._by_seq)
 
     def _note_error(self, exc: Exception) -> None:
-        self._count("errors")
+        self._count("publish_errors")
         message = str(exc)
         if message != self._last_error:
             log.error("publisher: %s; retrying every %.0f s", message, ERROR_PAUSE_S)

@@ -463,15 +463,19 @@ class Registry:
             if version != self._data_version:
                 self._state = _read_state(self._conn)
                 self._data_version = version
+                if self._state is not None and self._state.key_id != self.key_id:
+                    log.error("registry cache %s was hashed with key %s but this box's key is %s: no plate "
+                              "will match; import a snapshot built with this box's key",
+                              self._path, self._state.key_id, self.key_id)
         return self._state
 
     def lookup(self, plate: str) -> RegistryRecord | None:
-        """The record for a plate, or None. PlateError on a bad plate; RegistryError on a key mismatch."""
+        """The record for a plate, or None. PlateError on a bad plate.
+
+        A cache hashed with another key matches nothing: that is logged once (see ``key_id``).
+        """
         key = plate_key(self._hmac_key, plate)
-        state = self._current()
-        if state is not None and state.key_id != self.key_id:
-            raise RegistryError(f"{self._path}: cache hashed with key {state.key_id}, this box's key is "
-                                f"{self.key_id}; fix: import a snapshot built with this box's key")
+        self._current()
         with _db_errors("registry lookup", self._path):
             row = self._conn.execute("SELECT make, model, genre, body FROM vehicles WHERE plate_key = ?",
                                      (key,)).fetchone()
@@ -491,3 +495,9 @@ class Registry:
 
     def close(self) -> None:
         self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import sqlite_utils
+
 from agent.plates import key_id, plate_key
 from agent.registry import Registry, import_subset, records_from_plates, write_subset
 
@@ -76,8 +78,6 @@ def time_lookups(db: Path, key: bytes, n: int, lookups: int) -> dict[str, float]
 
 
 def time_sqlite_utils(n: int, key: bytes, work: Path) -> float:
-    import sqlite_utils
-
     db = sqlite_utils.Database(work / "su.db")
     conn = db.conn
     conn.execute('CREATE TABLE vehicles (plate_key BLOB PRIMARY KEY, make TEXT, model TEXT, genre TEXT, '
@@ -102,7 +102,8 @@ def main() -> None:
         work = Path(tmp)
         file, db = work / "snap.jsonl.gz", work / "registry.db"
         t0 = time.perf_counter()
-        write_subset(file, dataset_id="bench", seq=1, key_id=key_id(key), records=records_from_plates(key, rows(args.n)))
+        write_subset(file, dataset_id="bench", seq=1, key_id=key_id(key),
+                     records=records_from_plates(key, rows(args.n)))
         t_write = time.perf_counter() - t0
         t0 = time.perf_counter()
         import_subset(db, file, expected_key_id=key_id(key))

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from central.subscriber import DEFAULT_FILTER, Subscriber
+from central.subsets import registry_group
 
 __all__ = ["main"]
 
@@ -28,6 +29,9 @@ def main() -> None:
     Example:
       iaflash-central listen --host 127.0.0.1 --port 1883 --count 1 --timeout 60
     """
+
+
+main.add_command(registry_group)
 
 
 def _line(event: dict[str, Any]) -> str:

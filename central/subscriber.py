@@ -93,9 +93,9 @@ class Subscriber:
         """Connect and wait until the subscription is granted; raises TimeoutError otherwise."""
         props = None
         if self.protocol == "5":
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
             props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent else 0
-        clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY  # 3.1.1 uses clean_session instead
+        clean_start: mqtt.CleanStartOption = mqtt.MQTT_CLEAN_START_FIRST_ONLY  # 3.1.1: clean_session
         if self.protocol == "5":
             clean_start = not self.persistent
         self._client.connect_async(self.host, self.port, keepalive=30, clean_start=clean_start,

@@ -85,7 +85,7 @@ BAD = [
 def test_bad_event_is_refused_naming_the_path(mutate: Any, path: str, fragment: str) -> None:
     doc = copy.deepcopy(event())
     mutate(doc)
-    with pytest.raises(ValueError, match="does not match iaflash.event/1") as info:
+    with pytest.raises(ValueError, match=r"does not match iaflash\.event/1") as info:
         validate_event(doc)
     lines = str(info.value).splitlines()[1:]
     assert any(line.startswith(f"{path}: ") and fragment in line for line in lines), lines

@@ -172,8 +172,6 @@ def test_a_corrupt_file_is_an_outbox_error_with_a_recovery_hint(tmp_path: Path) 
 
 def test_has_unsent_is_true_until_the_event_is_acknowledged(tmp_path: Path) -> None:
     """Evidence purge asks has_unsent(): true while the capture's event row exists, false after delete."""
-    from agent.outbox import Outbox
-
     with Outbox(tmp_path / "state.db") as ob:
         event = {"event_id": "6f1c1d3e-0000-4000-8000-000000000001", "x": 1}
         assert ob.record("cap-1", "mismatch", event, "t/events/mismatch") is True

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.pipeline import choose_reduction, scale_box
+from agent.intake import choose_reduction, scale_box
 
 
 @pytest.mark.parametrize(

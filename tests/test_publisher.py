@@ -118,7 +118,7 @@ def test_broker_killed_mid_stream_loses_nothing(tmp_path: Path, agents: list[Age
     broker = MosquittoBroker(workdir=tmp_path, extra_conf=extra).start()
     sub = Subscriber("127.0.0.1", broker.port, client_id="central-test").start()
     try:
-        assert wait_until(lambda: (db_dir / "mosquitto.db").exists(), 5)  # the subscription is saved
+        assert wait_until((db_dir / "mosquitto.db").exists, 5)  # the subscription is saved
         cfg = config(broker.port)
         agent = Agent(cfg, tmp_path / "state.db").start()
         agents.append(agent)
