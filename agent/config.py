@@ -254,3 +254,27 @@ def read_secret(name: str, fallback: Path | None, *, what: str, config_key: str)
                                        f"(mode {stat.S_IMODE(st.st_mode):o})",
                                        f"chmod 600 {fallback}")])
     return fallback.read_bytes().strip()
+
+
+def _default_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if isinstance(value, (str, Path)):
+        return f'"{value}"'
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def reference_markdown() -> str:
+    """The config reference tables that README.md embeds (regenerate with `./run docs`)."""
+    out: list[str] = []
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        out += [f"**[{section}]**", "", "| key | default | meaning |", "|---|---|---|"]
+        for key, f in model.model_fields.items():
+            default = _default_text(f.get_default(call_default_factory=True))
+            out.append(f"| `{key}` | `{default}` | {f.description} |".replace("``", "(unset)"))
+        out.append("")
+    return "\n".join(out)

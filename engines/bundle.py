@@ -36,6 +36,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SIGNATURE_FILE",
     "Bundle",
+    "DetectorSpec",
     "Label",
     "Manifest",
     "ManifestVerifier",
@@ -83,6 +84,28 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class DetectorSpec:
+    """How to read a detector's outputs (task "detector" only); see engines/detect.py and docs/DETECTOR.md.
+
+    ``format`` "nms": NMS is inside the graph; ``outputs`` names boxes [1,N,4], scores [1,N],
+    classes [1,N] (and optionally num_detections [1]), or one packed [1,N,6] tensor of rows
+    (box, score, class). "yolo": one raw [1,4+C,N] (or [1,N,4+C]) tensor, NMS on the host.
+    ``normalized``: boxes are in 0..1 of the model input, else in input pixels.
+    """
+
+    format: Literal["nms", "yolo"]
+    box_format: Literal["xyxy", "cxcywh"]
+    normalized: bool
+    vehicle_classes: tuple[int, ...]
+    outputs: tuple[str, ...]
+    score_threshold: float = 0.35
+    iou_threshold: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return cast(dict[str, Any], _jsonable(asdict(self)))
+
+
+@dataclass(frozen=True)
 class Label:
     """One class of the classifier: a (make, model) pair in canonical spelling, plus aliases."""
 
@@ -114,11 +137,14 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     demo: bool = False
     description: str = ""
+    detector: DetectorSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of the manifest (tuples become lists, files sorted by name)."""
         data = cast(dict[str, Any], _jsonable(asdict(self)))
         data["files"] = dict(sorted(self.files.items()))
+        if self.detector is None:
+            del data["detector"]  # classifier manifests stay exactly as before detectors existed
         return data
 
     @classmethod
@@ -267,6 +293,60 @@ def _parse_files(data: Mapping[str, Any]) -> dict[str, str]:
     return dict(files)
 
 
+_DET_KEYS = frozenset(DetectorSpec.__dataclass_fields__)
+
+
+def _int_list(det: Mapping[str, Any], key: str, fix: str) -> tuple[int, ...]:
+    value = _get(det, key, list, fix)
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise _bad(f"detector.{key}", f"must be a non-empty list of class indices >= 0, got {value!r}", fix)
+    return tuple(sorted(set(value)))
+
+
+def _det_outputs(det: Mapping[str, Any], fmt: str, output_name: str) -> tuple[str, ...]:
+    fix = 'nms: ["boxes", "scores", "classes"(, "num_detections")] or one packed [1,N,6]; yolo: one raw output'
+    value = _get(det, "outputs", list, fix)
+    counts = (1, 3, 4) if fmt == "nms" else (1,)
+    if len(value) not in counts or not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
+        raise _bad("detector.outputs", f"must be {' or '.join(map(str, counts))} distinct names, got {value!r}", fix)
+    if output_name not in value:
+        raise _bad("output_name", f"is {output_name!r}, not one of detector.outputs {value!r}", "name one of them")
+    return tuple(value)
+
+
+def _threshold(det: Mapping[str, Any], key: str, default: float) -> float:
+    value = _number(det, key, "give a number between 0 and 1", default)
+    if not 0.0 <= value <= 1.0:
+        raise _bad(f"detector.{key}", f"must be between 0 and 1, got {value}", "give a number between 0 and 1")
+    return value
+
+
+def _parse_detector(data: Mapping[str, Any]) -> DetectorSpec | None:
+    """The ``detector`` object: required for task "detector", refused for a classifier."""
+    det = data.get("detector")
+    is_detector = data.get("task") == "detector"
+    if det is None:
+        if is_detector:
+            raise _bad("detector", "is missing for task detector", "describe the outputs (docs/DETECTOR.md)")
+        return None
+    if not is_detector:
+        raise _bad("detector", "is only allowed for task detector", "remove it from a classifier manifest")
+    det = _get(data, "detector", dict, "give an object (docs/DETECTOR.md)")
+    unknown = sorted(set(det) - _DET_KEYS)
+    if unknown:
+        raise _bad(f"detector.{unknown[0]}", "is not a known key", f"allowed: {', '.join(sorted(_DET_KEYS))}")
+    fmt = _choice(det, "format", ("nms", "yolo"))
+    return DetectorSpec(
+        format=cast(Literal["nms", "yolo"], fmt),
+        box_format=cast(Literal["xyxy", "cxcywh"], _choice(det, "box_format", ("xyxy", "cxcywh"))),
+        normalized=bool(_get(det, "normalized", bool, "true if boxes are in 0..1 of the model input")),
+        vehicle_classes=_int_list(det, "vehicle_classes", "list the label indices that are vehicles"),
+        outputs=_det_outputs(det, fmt, str(data.get("output_name"))),
+        score_threshold=_threshold(det, "score_threshold", DetectorSpec.score_threshold),
+        iou_threshold=_threshold(det, "iou_threshold", DetectorSpec.iou_threshold),
+    )
+
+
 def _check_envelope(data: Mapping[str, Any]) -> int:
     """The manifest is an object with known keys only, in the schema version this agent reads."""
     if not isinstance(data, Mapping):
@@ -315,6 +395,7 @@ def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
         files=_parse_files(data),
         demo=bool(_get(data, "demo", bool, "use true or false", False)),
         description=_text(data, "description", "give a short text", ""),
+        detector=_parse_detector(data),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agent.config import Config, load_config
+from agent.config import Config, load_config, reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,3 +34,11 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./run test     # the test suite" in readme
     assert "\n./run test\n" in ci
+
+
+def test_readme_config_reference_is_the_generated_one() -> None:
+    """README's tables are exactly reference_markdown(): regenerate with ./run docs after a config change."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- config-reference:start")
+    body = readme[readme.index("\n", start) + 1 : readme.index("<!-- config-reference:end -->")]
+    assert body == reference_markdown()
