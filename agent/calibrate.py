@@ -121,6 +121,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tol: float = 1e-5
     """The temperature T in [0.01, 100] minimising the NLL of ``softmax(logits / T)``.
 
     Golden-section search on log T, stopping when the bracket is narrower than ``tol`` (in log T).
+    A result at either bound raises CalibrationError: no temperature fits such data (for example,
+    a set the model classifies perfectly drives T towards 0, which would make every score 0 or 1).
     """
     z, y = _check(logits, labels)
 
@@ -139,7 +141,15 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tol: float = 1e-5
             lo, a, fa = a, b, fb
             b = lo + _GOLDEN * (hi - lo)
             fb = loss(b)
-    return math.exp((lo + hi) / 2)
+    fitted = math.exp((lo + hi) / 2)
+    if not T_MIN * 1.01 < fitted < T_MAX / 1.01:
+        why = ("every prediction is already right and confident, so the NLL keeps falling as T shrinks"
+               if fitted < 1 else "the predictions carry no information about the labels")
+        raise CalibrationError(
+            f"the fitted temperature reached the search bound {fitted:.3g}: {why}; fix: calibrate on a larger "
+            "held-out set with the model's real mistakes in it (not its training images)"
+        )
+    return fitted
 
 
 def calibration_summary(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:

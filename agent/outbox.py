@@ -16,7 +16,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,6 +76,35 @@ def _fix_for(exc: sqlite3.Error) -> str:
     return "check the file, its directory's permissions and free disk space"
 
 
+def _retry_locked(step: Callable[[], None]) -> None:
+    """Run ``step``, retrying while the file is locked: SQLite skips the busy handler when two
+    connections first open a new file (journal mode switch, schema creation)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL could not be enabled")
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    try:
+        db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 class Outbox:
     """One connection to the outbox file; use one instance per thread."""
 
@@ -95,11 +124,9 @@ class Outbox:
     @staticmethod
     def _setup(db: sqlite3.Connection) -> None:
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL could not be enabled")
+        _retry_locked(lambda: _enable_wal(db))
         db.execute("PRAGMA synchronous = FULL")  # a committed flag survives a power cut
-        db.executescript(_SCHEMA)
+        _retry_locked(lambda: _create_schema(db))
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:

@@ -8,16 +8,18 @@ module is imported, so ``import engines`` works on a machine without them.
 from __future__ import annotations
 
 import abc
-import importlib.util
 import logging
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from engines.bundle import Bundle
 from engines.errors import BackendUnavailable, InferenceError
+
+if TYPE_CHECKING:
+    from engines.build import BuildOptions
 
 __all__ = [
     "BACKEND_KINDS",
@@ -157,13 +159,6 @@ class Backend(abc.ABC):
         self.close()
 
 
-def _tensorrt_status() -> tuple[bool, str]:
-    """The native TensorRT backend is a later issue; say why it is unavailable without importing it."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, "python package 'tensorrt' is not installed (on a Jetson it comes with JetPack)"
-    return False, "the native TensorRT backend is not part of this release; use onnxruntime"
-
-
 def backend_availability(kind: str) -> tuple[bool, str]:
     """``(available, reason)`` for one of :data:`BACKEND_KINDS`."""
     if kind == "onnxruntime":
@@ -171,20 +166,26 @@ def backend_availability(kind: str) -> tuple[bool, str]:
 
         return OnnxRuntimeBackend.is_available()
     if kind == "tensorrt":
-        return _tensorrt_status()
+        from engines.trt import TensorRTBackend  # noqa: PLC0415  # trt imports this module; tensorrt stays lazy
+
+        return TensorRTBackend.is_available()
     raise BackendUnavailable(f"unknown backend {kind!r}: choose one of auto, {', '.join(BACKEND_KINDS)}")
 
 
-def create_backend(kind: str = "auto", *, threads: int = 0) -> Backend:
-    """A new, unloaded backend of ``kind``: "onnxruntime", "tensorrt" or "auto" (TensorRT, else ONNX Runtime).
+def create_backend(kind: str = "auto", *, threads: int = 0, build: BuildOptions | None = None) -> Backend:
+    """A new, unloaded backend of ``kind``: "onnxruntime", "tensorrt" or "auto".
 
-    ``threads`` is the intra-op thread count (0 = one per core). Raises BackendUnavailable,
-    with the reason, when the named backend cannot run here.
+    "auto" is a SwappingBackend when TensorRT can run here (ONNX Runtime on the CPU while the
+    TensorRT plan builds, then TensorRT), else plain ONNX Runtime. ``threads`` is the intra-op
+    thread count (0 = one per core); ``build`` the TensorRT precision, workspace, max batch
+    and plan cache. Raises BackendUnavailable, with the reason, when the named backend cannot run here.
     """
     if kind == "auto":
         ok, reason = backend_availability("tensorrt")
         if ok:
-            return create_backend("tensorrt", threads=threads)
+            from engines.build import SwappingBackend  # noqa: PLC0415  # build imports this module
+
+            return SwappingBackend(threads=threads, options=build)
         logger.info("TensorRT backend not available (%s); falling back to ONNX Runtime", reason)
         return create_backend("onnxruntime", threads=threads)
     ok, reason = backend_availability(kind)
@@ -195,4 +196,6 @@ def create_backend(kind: str = "auto", *, threads: int = 0) -> Backend:
         from engines.onnxrt import OnnxRuntimeBackend  # noqa: PLC0415  # onnxrt imports this module
 
         return OnnxRuntimeBackend(threads=threads)
-    raise BackendUnavailable(f"{kind} backend not available: no implementation in this release")
+    from engines.trt import TensorRTBackend  # noqa: PLC0415  # trt imports this module
+
+    return TensorRTBackend(options=build)

@@ -5,12 +5,13 @@ The manifest says what the model expects (input tensor, preprocessing), what it 
 bundle. :func:`load_bundle` refuses a bundle whose files do not match their sha256, whose
 manifest has a bad or unknown field, or whose labels are not a contiguous 0..n-1 table.
 
-Signatures (Ed25519) are a later step. The seam is ``load_bundle(..., verify=...)``: a
-callable given the raw ``manifest.json`` bytes and the bundle directory, run before anything
-is parsed, which raises :class:`BundleError` to refuse the bundle. Because the manifest lists
-the sha256 of every other file, a valid signature over the manifest covers the whole bundle.
-The detached signature will live in ``manifest.sig`` (:data:`SIGNATURE_FILE`), which is not
-listed in ``manifest.files``.
+Signatures (Ed25519) plug in through ``load_bundle(..., verify=...)``: a callable given the
+raw ``manifest.json`` bytes and the bundle directory, run before anything is parsed, which
+raises :class:`BundleError` to refuse the bundle; the bytes it checked are the bytes parsed.
+Because the manifest lists the sha256 of every other file, checked right after, a valid
+signature over the manifest covers the whole bundle. The detached signature lives in
+``manifest.sig`` (:data:`SIGNATURE_FILE`), which ``manifest.files`` may not list.
+:mod:`engines.signing` provides the verifier (``bundle_verifier``, ``load_trusted_bundle``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.csv"
-SIGNATURE_FILE = "manifest.sig"  # later issue: detached Ed25519 signature over manifest.json
+SIGNATURE_FILE = "manifest.sig"  # detached Ed25519 signature over manifest.json (engines.signing)
 LABELS_HEADER = ("index", "make", "model", "aliases")
 _CHUNK = 1 << 20
 
@@ -279,7 +280,7 @@ def _parse_files(data: Mapping[str, Any]) -> dict[str, str]:
     fix = "re-pack the bundle (write_bundle) so every file is listed with its sha256"
     files = _get(data, "files", dict, fix)
     for name, digest in files.items():
-        if not name or Path(name).name != name or name in (".", "..", MANIFEST_FILE):
+        if not name or Path(name).name != name or name in (".", "..", MANIFEST_FILE, SIGNATURE_FILE):
             raise _bad("files", f"lists {name!r}, which is not a plain file name of the bundle", fix)
         if (
             not isinstance(digest, str)
@@ -571,6 +572,7 @@ def write_bundle(
     temperature: float = 1.0,
     demo: bool = False,
     description: str = "",
+    detector: DetectorSpec | None = None,
 ) -> Bundle:
     """Write a bundle into directory ``path`` (created if needed) and return it, loaded and verified.
 
@@ -595,6 +597,7 @@ def write_bundle(
             "temperature": temperature,
             "demo": demo,
             "description": description,
+            **({} if detector is None else {"detector": detector.to_dict()}),
             "files": {n: hashlib.sha256(b).hexdigest() for n, b in payloads.items()},
         }
     )

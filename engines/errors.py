@@ -6,6 +6,8 @@ re-exports them into the one tree the rest of the project documents::
     EngineError
     ├── BackendUnavailable   the backend's library or device is missing (is_available() said why)
     ├── BundleError          a model bundle is missing a file, fails its sha256, or has a bad manifest
+    │   └── SignatureError   a bundle or signed file is unsigned, altered after signing, or its .sig is malformed
+    │       └── UntrustedKey the signature is by a key that is not in the trust store
     ├── ModelLoadError       the runtime refused the model file (corrupt ONNX, bad plan)
     └── InferenceError       a batch had the wrong shape/dtype, or the runtime failed while running
 """
@@ -23,6 +25,14 @@ class BackendUnavailable(EngineError):
 
 class BundleError(EngineError):
     """A model bundle is invalid: missing file, sha256 mismatch, bad manifest or labels."""
+
+
+class SignatureError(BundleError):
+    """A signature is missing, malformed, or does not match the signed bytes (see engines.signing)."""
+
+
+class UntrustedKey(SignatureError):
+    """A valid-looking signature by a key whose id is not in the trust store."""
 
 
 class ModelLoadError(EngineError):

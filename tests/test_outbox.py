@@ -182,3 +182,25 @@ def test_has_unsent_is_true_until_the_event_is_acknowledged(tmp_path: Path) -> N
         (row,) = ob.pending(10)
         ob.delete(row.seq)
         assert ob.has_unsent("cap-1") is False
+
+
+def test_threads_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """SQLite skips the busy handler for the first WAL switch; Outbox retries instead of failing."""
+    for n in range(50):
+        path = tmp_path / f"state-{n}.db"
+        start = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def open_it(p: Path = path, b: threading.Barrier = start, errs: list[BaseException] = errors) -> None:
+            b.wait(5)
+            try:
+                Outbox(p).close()
+            except BaseException as exc:
+                errs.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []

@@ -1,0 +1,558 @@
+"""TensorRT engine building: staleness key, plan cache, ONNX → plan, and the serve-while-building swap.
+
+A plan is only valid for the exact software and hardware that built it, so it is cached
+under a *staleness key*: the sha256 of canonical JSON (sorted keys, no spaces) covering the
+ONNX sha256, the TensorRT, CUDA runtime and driver versions, the GPU name and compute
+capability, ``/etc/nv_tegra_release``, the precision, the workspace, the optimisation
+profiles and :data:`RECIPE_VERSION`. Cache layout (see docs/JETSON.md)::
+
+    <cache_dir>/<name>-<version>-<key[:16]>.plan    the serialised engine, written atomically
+    <cache_dir>/<name>-<version>-<key[:16]>.json    sidecar: full key, its inputs, plan sha256
+    <cache_dir>/timing-<env[:16]>.cache             TensorRT timing cache (speeds up rebuilds)
+    <cache_dir>/calib-<onnx[:16]>-<set[:16]>.cache  INT8 calibration cache, per calibration set
+
+``tensorrt`` is imported inside the functions that need it, never at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from engines.base import Backend, BackendInfo, TensorSpec
+from engines.bundle import Bundle, sha256_file
+from engines.cuda import CudaError, open_cuda
+from engines.errors import BackendUnavailable, EngineError, InferenceError, ModelLoadError
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "PRECISIONS",
+    "RECIPE_VERSION",
+    "BuildEnv",
+    "BuildOptions",
+    "Progress",
+    "SwappingBackend",
+    "UnusablePlan",
+    "atomic_write",
+    "build_engine",
+    "cached_plan",
+    "load_or_build",
+    "plan_key",
+    "plan_path",
+    "profile_shapes",
+    "read_plan_meta",
+    "staleness_key",
+]
+
+logger = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+"""Bump when the way engines are built changes (flags, profiles), so every cached plan is rebuilt."""
+DEFAULT_CACHE_DIR = Path("/var/lib/iaflash/engines")
+"""Same default as the agent's ``[model] engine_cache_dir``."""
+PRECISIONS = ("fp16", "fp32", "int8")
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+
+Progress = Callable[[str, float], None]
+"""``progress(stage, fraction)``: stage is parse, configure, build, write or done; fraction 0..1."""
+Profiles = dict[str, list[list[int]]]
+T = TypeVar("T")
+
+
+class UnusablePlan(ModelLoadError):
+    """TensorRT refused a cached plan (deserialisation returned None): it is discarded and rebuilt."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How engines are built and where plans are cached (the agent's ``[model]`` keys)."""
+
+    precision: str = "fp16"
+    workspace_mb: int = 1024
+    max_batch: int = 4
+    cache_dir: Path = DEFAULT_CACHE_DIR
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.max_batch < 1 or self.workspace_mb < 1:
+            raise ValueError(f"max_batch and workspace_mb must be >= 1, got {self.max_batch}, {self.workspace_mb}")
+
+
+@dataclass(frozen=True)
+class BuildEnv:
+    """The software and hardware a plan is bound to; :meth:`detect` reads them from this machine."""
+
+    tensorrt: str
+    cuda_runtime: str
+    cuda_driver: str
+    gpu: str
+    compute_capability: str
+    tegra_release: str | None = None
+
+    @classmethod
+    def detect(cls, *, device: int = 0, tegra_release: Path = TEGRA_RELEASE) -> BuildEnv:
+        """Ask tensorrt and CUDA; BackendUnavailable (with the reason) when either is missing."""
+        try:
+            trt = importlib.import_module("tensorrt")
+        except ImportError as exc:
+            raise BackendUnavailable(f"python package 'tensorrt' cannot be imported ({exc})") from exc
+        try:
+            cuda = open_cuda(device)
+        except CudaError as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        try:
+            major, minor = cuda.compute_capability()
+            return cls(
+                tensorrt=str(trt.__version__),
+                cuda_runtime=cuda.runtime_version(),
+                cuda_driver=cuda.driver_version(),
+                gpu=cuda.device_name(),
+                compute_capability=f"{major}.{minor}",
+                tegra_release=_read_text(tegra_release),
+            )
+        finally:
+            cuda.close()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _digest(doc: Mapping[str, Any]) -> str:
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _key_inputs(
+    onnx_sha256: str, precision: str, workspace_mb: int, max_batch: int, env: BuildEnv, profiles: Profiles | None
+) -> dict[str, Any]:
+    return {
+        "onnx_sha256": onnx_sha256,
+        "tensorrt": env.tensorrt,
+        "cuda_runtime": env.cuda_runtime,
+        "cuda_driver": env.cuda_driver,
+        "gpu": env.gpu,
+        "compute_capability": env.compute_capability,
+        "tegra_release": env.tegra_release,
+        "precision": precision,
+        "workspace_mb": workspace_mb,
+        "max_batch": max_batch,
+        "profiles": profiles if profiles is not None else {"*": [[1], [1], [max_batch]]},
+        "recipe": RECIPE_VERSION,
+    }
+
+
+def staleness_key(
+    onnx_sha256: str,
+    *,
+    precision: str,
+    workspace_mb: int,
+    max_batch: int,
+    env: BuildEnv,
+    profiles: Profiles | None = None,
+) -> str:
+    """sha256 of the canonical JSON of everything that makes a plan valid (see the module doc).
+
+    ``profiles`` maps input name to [min, opt, max] shapes; by default only the batch range.
+    """
+    return _digest(_key_inputs(onnx_sha256, precision, workspace_mb, max_batch, env, profiles))
+
+
+def profile_shapes(bundle: Bundle, max_batch: int) -> Profiles:
+    """The optimisation profile of the bundle's input: batch 1..max_batch (opt 1), or its fixed batch.
+
+    opt is 1 because a radar site sees captures one at a time; bigger batches only form in bursts.
+    """
+    manifest = bundle.manifest
+    pp = manifest.preprocessing
+    dims = [
+        d if isinstance(d, int) else fallback
+        for d, fallback in zip(manifest.input_shape, (0, 3, pp.height, pp.width), strict=True)
+    ]
+    batch = manifest.input_shape[0]
+    low, opt, high = (batch, batch, batch) if isinstance(batch, int) else (1, 1, max_batch)
+    return {manifest.input_name: [[low, *dims[1:]], [opt, *dims[1:]], [high, *dims[1:]]]}
+
+
+def plan_key(bundle: Bundle, options: BuildOptions, env: BuildEnv) -> tuple[str, dict[str, Any]]:
+    """The staleness key of ``bundle`` built with ``options`` on ``env``, and the document it hashes."""
+    inputs = _key_inputs(
+        bundle.model_sha256,
+        options.precision,
+        options.workspace_mb,
+        options.max_batch,
+        env,
+        profile_shapes(bundle, options.max_batch),
+    )
+    return _digest(inputs), inputs
+
+
+def plan_path(bundle: Bundle, key: str, cache_dir: Path) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{bundle.manifest.name}-{bundle.manifest.version}")
+    return cache_dir / f"{safe}-{key[:16]}.plan"
+
+
+def read_plan_meta(plan: Path) -> dict[str, Any] | None:
+    """The sidecar JSON of a plan, or None when it is missing or unreadable."""
+    try:
+        meta = json.loads(plan.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def cached_plan(bundle: Bundle, key: str, cache_dir: Path, *, inputs: Mapping[str, Any] | None = None) -> Path | None:
+    """The cached plan recorded under ``key``, or None (missing, stale or damaged: the log says why)."""
+    path = plan_path(bundle, key, cache_dir)
+    meta = read_plan_meta(path)
+    if meta is None or not path.is_file():
+        _log_stale(bundle, key, cache_dir, inputs)
+        return None
+    if meta.get("key") != key:
+        logger.info("cached plan %s is stale: recorded key %.16s… differs from %.16s…", path, meta.get("key"), key)
+        return None
+    if meta.get("plan_sha256") != sha256_file(path):
+        logger.warning("cached plan %s is damaged (sha256 differs from its sidecar); it will be rebuilt", path)
+        return None
+    return path
+
+
+def _log_stale(bundle: Bundle, key: str, cache_dir: Path, inputs: Mapping[str, Any] | None) -> None:
+    prefix = plan_path(bundle, key, cache_dir).name[: -len(key[:16]) - len(".plan")]
+    for sidecar in sorted(cache_dir.glob(f"{prefix}*.json")):
+        recorded = read_plan_meta(sidecar.with_suffix(".plan")) or {}
+        old = recorded.get("inputs") or {}
+        changed = sorted(k for k in set(old) | set(inputs or {}) if old.get(k) != (inputs or {}).get(k))
+        logger.info("cached plan %s is stale (changed: %s)", sidecar.with_suffix(".plan"), ", ".join(changed) or "key")
+    logger.info("no valid TensorRT plan for %s %s in %s", bundle.manifest.name, bundle.manifest.version, cache_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + fsync + os.replace: readers see all or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _store(
+    bundle: Bundle, plan: bytes, key: str, inputs: Mapping[str, Any], cache_dir: Path, extra: dict[str, Any]
+) -> Path:
+    path = plan_path(bundle, key, cache_dir)
+    atomic_write(path, plan)
+    meta = {
+        "key": key,
+        "inputs": dict(inputs),
+        "plan_sha256": hashlib.sha256(plan).hexdigest(),
+        "plan_bytes": len(plan),
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+    atomic_write(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    for old in cache_dir.glob(path.name[: -len(key[:16]) - len(".plan")] + "*.plan"):
+        if old != path:  # same bundle version, other key: stale for good on this box
+            logger.info("removing stale plan %s", old)
+            for stale in (old, old.with_suffix(".json")):
+                stale.unlink(missing_ok=True)
+    return path
+
+
+def build_engine(
+    bundle: Bundle,
+    *,
+    precision: str = "fp16",
+    workspace_mb: int = 1024,
+    max_batch: int = 4,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    progress: Progress | None = None,
+    calibration: Sequence[np.ndarray] | None = None,
+    env: BuildEnv | None = None,
+    cancel: threading.Event | None = None,
+) -> Path:
+    """Build ``bundle``'s ONNX model into a TensorRT plan in ``cache_dir`` and return its path.
+
+    INT8 needs ``calibration`` (NCHW float32 batches, preprocessed like captures). Parser
+    errors and build failures raise ModelLoadError; nothing partial is left in ``cache_dir``.
+    """
+    options = BuildOptions(precision=precision, workspace_mb=workspace_mb, max_batch=max_batch, cache_dir=cache_dir)
+    if precision == "int8" and not calibration:
+        raise ModelLoadError(
+            f"{bundle.path}: int8 needs a calibration set; fix: iaflash-engines build {bundle.path} "
+            "--precision int8 --calibration DIR_OF_JPEGS (and check accuracy before deploying it)"
+        )
+    env = env or BuildEnv.detect()
+    key, inputs = plan_key(bundle, options, env)
+    report = progress or (lambda _stage, _fraction: None)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    from engines.trt import compile_plan  # noqa: PLC0415  # trt imports this module
+
+    plan, effective = compile_plan(
+        bundle,
+        options,
+        profiles=profile_shapes(bundle, max_batch),
+        timing_cache=cache_dir / f"timing-{_digest(env.to_dict())[:16]}.cache",
+        calibration=calibration,
+        calibration_cache=cache_dir / f"calib-{bundle.model_sha256[:16]}-{_batches_digest(calibration)[:16]}.cache",
+        progress=report,
+        cancel=cancel,
+    )
+    report("write", 0.97)
+    seconds = round(time.monotonic() - started, 1)
+    path = _store(bundle, plan, key, inputs, cache_dir, {"precision": effective, "build_seconds": seconds})
+    logger.info("built TensorRT plan %s (%s, %d bytes) in %.1f s", path, effective, len(plan), seconds)
+    report("done", 1.0)
+    return path
+
+
+def _batches_digest(batches: Sequence[np.ndarray] | None) -> str:
+    """The calibration set's identity: a new set must not reuse the old set's calibration cache."""
+    digest = hashlib.sha256()
+    for batch in batches or ():
+        digest.update(np.ascontiguousarray(batch).tobytes())
+    return digest.hexdigest()
+
+
+def load_or_build(
+    bundle: Bundle,
+    options: BuildOptions,
+    opener: Callable[[Path], T],
+    *,
+    env: BuildEnv,
+    build: bool = True,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> T:
+    """Open the cached plan with ``opener``; build it when missing or stale, and rebuild it once
+    when ``opener`` raises UnusablePlan. With ``build=False`` a missing plan is a ModelLoadError.
+    """
+    key, inputs = plan_key(bundle, options, env)
+    path = cached_plan(bundle, key, options.cache_dir, inputs=inputs)
+
+    def _build() -> Path:
+        if not build:
+            raise ModelLoadError(
+                f"no valid TensorRT plan for {bundle.manifest.name} {bundle.manifest.version} in "
+                f"{options.cache_dir}; fix: iaflash-engines build {bundle.path} --cache-dir {options.cache_dir}"
+            )
+        return build_engine(bundle, **_option_kwargs(options), progress=progress, env=env, cancel=cancel)
+
+    path = path or _build()
+    try:
+        return opener(path)
+    except UnusablePlan as exc:
+        logger.warning("TensorRT refused cached plan %s (%s); discarding and rebuilding it", path, exc)
+        for stale in (path, path.with_suffix(".json")):
+            stale.unlink(missing_ok=True)
+        return opener(_build())
+
+
+def _option_kwargs(options: BuildOptions) -> dict[str, Any]:
+    return {f: getattr(options, f) for f in ("precision", "workspace_mb", "max_batch", "cache_dir")}
+
+
+# ---------------------------------------------------------------- serve with ONNX Runtime while building
+
+
+def _lower_priority() -> None:
+    """Linux niceness is per thread: make the builder thread (and TensorRT's helpers) nice 19."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class SwappingBackend(Backend):
+    """``auto``: serve with ONNX Runtime (CPU) at once, build the TensorRT plan in the background,
+    then swap to TensorRT between two infer calls. A cached plan is used straight away.
+
+    ``build_state`` is one of idle, building, swapped, failed; ``build_error`` says why it failed.
+    ``swapped``/``finished`` are events the agent (and tests) may wait on.
+    """
+
+    kind = "auto"
+
+    def __init__(
+        self,
+        *,
+        threads: int = 0,
+        options: BuildOptions | None = None,
+        env: BuildEnv | None = None,
+        join_timeout_s: float = 10.0,
+    ) -> None:
+        self._threads = threads
+        self._options = options or BuildOptions()
+        self._env = env
+        self._join_timeout_s = join_timeout_s
+        self._lock = threading.RLock()
+        self._active: Backend | None = None
+        self._builder: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.swapped = threading.Event()
+        self.finished = threading.Event()
+        self.build_state = "idle"
+        self.build_error: str | None = None
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        from engines.onnxrt import OnnxRuntimeBackend  # noqa: PLC0415  # onnxrt imports engines.base
+
+        return OnnxRuntimeBackend.is_available()
+
+    def load(self, bundle: Bundle) -> None:
+        from engines.onnxrt import OnnxRuntimeBackend  # noqa: PLC0415  # onnxrt imports engines.base
+        from engines.trt import TensorRTBackend  # noqa: PLC0415  # trt imports this module
+
+        self.close()
+        self._stop, self.swapped, self.finished = threading.Event(), threading.Event(), threading.Event()
+        self.build_error = None
+        cached = TensorRTBackend(options=self._options, env=self._env, build=False)
+        try:
+            cached.load(bundle)
+        except EngineError as exc:
+            logger.info("no usable TensorRT plan yet (%s); serving with ONNX Runtime while it builds", exc)
+        else:
+            self._set(cached, "swapped")
+            return
+        cpu = OnnxRuntimeBackend(threads=self._threads, providers=["CPUExecutionProvider"])
+        cpu.load(bundle)
+        self._set(cpu, "building")
+        self._builder = threading.Thread(
+            target=self._build_and_swap, args=(bundle,), name="iaflash-engine-build", daemon=True
+        )
+        self._builder.start()
+
+    def _set(self, backend: Backend, state: str) -> None:
+        with self._lock:
+            self._active, self.build_state = backend, state
+        if state == "swapped":
+            self.swapped.set()
+            self.finished.set()
+
+    def _build_and_swap(self, bundle: Bundle) -> None:
+        from engines.trt import TensorRTBackend  # noqa: PLC0415  # trt imports this module
+
+        _lower_priority()
+        backend = TensorRTBackend(
+            options=self._options, env=self._env, progress=_ProgressLog(bundle), cancel=self._stop
+        )
+        try:
+            backend.load(bundle)
+            backend.warmup()
+        except Exception as exc:  # noqa: BLE001  # a failed background build must never stop serving
+            backend.close()
+            with self._lock:
+                self.build_state, self.build_error = "failed", str(exc)
+            logger.warning(
+                "TensorRT engine for %s %s failed (%s); staying on ONNX Runtime",
+                bundle.manifest.name,
+                bundle.manifest.version,
+                exc,
+            )
+            self.finished.set()
+            return
+        with self._lock:
+            old = None if self._stop.is_set() else self._active
+            if old is not None:
+                self._active, self.build_state = backend, "swapped"
+        if old is None:
+            backend.close()  # closed while building: drop the new engine
+        else:
+            old.close()
+            logger.info(
+                "swapped %s %s from onnxruntime to tensorrt (%s on %s, engine %.16s…)",
+                bundle.manifest.name,
+                bundle.manifest.version,
+                backend.info.precision,
+                backend.info.device,
+                backend.info.engine_key,
+            )
+            self.swapped.set()
+        self.finished.set()
+
+    def _current(self) -> Backend:
+        with self._lock:
+            if self._active is None:
+                raise InferenceError("auto backend is not loaded; fix: call load(bundle) first")
+            return self._active
+
+    @property
+    def input_spec(self) -> TensorSpec:
+        return self._current().input_spec
+
+    @property
+    def output_spec(self) -> TensorSpec:
+        return self._current().output_spec
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._current().info
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:  # the swap waits for the call in flight
+            return self._current()._run(batch)
+
+    def close(self) -> None:
+        self._stop.set()
+        builder, self._builder = self._builder, None
+        if builder is not None and builder is not threading.current_thread():
+            builder.join(self._join_timeout_s)
+            if builder.is_alive():
+                logger.warning(
+                    "engine build still running after %.0f s; its result will be dropped", self._join_timeout_s
+                )
+        with self._lock:
+            active, self._active = self._active, None
+            self.build_state = "idle"
+        if active is not None:
+            active.close()
+
+
+class _ProgressLog:
+    """Logs a background build's progress: every stage, and every 10 % of the build stage."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self._what = f"{bundle.manifest.name} {bundle.manifest.version}"
+        self._last = ("", -1)
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        tenth = int(fraction * 10)
+        if (stage, tenth) != self._last:
+            self._last = (stage, tenth)
+            logger.info("engine build %s: %s %d%%", self._what, stage, int(fraction * 100))

@@ -1,0 +1,367 @@
+"""Object-detector outputs → :class:`Detection` boxes in the original image's pixels. Pure numpy.
+
+Two output contracts, chosen by the bundle's :class:`~engines.bundle.DetectorSpec`:
+
+* ``"nms"``: the graph did NMS itself. Outputs are boxes ``[1,N,4]``, scores ``[1,N]``, classes
+  ``[1,N]`` and optionally num_detections ``[1]`` (named in ``spec.outputs`` in that order), or one
+  packed ``[1,N,6]`` tensor of rows ``(box, score, class)``. See :func:`decode_nms`.
+* ``"yolo"``: one raw ``[1,4+C,N]`` (or ``[1,N,4+C]``) tensor of cxcywh boxes and per-class
+  scores, no objectness; thresholding and class-wise NMS run here. See :func:`decode_yolo`.
+
+The seam with preprocessing: this module never resizes an image (that is ``agent.preprocess``,
+OpenCV, and ``engines`` must not import the agent). It only needs the *geometry* of the resize,
+which :func:`input_geometry` computes from the image size and the bundle's
+:class:`~engines.bundle.Preprocessing` with exactly the arithmetic ``agent.preprocess`` uses::
+
+    tensor = agent.preprocess.preprocess(image, bundle.manifest.preprocessing)
+    geometry = input_geometry((image.shape[1], image.shape[0]), bundle.manifest.preprocessing)
+    detections = run_detector(backend, bundle, tensor, geometry)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from engines.base import Backend
+from engines.bundle import Bundle, DetectorSpec, Preprocessing
+from engines.errors import BundleError, InferenceError
+
+__all__ = [
+    "Detection",
+    "InputGeometry",
+    "MultiOutputInference",
+    "decode",
+    "decode_nms",
+    "decode_yolo",
+    "detector_spec",
+    "input_geometry",
+    "iou_matrix",
+    "nms",
+    "run_detector",
+]
+
+MAX_DETECTIONS = 300
+PRE_NMS_TOP_K = 3000
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object, corners in ORIGINAL image pixels (x2, y2 exclusive edges), class index."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    cls: int
+
+    @property
+    def width(self) -> float:
+        return max(0.0, self.x2 - self.x1)
+
+    @property
+    def height(self) -> float:
+        return max(0.0, self.y2 - self.y1)
+
+    @property
+    def area(self) -> float:
+        return self.width * self.height
+
+    def xywh(self) -> tuple[int, int, int, int]:
+        """The integer ``(x, y, w, h)`` box covering this detection (edges rounded outwards)."""
+        x0, y0 = int(np.floor(self.x1)), int(np.floor(self.y1))
+        return x0, y0, max(1, int(np.ceil(self.x2)) - x0), max(1, int(np.ceil(self.y2)) - y0)
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """How image pixels map to model-input pixels: ``input = (image - crop) * scale + pad``.
+
+    ``crop_x/crop_y`` is the corner of the image region that was resized (center_crop only),
+    ``scale_x/scale_y`` input pixels per image pixel, ``pad_x/pad_y`` the letterbox offset.
+    """
+
+    image_w: int
+    image_h: int
+    input_w: int
+    input_h: int
+    scale_x: float
+    scale_y: float
+    crop_x: int = 0
+    crop_y: int = 0
+    pad_x: int = 0
+    pad_y: int = 0
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """``[..., 4]`` xyxy image-pixel boxes (or ``[..., 2]`` points) → model-input pixels."""
+        return self._affine(boxes, forward=True)
+
+    def to_image(self, boxes: np.ndarray, *, clip: bool = True) -> np.ndarray:
+        """``[..., 4]`` xyxy model-input-pixel boxes (or points) → image pixels, clipped to the image."""
+        out = self._affine(boxes, forward=False)
+        if clip:
+            limits = np.tile([self.image_w, self.image_h], out.shape[-1] // 2)
+            out = np.clip(out, 0.0, limits)
+        return out
+
+    def _affine(self, boxes: np.ndarray, *, forward: bool) -> np.ndarray:
+        arr = np.asarray(boxes, dtype=np.float64)
+        if arr.shape[-1] not in (2, 4):
+            raise ValueError(f"expected [..., 4] boxes or [..., 2] points, got shape {list(arr.shape)}")
+        reps = arr.shape[-1] // 2
+        scale = np.tile([self.scale_x, self.scale_y], reps)
+        crop = np.tile([self.crop_x, self.crop_y], reps)
+        pad = np.tile([self.pad_x, self.pad_y], reps)
+        if forward:
+            result: np.ndarray = (arr - crop) * scale + pad
+        else:
+            result = (arr - pad) / scale + crop
+        return result
+
+
+def input_geometry(image_size: tuple[int, int], pp: Preprocessing) -> InputGeometry:
+    """The geometry of ``agent.preprocess.preprocess`` for a ``(width, height)`` image (same rounding)."""
+    src_w, src_h = image_size
+    if src_w <= 0 or src_h <= 0:
+        raise ValueError(f"image size must be positive, got {image_size}")
+    base = {"image_w": src_w, "image_h": src_h, "input_w": pp.width, "input_h": pp.height}
+    if pp.resize == "letterbox":
+        scale = min(pp.width / src_w, pp.height / src_h)
+        new_w = min(pp.width, max(1, round(src_w * scale)))
+        new_h = min(pp.height, max(1, round(src_h * scale)))
+        return InputGeometry(
+            **base,
+            scale_x=new_w / src_w,
+            scale_y=new_h / src_h,
+            pad_x=(pp.width - new_w) // 2,
+            pad_y=(pp.height - new_h) // 2,
+        )
+    if pp.resize == "center_crop":
+        crop_w = min(src_w, max(1, round(src_h * pp.width / pp.height)))
+        crop_h = min(src_h, max(1, round(src_w * pp.height / pp.width)))
+        return InputGeometry(
+            **base,
+            scale_x=pp.width / crop_w,
+            scale_y=pp.height / crop_h,
+            crop_x=(src_w - crop_w) // 2,
+            crop_y=(src_h - crop_h) // 2,
+        )
+    return InputGeometry(**base, scale_x=pp.width / src_w, scale_y=pp.height / src_h)
+
+
+# ---------------------------------------------------------------- NMS
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes ``a [N,4]`` and ``b [M,4]`` → ``[N,M]`` (0 where a union is empty)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    out: np.ndarray = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return out
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS: indices of kept xyxy ``boxes``, best score first; a box overlapping a kept one by > iou goes."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64).reshape(-1), kind="stable")
+    keep: list[int] = []
+    while order.size:
+        best = int(order[0])
+        keep.append(best)
+        if order.size == 1:
+            break
+        overlaps = iou_matrix(boxes[best : best + 1], boxes[order[1:]])[0]
+        order = order[1:][overlaps <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _classwise_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
+    """NMS within each class separately: overlapping boxes of different classes both survive."""
+    kept = [
+        np.flatnonzero(classes == c)[nms(boxes[classes == c], scores[classes == c], iou)] for c in np.unique(classes)
+    ]
+    if not kept:
+        return np.zeros(0, dtype=np.int64)
+    merged = np.concatenate(kept)
+    return merged[np.argsort(-scores[merged], kind="stable")][:MAX_DETECTIONS]
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if box_format == "cxcywh":
+        half = boxes[:, 2:] / 2
+        boxes = np.concatenate([boxes[:, :2] - half, boxes[:, :2] + half], axis=1)
+    return boxes
+
+
+def _to_detections(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, normalized: bool, geometry: InputGeometry
+) -> list[Detection]:
+    """Model-space xyxy boxes → image-pixel detections, empty ones dropped, best first."""
+    if normalized:
+        boxes = boxes * np.array([geometry.input_w, geometry.input_h] * 2, dtype=np.float64)
+    image_boxes = geometry.to_image(boxes)
+    found = [
+        Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), int(c))
+        for b, s, c in zip(image_boxes, scores, classes, strict=True)
+        if b[2] > b[0] and b[3] > b[1]
+    ]
+    return sorted(found, key=lambda d: -d.score)
+
+
+def _tensor(outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in outputs:
+        raise InferenceError(
+            f"detector output {name!r} is missing (got {sorted(outputs)}); "
+            "fix: make the manifest's detector.outputs match the model's output names"
+        )
+    return np.asarray(outputs[name])
+
+
+def _squeeze_batch(arr: np.ndarray, name: str, tail: tuple[int, ...]) -> np.ndarray:
+    """``[1, N, *tail]`` or ``[N, *tail]`` → ``[N, *tail]``; anything else is an InferenceError."""
+    out = arr[0] if arr.ndim == len(tail) + 2 and arr.shape[0] == 1 else arr
+    if out.ndim != len(tail) + 1 or tuple(out.shape[1:]) != tail:
+        want = "[1, N" + "".join(f", {t}" for t in tail) + "]"
+        raise InferenceError(f"detector output {name!r} has shape {list(arr.shape)}, expected {want}")
+    return out
+
+
+def _nms_arrays(outputs: Mapping[str, np.ndarray], spec: DetectorSpec) -> tuple[np.ndarray, ...]:
+    if len(spec.outputs) == 1:
+        packed = _tensor(outputs, spec.outputs[0])
+        if packed.ndim == 2:
+            packed = packed[None]
+        if packed.ndim != 3 or packed.shape[0] != 1 or packed.shape[2] < 6:
+            raise InferenceError(
+                f"detector output {spec.outputs[0]!r} has shape {list(packed.shape)}, expected packed [1, N, 6]"
+            )
+        return packed[0, :, :4], packed[0, :, 4], packed[0, :, 5]
+    boxes = _squeeze_batch(_tensor(outputs, spec.outputs[0]), spec.outputs[0], (4,))
+    scores = _squeeze_batch(_tensor(outputs, spec.outputs[1]), spec.outputs[1], ()).reshape(-1)
+    classes = _squeeze_batch(_tensor(outputs, spec.outputs[2]), spec.outputs[2], ()).reshape(-1)
+    if not len(boxes) == len(scores) == len(classes):
+        raise InferenceError(
+            f"detector outputs disagree on N: boxes {len(boxes)}, scores {len(scores)}, classes {len(classes)}"
+        )
+    if len(spec.outputs) == 4:
+        count = int(np.asarray(_tensor(outputs, spec.outputs[3])).reshape(-1)[0])
+        boxes, scores, classes = boxes[:count], scores[:count], classes[:count]
+    return boxes, scores, classes
+
+
+def decode_nms(outputs: Mapping[str, np.ndarray], spec: DetectorSpec, geometry: InputGeometry) -> list[Detection]:
+    """Detections of a graph with NMS inside: keep scores >= threshold, map to image pixels, best first."""
+    boxes, scores, classes = _nms_arrays(outputs, spec)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    keep = np.isfinite(scores) & (scores >= spec.score_threshold)
+    classes = np.rint(np.asarray(classes, dtype=np.float64).reshape(-1)).astype(np.int64)
+    boxes = _xyxy(np.asarray(boxes)[keep], spec.box_format)
+    return _to_detections(boxes, scores[keep], classes[keep], spec.normalized, geometry)
+
+
+def _yolo_rows(raw: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """``[1,4+C,N]`` or ``[1,N,4+C]`` → ``[N, 4+C]``. With no class count, the smaller axis is 4+C."""
+    arr = np.asarray(raw)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2 or max(arr.shape) < 5:
+        raise InferenceError(f"raw YOLO output has shape {list(np.shape(raw))}, expected [1, 4+C, N] or [1, N, 4+C]")
+    rows, cols = arr.shape
+    if num_classes is not None:
+        want = 4 + num_classes
+        if want not in (rows, cols):
+            raise InferenceError(
+                f"raw YOLO output {list(np.shape(raw))} has no axis of 4+{num_classes} = {want} "
+                "(4 box values + one score per label); fix: check labels.csv"
+            )
+        channels_first = rows == want  # both equal: the usual [1, 4+C, N] export layout
+    else:
+        channels_first = rows <= cols
+    return arr.T if channels_first else arr
+
+
+def decode_yolo(
+    raw: np.ndarray, spec: DetectorSpec, geometry: InputGeometry, *, num_classes: int | None = None
+) -> list[Detection]:
+    """Detections of a raw YOLO head: best class per anchor, score threshold, class-wise NMS, image pixels."""
+    rows = np.asarray(_yolo_rows(raw, num_classes), dtype=np.float64)
+    class_scores = rows[:, 4:]
+    classes = class_scores.argmax(axis=1)
+    scores = class_scores[np.arange(len(rows)), classes]
+    keep = np.flatnonzero(np.isfinite(scores) & (scores >= spec.score_threshold))
+    keep = keep[np.argsort(-scores[keep], kind="stable")][:PRE_NMS_TOP_K]
+    boxes = _xyxy(rows[keep, :4], spec.box_format)
+    scores, classes = scores[keep], classes[keep]
+    kept = _classwise_nms(boxes, scores, classes, spec.iou_threshold)
+    return _to_detections(boxes[kept], scores[kept], classes[kept], spec.normalized, geometry)
+
+
+def decode(
+    outputs: Mapping[str, np.ndarray], spec: DetectorSpec, geometry: InputGeometry, *, num_classes: int | None = None
+) -> list[Detection]:
+    """:func:`decode_nms` or :func:`decode_yolo`, as ``spec.format`` says."""
+    if spec.format == "yolo":
+        return decode_yolo(_tensor(outputs, spec.outputs[0]), spec, geometry, num_classes=num_classes)
+    return decode_nms(outputs, spec, geometry)
+
+
+# ---------------------------------------------------------------- running
+
+
+@runtime_checkable
+class MultiOutputInference(Protocol):
+    """A backend that can return every named output of the graph (needed by 3/4-output NMS graphs)."""
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def detector_spec(bundle: Bundle) -> DetectorSpec:
+    """The bundle's detector description; BundleError if it is not a detector or its classes are unknown."""
+    spec = bundle.manifest.detector
+    if bundle.manifest.task != "detector" or spec is None:
+        raise BundleError(
+            f"{bundle.path}: task is {bundle.manifest.task!r}, not a detector; "
+            "fix: point the detector setting at a detector bundle"
+        )
+    bad = [c for c in spec.vehicle_classes if c >= len(bundle.labels)]
+    if bad:
+        raise BundleError(
+            f"{bundle.path}: detector.vehicle_classes {bad} are not rows of labels.csv "
+            f"(0..{len(bundle.labels) - 1}); fix: re-pack the bundle"
+        )
+    return spec
+
+
+def run_detector(backend: Backend, bundle: Bundle, tensor: np.ndarray, geometry: InputGeometry) -> list[Detection]:
+    """Run a loaded detector on one preprocessed ``[1,3,H,W]`` tensor; detections in image pixels.
+
+    A backend with ``infer_outputs`` (:class:`MultiOutputInference`) serves any contract; a plain
+    :class:`Backend` returns only the manifest's ``output_name``, so it serves single-output
+    contracts ("yolo", packed "nms") and refuses a 3/4-output NMS graph with an InferenceError.
+    """
+    spec = detector_spec(bundle)
+    if isinstance(backend, MultiOutputInference):
+        outputs = backend.infer_outputs(tensor)
+    elif len(spec.outputs) == 1:
+        outputs = {spec.outputs[0]: backend.infer(tensor)}
+    else:
+        raise InferenceError(
+            f"detector {bundle.manifest.name!r} has {len(spec.outputs)} outputs {list(spec.outputs)} but the "
+            f"{backend.kind} backend returns only one; fix: export the detector with one packed [1,N,6] "
+            "output, or use a backend with infer_outputs"
+        )
+    return decode(outputs, spec, geometry, num_classes=len(bundle.labels))

@@ -1,0 +1,350 @@
+"""Ed25519 signatures on model bundles and registry subset files.
+
+Keys are files (:mod:`engines.keys`, re-exported here): ``<name>.key`` (PEM PKCS#8, 0600) signs,
+``<name>.pub`` (64 hex characters) verifies. The trust store is a directory of ``.pub`` files; a
+key's name is the file's stem and its id (:func:`key_id`) the first 16 hex of sha256(raw key).
+
+A signature is a detached JSON document (``<file>.sig``, or ``manifest.sig`` for a bundle)::
+
+    {"format": "iaflash-signature", "version": 1, "algorithm": "ed25519", "key_id": "…",
+     "signature": "<base64>", "signed_at": "<ISO 8601>", "signer": "<name>"}
+
+Only ``signature`` is authenticated: it is pure Ed25519 over the exact bytes of the file.
+``key_id`` picks the trusted key to check it with; ``signer`` and ``signed_at`` are informational,
+and the name reported on success is the trust store's, never the document's.
+
+A bundle's signature covers ``manifest.json``; the manifest pins the sha256 of every other file,
+which :func:`engines.bundle.load_bundle` checks after the signature, so one signature covers it all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from engines.bundle import MANIFEST_FILE, SIGNATURE_FILE, Bundle, load_bundle
+from engines.errors import SignatureError, UntrustedKey
+from engines.keys import (
+    generate_keypair,
+    key_id,
+    load_private_key,
+    load_public_key,
+    public_key_bytes,
+    read_file,
+    write_atomic,
+)
+
+__all__ = [
+    "SIGNATURE_FORMAT",
+    "SIGNATURE_VERSION",
+    "TrustStore",
+    "Verified",
+    "bundle_verifier",
+    "generate_keypair",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "load_trusted_bundle",
+    "public_key_bytes",
+    "read_signature",
+    "read_verified_file",
+    "sign_bundle",
+    "sign_bytes",
+    "sign_file",
+    "signature_path",
+    "verify_bundle",
+    "verify_file",
+]
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_FORMAT = "iaflash-signature"
+SIGNATURE_VERSION = 1
+ALGORITHM = "ed25519"
+_SIGN_HINT = "iaflash-engines sign {target} --key PUBLISHER.key"
+
+
+def signature_path(path: Path) -> Path:
+    """Where the detached signature of ``path`` lives: ``<path>.sig``."""
+    return path.with_name(path.name + ".sig")
+
+
+# ---------------------------------------------------------------- signature documents
+
+
+def sign_bytes(data: bytes, private_key: Ed25519PrivateKey, signer: str) -> dict[str, Any]:
+    """The detached signature document of ``data`` (pure Ed25519 over the exact bytes)."""
+    return {
+        "format": SIGNATURE_FORMAT,
+        "version": SIGNATURE_VERSION,
+        "algorithm": ALGORITHM,
+        "key_id": key_id(public_key_bytes(private_key.public_key())),
+        "signature": base64.b64encode(private_key.sign(data)).decode("ascii"),
+        "signed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "signer": signer,
+    }
+
+
+def _field(doc: Mapping[str, Any], key: str, where: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise SignatureError(
+            f"malformed signature {where}: field '{key}' must be a non-empty string, got {value!r}; fix: re-sign"
+        )
+    return value
+
+
+def _check_document(doc: Any, where: str) -> tuple[str, bytes]:
+    """Validate a signature document; returns (key id, raw 64-byte signature)."""
+    if not isinstance(doc, Mapping):
+        raise SignatureError(f"malformed signature {where}: not a JSON object; fix: re-sign")
+    expected = {"format": SIGNATURE_FORMAT, "version": SIGNATURE_VERSION, "algorithm": ALGORITHM}
+    for key, want in expected.items():
+        if doc.get(key) != want or isinstance(doc.get(key), bool):
+            raise SignatureError(
+                f"malformed signature {where}: field '{key}' is {doc.get(key)!r}, this agent reads {want!r}; "
+                "fix: re-sign with this version's `iaflash-engines sign`"
+            )
+    kid = _field(doc, "key_id", where)
+    _field(doc, "signer", where)
+    _field(doc, "signed_at", where)
+    try:
+        raw = base64.b64decode(_field(doc, "signature", where), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"malformed signature {where}: 'signature' is not base64; fix: re-sign") from exc
+    if len(raw) != 64:
+        raise SignatureError(
+            f"malformed signature {where}: 'signature' is {len(raw)} bytes, Ed25519 gives 64; fix: re-sign"
+        )
+    return kid, raw
+
+
+def read_signature(sig_path: Path, signed: Path) -> dict[str, Any]:
+    """Read and decode the signature file of ``signed``; a missing or non-JSON file raises SignatureError."""
+    fix = "sign it with " + _SIGN_HINT.format(target=signed)
+    if not sig_path.exists():
+        raise SignatureError(f"not signed: {sig_path} is missing; fix: {fix}")
+    data = read_file(sig_path, "signature", fix)
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SignatureError(f"malformed signature {sig_path}: not JSON ({exc}); fix: {fix}") from exc
+    if not isinstance(doc, dict):
+        raise SignatureError(f"malformed signature {sig_path}: not a JSON object; fix: {fix}")
+    return doc
+
+
+def _dump(doc: Mapping[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------- trust store
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A signature that checked out: the trust store's name for the key, and the document's details."""
+
+    name: str
+    key_id: str
+    signed_at: str
+    signer: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "key_id": self.key_id, "signed_at": self.signed_at, "signer": self.signer}
+
+
+class TrustStore:
+    """The trusted publisher keys: every ``*.pub`` of one directory, by name (file stem) and key id."""
+
+    def __init__(self, path: Path, keys: Mapping[str, Ed25519PublicKey]) -> None:
+        self.path = Path(path)
+        self._by_name = dict(sorted(keys.items()))
+        self._by_id: dict[str, tuple[str, Ed25519PublicKey]] = {}
+        for name, key in self._by_name.items():
+            self._by_id.setdefault(key_id(public_key_bytes(key)), (name, key))
+
+    @classmethod
+    def from_dir(cls, path: Path) -> TrustStore:
+        """Load every ``*.pub`` of ``path``; a missing directory or a bad file raises SignatureError."""
+        root = Path(path)
+        if not root.is_dir():
+            raise SignatureError(
+                f"trust store {root} is not a directory; fix: create it and copy the publishers' .pub files "
+                "into it (security.trust_dir)"
+            )
+        if stat.S_IMODE(root.stat().st_mode) & stat.S_IWOTH:
+            log.warning("trust store %s is writable by others: anyone on this machine can add a key", root)
+        keys = {pub.stem: load_public_key(pub) for pub in sorted(root.glob("*.pub")) if pub.is_file()}
+        log.debug("trust store %s: %d keys", root, len(keys))
+        return cls(root, keys)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._by_name)
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """The key ids, in the order of :attr:`names`."""
+        return tuple(key_id(public_key_bytes(k)) for k in self._by_name.values())
+
+    def check(
+        self, data: bytes, signature_doc: Mapping[str, Any], *, what: str = "the data", source: str | None = None
+    ) -> Verified:
+        """Verify ``signature_doc`` (read from ``source``) over ``data`` (named ``what`` in errors).
+
+        Raises :class:`SignatureError`, or :class:`UntrustedKey` for a key outside the store.
+        """
+        kid, raw_sig = _check_document(signature_doc, source or f"of {what}")
+        found = self._by_id.get(kid)
+        if found is None:
+            trusted = ", ".join(self.names) or "none"
+            raise UntrustedKey(
+                f"{what}: signed by key id {kid} which is not in the trust store {self.path} (trusted: {trusted}); "
+                "add the publisher's .pub to the trust store or get a bundle signed by a trusted key"
+            )
+        name, key = found
+        try:
+            key.verify(raw_sig, data)
+        except InvalidSignature as exc:
+            raise SignatureError(
+                f"{what}: signature does not match: the data was altered after signing (key {name}, id {kid}); "
+                "fix: get an intact copy from the publisher"
+            ) from exc
+        return Verified(name, kid, str(signature_doc["signed_at"]), str(signature_doc["signer"]))
+
+    def verify(self, data: bytes, signature_doc: Mapping[str, Any]) -> str:
+        """The trusted key's name if ``signature_doc`` is a valid signature of ``data`` by it."""
+        return self.check(data, signature_doc).name
+
+
+# ---------------------------------------------------------------- files
+
+
+def sign_file(path: Path, private_key_path: Path, signer: str | None = None) -> Path:
+    """Sign ``path`` with the key in ``private_key_path``; writes ``<path>.sig`` atomically and returns it."""
+    target = Path(path)
+    key = load_private_key(private_key_path)
+    data = read_file(target, "file to sign", "check the path")
+    sig = signature_path(target)
+    write_atomic(sig, _dump(sign_bytes(data, key, signer or Path(private_key_path).stem)), 0o644)
+    return sig
+
+
+def read_verified_file(path: Path, trust: TrustStore, sig_path: Path | None = None) -> tuple[bytes, Verified]:
+    """Read ``path`` once and verify its signature; returns the verified bytes (parse these, not the file)."""
+    target = Path(path)
+    sig = sig_path or signature_path(target)
+    doc = read_signature(sig, target)
+    data = read_file(target, "signed file", "check the path")
+    return data, trust.check(data, doc, what=str(target), source=str(sig))
+
+
+def verify_file(path: Path, trust: TrustStore, sig_path: Path | None = None) -> str:
+    """The trusted signer's name of ``path`` (signature in ``<path>.sig``); raises SignatureError if none."""
+    return read_verified_file(path, trust, sig_path)[1].name
+
+
+# ---------------------------------------------------------------- bundles
+
+
+def sign_bundle(bundle_dir: Path, private_key_path: Path, signer: str | None = None) -> Path:
+    """Check the bundle's integrity, then sign the exact ``manifest.json`` bytes into ``manifest.sig``."""
+    root = Path(bundle_dir)
+    key = load_private_key(private_key_path)
+    seen: list[bytes] = []
+    load_bundle(root, verify=lambda raw, _root: seen.append(raw))  # refuses a broken bundle before signing
+    sig = root / SIGNATURE_FILE
+    write_atomic(sig, _dump(sign_bytes(seen[0], key, signer or Path(private_key_path).stem)), 0o644)
+    return sig
+
+
+class _BundleVerifier:
+    """The ``verify=`` hook of :func:`load_bundle`; keeps what it verified in :attr:`result`."""
+
+    def __init__(self, trust: TrustStore | None, allow_unsigned: bool) -> None:
+        self.trust = trust
+        self.allow_unsigned = allow_unsigned
+        self.result: Verified | None = None
+
+    def __call__(self, raw: bytes, root: Path) -> None:
+        sig = root / SIGNATURE_FILE
+        if not sig.exists():
+            if self.allow_unsigned:
+                log.warning("bundle %s is NOT signed; accepted because security.allow_unsigned = true", root)
+                return
+            raise SignatureError(
+                f"bundle {root} is not signed: {sig} is missing; fix: sign it with "
+                f"{_SIGN_HINT.format(target=root)} (security.allow_unsigned = true accepts unsigned bundles, "
+                "for development only)"
+            )
+        doc = read_signature(sig, root)
+        if self.trust is None:
+            if self.allow_unsigned:
+                log.warning(
+                    "bundle %s signature NOT checked (no trust store); accepted because security.allow_unsigned = true",
+                    root,
+                )
+                return
+            raise SignatureError(f"bundle {root}: no trust store to check {sig} against; fix: set security.trust_dir")
+        self.result = self.trust.check(raw, doc, what=f"{root / MANIFEST_FILE}", source=str(sig))
+
+
+def bundle_verifier(trust: TrustStore | None, allow_unsigned: bool) -> Callable[[bytes, Path], None]:
+    """A ``verify=`` hook for :func:`load_bundle`.
+
+    Refuses a tampered bundle or one signed by a key outside ``trust``; refuses an unsigned one
+    unless ``allow_unsigned`` (then logs a warning on each load). A bad signature is never accepted.
+    """
+    return _BundleVerifier(trust, allow_unsigned)
+
+
+def verify_bundle(
+    path: Path, trust: TrustStore | None, *, allow_unsigned: bool = False
+) -> tuple[Bundle, Verified | None]:
+    """Load the bundle, checking its signature then every file's sha256; ``None`` when accepted unsigned."""
+    verifier = _BundleVerifier(trust, allow_unsigned)
+    bundle = load_bundle(path, verify=verifier)
+    return bundle, verifier.result
+
+
+def _open_trust(trust_dir: Path | None, allow_unsigned: bool) -> TrustStore | None:
+    if trust_dir is None:
+        return None
+    if not Path(trust_dir).exists() and allow_unsigned:
+        log.warning(
+            "trust store %s does not exist; signatures cannot be checked (security.allow_unsigned = true)", trust_dir
+        )
+        return None
+    return TrustStore.from_dir(trust_dir)
+
+
+def load_trusted_bundle(path: Path, trust_dir: Path | None, allow_unsigned: bool) -> Bundle:
+    """What the agent calls: load the bundle at ``path``, signed by a key of ``trust_dir``.
+
+    Raises :class:`SignatureError` (a :class:`BundleError`) for an unsigned, tampered or untrusted
+    bundle and :class:`BundleError` for a file that fails its sha256.
+    """
+    bundle, verified = verify_bundle(path, _open_trust(trust_dir, allow_unsigned), allow_unsigned=allow_unsigned)
+    if verified is not None:
+        log.info(
+            "bundle %s %s %s: signed by %s (key id %s) at %s",
+            path,
+            bundle.manifest.name,
+            bundle.manifest.version,
+            verified.name,
+            verified.key_id,
+            verified.signed_at,
+        )
+    return bundle
