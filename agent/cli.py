@@ -177,3 +177,14 @@ def demo(workdir: Path, broker_kind: str, count: int, as_json: bool) -> None:
         click.echo(f"  time             {result.seconds:.1f}s")
         click.echo("  result           " + ("OK" if result.ok else f"UNEXPECTED: {result.wrong}"))
     sys.exit(EXIT_OK if result.ok else EXIT_ERROR)
+
+
+def _attach_commands() -> None:
+    """calibrate and evaluate live beside their code (agent/cli_eval.py)."""
+    from agent.cli_eval import commands  # noqa: PLC0415  # keeps numpy/onnxruntime out of `--help`'s path
+
+    for command in commands:
+        main.add_command(command)
+
+
+_attach_commands()

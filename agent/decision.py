@@ -195,11 +195,11 @@ def decide(
         return Verdict("unknown_plate", "plate not in the registry subset", **base)
     resolution = taxonomy.resolve_detail(record.make, record.model)
     base["resolution"] = resolution
+    base["evidence"] = genre_evidence(record, probs, label_categories)
     make_only = resolution.index is None and taxonomy.is_full_range(resolution.make)
     if resolution.index is None and not make_only:
         return Verdict("unsupported", "registered make/model is outside the model's taxonomy "
                        f"({resolution.method}, score {resolution.score:.0f}); never flagged", **base)
-    base["evidence"] = genre_evidence(record, probs, label_categories)
     gate = _Gate(taxonomy, resolution, cfg, other_threshold, make_only)
     if probs is None or image_problem is not None:
         return gate.abstain(image_problem or "no usable image", base)

@@ -58,6 +58,7 @@ __all__ = [
     "load_trusted_bundle",
     "public_key_bytes",
     "read_signature",
+    "read_trusted_file",
     "read_verified_file",
     "sign_bundle",
     "sign_bytes",
@@ -117,8 +118,15 @@ def _check_document(doc: Any, where: str) -> tuple[str, bytes]:
                 "fix: re-sign with this version's `iaflash-engines sign`"
             )
     kid = _field(doc, "key_id", where)
-    _field(doc, "signer", where)
-    _field(doc, "signed_at", where)
+    if len(kid) != 16 or not set(kid) <= set("0123456789abcdef"):
+        raise SignatureError(f"malformed signature {where}: 'key_id' {kid[:40]!r} is not 16 hex; fix: re-sign")
+    signer = _field(doc, "signer", where)
+    if len(signer) > 200 or not signer.isprintable():  # it reaches logs: no control characters
+        raise SignatureError(f"malformed signature {where}: 'signer' must be printable, <= 200 chars; fix: re-sign")
+    try:
+        datetime.fromisoformat(_field(doc, "signed_at", where))
+    except ValueError as exc:
+        raise SignatureError(f"malformed signature {where}: 'signed_at' is not ISO 8601; fix: re-sign") from exc
     try:
         raw = base64.b64decode(_field(doc, "signature", where), validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -249,6 +257,22 @@ def read_verified_file(path: Path, trust: TrustStore, sig_path: Path | None = No
     doc = read_signature(sig, target)
     data = read_file(target, "signed file", "check the path")
     return data, trust.check(data, doc, what=str(target), source=str(sig))
+
+
+def read_trusted_file(path: Path, trust_dir: Path | None, allow_unsigned: bool) -> tuple[bytes, Verified | None]:
+    """What the registry import calls: the bytes of ``path``, signed by a key of ``trust_dir``.
+
+    With ``allow_unsigned``, a file without ``<path>.sig`` (or with no trust store) is read with a
+    warning and ``None``; a present but bad or untrusted signature is refused all the same.
+    """
+    target = Path(path)
+    trust = _open_trust(trust_dir, allow_unsigned)
+    if allow_unsigned and (trust is None or not signature_path(target).exists()):
+        log.warning("%s is NOT signed or not checked; accepted because security.allow_unsigned = true", target)
+        return read_file(target, "file", "check the path"), None
+    if trust is None:
+        raise SignatureError(f"{target}: no trust store to check its signature against; fix: set security.trust_dir")
+    return read_verified_file(target, trust)
 
 
 def verify_file(path: Path, trust: TrustStore, sig_path: Path | None = None) -> str:

@@ -355,7 +355,7 @@ class Builder:
         if STATE.build_returns_none or network.model is None:
             return None
         meta = {"profile": config.profiles[0].shapes}
-        return MAGIC + json.dumps(meta).encode() + b"\n" + network.model.SerializeToString()
+        return MAGIC + json.dumps(meta).encode() + b"\n" + bytes(network.model.SerializeToString())
 
 
 def _calibrate(calibrator: Any) -> None:
@@ -484,8 +484,7 @@ def _tensorrt(version: str) -> types.ModuleType:
 
 def install(monkeypatch: pytest.MonkeyPatch, *, version: str = "10.3.0") -> State:
     """Put the fake ``tensorrt`` and ``pycuda`` into sys.modules for one test; returns fresh state."""
-    global STATE  # noqa: PLW0603  # the fakes share one state, reset per test
-    STATE = State()
+    STATE.__init__()  # type: ignore[misc]  # reset in place: tests hold a reference to STATE
     trt = _tensorrt(version)
     pycuda = types.ModuleType("pycuda")
     driver = _pycuda_driver()

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from agent.config import OUTCOMES, DecisionConfig
@@ -170,8 +170,10 @@ def test_to_dict_carries_all_the_evidence() -> None:
     ps = [p["p"] for p in doc["top_k"]]
     assert ps == sorted(ps, reverse=True)
     assert doc["registry"] == {"make": "RENAULT", "model": "CLIO", "genre": "VP", "body": "CI"}
+    # Changed deliberately: verdicts now also record other_threshold and the taxonomy's fuzzy_min_score.
     assert doc["thresholds"] == {"min_plate_confidence": 0.5, "min_top1": 0.6, "make_threshold": 0.05,
-                                 "model_threshold": 0.05, "match_threshold": 0.3}
+                                 "model_threshold": 0.05, "match_threshold": 0.3, "other_threshold": 0.3,
+                                 "fuzzy_min_score": 88.0}
     assert doc["model"] == MODEL_INFO
 
 
@@ -372,3 +374,261 @@ def test_verdict_on_probabilities_is_consistent_with_its_own_evidence(
     if verdict.outcome == "match":
         assert verdict.p_model >= cfg.match_threshold
     assert len(verdict.top_k) == min(cfg.top_k, len(probs))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Abstention on the explicit "other" class: other_threshold
+# ---------------------------------------------------------------------------------------------------
+
+class _CfgWithOther(DecisionConfig):
+    """What DecisionConfig looks like once the lead adds the ``other_threshold`` key."""
+
+    other_threshold: float = 0.5
+
+
+def test_other_mass_at_other_threshold_abstains_even_below_top1() -> None:
+    """p(other) = 0.33 is below the top-1 (0.65) but reaches the default other_threshold 0.3: abstain."""
+    verdict = _decide(_probs(0.01, 0.01, 0.65, 0.33), CLIO, taxonomy=TAX_OTHER)
+    assert verdict.outcome == "inconclusive"
+    assert "p(other)=0.330" in verdict.reason
+    assert verdict.p_other == pytest.approx(0.33)
+    assert verdict.thresholds["other_threshold"] == 0.3
+
+
+def test_other_threshold_keyword_overrides_the_default() -> None:
+    """With other_threshold=0.5 the same vector is judged: a make-level mismatch."""
+    verdict = decide(probs=_probs(0.01, 0.01, 0.65, 0.33), taxonomy=TAX_OTHER, record=CLIO, plate_problem=None,
+                     cfg=CFG, other_threshold=0.5)
+    assert (verdict.outcome, verdict.level) == ("mismatch", "make")
+    assert verdict.thresholds["other_threshold"] == 0.5
+
+
+def test_other_threshold_is_read_from_the_config_when_it_has_the_key() -> None:
+    """A config with an other_threshold field is used when no keyword is given."""
+    cfg = _CfgWithOther(**CFG.model_dump())
+    verdict = _decide(_probs(0.01, 0.01, 0.65, 0.33), CLIO, taxonomy=TAX_OTHER, cfg=cfg)
+    assert (verdict.outcome, verdict.level) == ("mismatch", "make")
+    assert verdict.thresholds["other_threshold"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resolution evidence
+# ---------------------------------------------------------------------------------------------------
+
+def test_verdict_records_how_the_registry_text_resolved() -> None:
+    """A registry 'CLIO IV' resolves by rule; the verdict keeps method, score and normalised text."""
+    verdict = _decide(_probs(0.90, 0.05, 0.05), RegistryRecord("RENAULT", "CLIO IV", "VP", "CI"))
+    assert verdict.outcome == "match"
+    assert verdict.resolution is not None
+    assert (verdict.resolution.method, verdict.resolution.score) == ("rule", 100.0)
+    assert verdict.resolution.normalised == "RENAULT CLIO"
+
+
+def test_unsupported_verdict_records_the_rejected_resolution() -> None:
+    """The unsupported reason and evidence say how close the best guess came (and that it was refused)."""
+    verdict = _decide(_probs(0.02, 0.01, 0.97), RegistryRecord("RENAULT", "MEGANNE RS", None, None),
+                      taxonomy=Taxonomy(LABELS, min_score=99))
+    assert verdict.outcome == "unsupported"
+    assert verdict.resolution is not None
+    assert verdict.resolution.method == "none"
+    assert verdict.resolution.score < 99
+    assert verdict.thresholds["fuzzy_min_score"] == 99.0
+
+
+def test_extended_to_dict_adds_p_other_resolution_and_evidence() -> None:
+    """to_dict(extended=True) adds the fields event schema v1 does not know yet; the default omits them."""
+    verdict = _decide(_probs(0.01, 0.01, 0.78, 0.20), CLIO, taxonomy=TAX_OTHER)
+    doc = verdict.to_dict(extended=True)
+    assert doc["p_other"] == pytest.approx(0.2)
+    assert doc["resolution"] == {"index": 0, "method": "exact", "score": 100.0, "normalised": "RENAULT CLIO"}
+    assert doc["evidence"] == {"genre": "VP", "body": "CI", "top1_category": None, "expected_categories": None,
+                               "genre_compatible": None}
+    assert set(doc) - set(verdict.to_dict()) == {"p_other", "resolution", "evidence"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full-range makes: an unseen model of a declared make is checked at make level only
+# ---------------------------------------------------------------------------------------------------
+
+TAX_FULL = Taxonomy(TAX_OTHER.labels, full_range_makes=frozenset({"Renault"}))
+TWINGO = RegistryRecord("RENAULT", "TWINGO", "VP", "CI")
+
+FULL_RANGE_TABLE: list[Any] = [
+    pytest.param(_probs(0.01, 0.01, 0.97, 0.01), TAX_FULL, "mismatch", "make", "P(registered make)",
+                 id="declared-make-clearly-absent-flags-at-make-level"),
+    pytest.param(_probs(0.05, 0.90, 0.04, 0.01), TAX_FULL, "unsupported", None, "make level only",
+                 id="declared-make-present-is-unsupported-never-model-level"),
+    pytest.param(_probs(0.01, 0.01, 0.55, 0.43), TAX_FULL, "unsupported", None, "min_top1",
+                 id="declared-make-unsure-classifier-is-unsupported"),
+    pytest.param(_probs(0.01, 0.01, 0.97, 0.01), TAX_OTHER, "unsupported", None, "never flagged",
+                 id="undeclared-make-never-checked"),
+]
+
+
+@pytest.mark.parametrize(("probs", "taxonomy", "outcome", "level", "reason_part"), FULL_RANGE_TABLE)
+def test_full_range_make_truth_table(probs: np.ndarray, taxonomy: Taxonomy, outcome: str, level: str | None,
+                                     reason_part: str) -> None:
+    """An unseen Renault model flags only when P(Renault) is below make_threshold and the gates pass."""
+    verdict = _decide(probs, TWINGO, taxonomy=taxonomy)
+    assert (verdict.outcome, verdict.level) == (outcome, level)
+    assert reason_part in verdict.reason
+    if taxonomy is TAX_FULL:
+        assert verdict.p_model is None
+
+
+def test_full_range_make_with_a_poor_image_is_unsupported() -> None:
+    """No usable image: the make-level check cannot run, so the unseen model stays unsupported."""
+    verdict = _decide(_probs(0.01, 0.01, 0.97, 0.01), TWINGO, taxonomy=TAX_FULL, image_problem="too dark")
+    assert verdict.outcome == "unsupported"
+    assert "too dark" in verdict.reason
+
+
+# ---------------------------------------------------------------------------------------------------
+# Genre (J.1) / body (J.3) evidence
+# ---------------------------------------------------------------------------------------------------
+
+CATS = ("car", "car", "car", "other")
+CLIO_MOTO = RegistryRecord("RENAULT", "CLIO", "MTT2", "SOLO")
+
+
+def _decide_cats(probs: np.ndarray, record: RegistryRecord, cats: tuple[str, ...] | None = CATS) -> Verdict:
+    return decide(probs=probs, taxonomy=TAX_OTHER, record=record, plate_problem=None, cfg=CFG,
+                  label_categories=cats)
+
+
+def test_motorcycle_genre_vetoes_a_match_on_a_car() -> None:
+    """A confident match with a motorcycle registration is inconclusive; the evidence says why."""
+    verdict = _decide_cats(_probs(0.90, 0.05, 0.04, 0.01), CLIO_MOTO)
+    assert verdict.outcome == "inconclusive"
+    assert "genre" in verdict.reason
+    assert verdict.evidence == {"genre": "MTT2", "body": "SOLO", "top1_category": "car",
+                                "expected_categories": ["motorcycle"], "genre_compatible": False}
+
+
+def test_genre_alone_never_flags() -> None:
+    """P(Renault) is high: an incompatible genre records evidence but does not make a mismatch."""
+    verdict = _decide_cats(_probs(0.20, 0.75, 0.04, 0.01), CLIO_MOTO)
+    assert verdict.outcome == "inconclusive"
+    assert verdict.evidence["genre_compatible"] is False
+    assert not verdict.is_flag
+
+
+def test_make_mismatch_with_incompatible_genre_goes_through_the_probability_rule() -> None:
+    """The flag comes from P(make) < make_threshold; the genre is attached as evidence."""
+    verdict = _decide_cats(_probs(0.01, 0.01, 0.97, 0.01), CLIO_MOTO)
+    assert (verdict.outcome, verdict.level) == ("mismatch", "make")
+    assert verdict.evidence["genre_compatible"] is False
+
+
+def test_compatible_genre_matches_and_unknown_genre_is_not_judged() -> None:
+    """VP + a car is compatible; an unknown genre or category leaves genre_compatible None."""
+    assert _decide_cats(_probs(0.90, 0.05, 0.04, 0.01), CLIO).evidence["genre_compatible"] is True
+    odd = RegistryRecord("RENAULT", "CLIO", "XYZ", None)
+    verdict = _decide_cats(_probs(0.90, 0.05, 0.04, 0.01), odd)
+    assert verdict.outcome == "match"
+    assert verdict.evidence["genre_compatible"] is None
+    tractor = ("tractor", "car", "car", "other")
+    assert _decide_cats(_probs(0.90, 0.05, 0.04, 0.01), CLIO, tractor).evidence["genre_compatible"] is None
+
+
+def test_unsupported_verdict_still_carries_genre_evidence() -> None:
+    """A motorcycle plate on a car is never flagged when unsupported, but the reviewer sees the genre clash."""
+    yamaha = RegistryRecord("YAMAHA", "MT-07", "MTL", "SOLO")
+    verdict = _decide_cats(_probs(0.90, 0.05, 0.04, 0.01), yamaha)
+    assert verdict.outcome == "unsupported"
+    assert verdict.evidence["genre_compatible"] is False
+
+
+def test_label_categories_of_the_wrong_length_are_refused() -> None:
+    """One category per label is required; a short list is a caller error, named with its fix."""
+    with pytest.raises(ValueError, match="one category per label"):
+        _decide_cats(_probs(0.90, 0.05, 0.04, 0.01), CLIO, ("car", "car"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# More properties: full-range makes, uncertain vectors, genre evidence, other_threshold
+# ---------------------------------------------------------------------------------------------------
+
+_ALL_RECORDS = [CLIO, MEGANE, PEUGEOT, TWINGO]
+
+
+@given(probs=prob_vectors(), cfg=decision_configs())
+@settings(max_examples=200, deadline=None)
+def test_unseen_model_of_full_range_make_flags_only_at_make_level(probs: np.ndarray,
+                                                                  cfg: DecisionConfig) -> None:
+    """A declared make's unseen model is unsupported or a make-level mismatch with all gates passed."""
+    verdict = _decide(probs, TWINGO, taxonomy=TAX_FULL, cfg=cfg)
+    assert verdict.outcome in ("unsupported", "mismatch")
+    if verdict.is_flag:
+        assert verdict.level == "make"
+        assert verdict.p_make is not None
+        assert verdict.p_make < cfg.make_threshold
+        assert probs.max() >= cfg.min_top1
+        assert probs[3] < min(probs.max(), 0.3)
+
+
+@given(probs=prob_vectors(), cfg=decision_configs(),
+       record=st.sampled_from([G_CLASS, RegistryRecord("TESLA", "MODEL 3", None, None),
+                               RegistryRecord("PEUGEOT", "5008", None, None)]))
+@settings(max_examples=150, deadline=None)
+def test_outside_taxonomy_never_flags_even_next_to_a_full_range_make(
+        probs: np.ndarray, cfg: DecisionConfig, record: RegistryRecord) -> None:
+    """Only the declared make gets a make-level check; every other unseen vehicle stays unsupported."""
+    verdict = _decide(probs, record, taxonomy=TAX_FULL, cfg=cfg)
+    assert verdict.outcome == "unsupported"
+
+
+@given(probs=prob_vectors(), cfg=decision_configs(), record=st.sampled_from(_ALL_RECORDS), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_uncertain_probabilities_never_flag(probs: np.ndarray, cfg: DecisionConfig, record: RegistryRecord,
+                                            data: st.DataObject) -> None:
+    """Whenever the top-1 is below min_top1, no verdict is a flag (any record, full-range or not)."""
+    assume(probs.max() < 1.0)
+    min_top1 = data.draw(st.floats(float(probs.max()), 1.0, exclude_min=True), label="min_top1")
+    verdict = _decide(probs, record, taxonomy=TAX_FULL, cfg=_with(cfg, min_top1=min_top1))
+    assert not verdict.is_flag
+    assert verdict.outcome in ("inconclusive", "unsupported")
+
+
+@given(probs=prob_vectors(), cfg=decision_configs(), record=st.sampled_from(_ALL_RECORDS),
+       higher=_unit, make_factor=_unit, model_factor=_unit)
+@settings(max_examples=200, deadline=None)
+def test_stricter_settings_never_add_a_flag_with_a_full_range_make(
+        probs: np.ndarray, cfg: DecisionConfig, record: RegistryRecord, higher: float, make_factor: float,
+        model_factor: float) -> None:
+    """Raising min_top1 or lowering make/model thresholds never creates a flag, declared makes included."""
+    stricter = _with(cfg, min_top1=max(cfg.min_top1, higher), make_threshold=cfg.make_threshold * make_factor,
+                     model_threshold=cfg.model_threshold * model_factor)
+    before = _decide(probs, record, taxonomy=TAX_FULL, cfg=cfg)
+    after = _decide(probs, record, taxonomy=TAX_FULL, cfg=stricter)
+    if after.is_flag:
+        assert before.is_flag
+
+
+@given(probs=prob_vectors(), cfg=decision_configs(), record=st.sampled_from(_ALL_RECORDS),
+       genre=st.sampled_from(["VP", "CTTE", "MTL", "CAM", "TCP", None]),
+       cats=st.lists(st.sampled_from(["car", "van", "truck", "bus", "motorcycle", "other"]), min_size=4,
+                     max_size=4))
+@settings(max_examples=200, deadline=None)
+def test_genre_evidence_never_adds_a_flag(probs: np.ndarray, cfg: DecisionConfig, record: RegistryRecord,
+                                         genre: str | None, cats: list[str]) -> None:
+    """Giving label categories never turns a non-flag into a flag, nor changes a flag's level."""
+    rec = RegistryRecord(record.make, record.model, genre, None)
+    plain = decide(probs=probs, taxonomy=TAX_FULL, record=rec, plate_problem=None, cfg=cfg)
+    with_genre = decide(probs=probs, taxonomy=TAX_FULL, record=rec, plate_problem=None, cfg=cfg,
+                        label_categories=cats)
+    assert with_genre.is_flag == plain.is_flag
+    assert with_genre.level == plain.level
+    assert with_genre.outcome in (plain.outcome, "inconclusive")
+
+
+@given(probs=prob_vectors(), cfg=decision_configs(), record=st.sampled_from(_ALL_RECORDS),
+       low=_unit, high=_unit)
+@settings(max_examples=150, deadline=None)
+def test_lowering_other_threshold_never_adds_a_flag(probs: np.ndarray, cfg: DecisionConfig,
+                                                    record: RegistryRecord, low: float, high: float) -> None:
+    """A lower other_threshold abstains more often; it can only remove flags."""
+    low, high = min(low, high), max(low, high)
+    kwargs: dict[str, Any] = dict(probs=probs, taxonomy=TAX_FULL, record=record, plate_problem=None, cfg=cfg)
+    if decide(**kwargs, other_threshold=low).is_flag:
+        assert decide(**kwargs, other_threshold=high).is_flag

@@ -26,6 +26,7 @@ from engines.signing import (
     load_public_key,
     load_trusted_bundle,
     public_key_bytes,
+    read_trusted_file,
     read_verified_file,
     sign_bundle,
     sign_bytes,
@@ -173,6 +174,9 @@ def test_untrusted_key_is_refused_naming_its_id_and_the_trusted_ones(keys: Path,
         ({"signature": base64.b64encode(b"short").decode()}, "'signature' is 5 bytes, Ed25519 gives 64"),
         ({"key_id": 42}, "field 'key_id' must be a non-empty string"),
         ({"signer": ""}, "field 'signer' must be a non-empty string"),
+        ({"signer": "evil\nFAKE LOG LINE"}, "'signer' must be printable"),
+        ({"key_id": "not-hex\n"}, "'key_id' .* is not 16 hex"),
+        ({"signed_at": "yesterday"}, "'signed_at' is not ISO 8601"),
     ],
 )
 def test_malformed_signature_document_is_refused(keys: Path, trust: Path, change: dict[str, object],
@@ -348,3 +352,20 @@ def test_malformed_bundle_signature_names_the_sig_file(tmp_path: Path, trust: Pa
     (bundle.path / SIGNATURE_FILE).write_text("{}\n")
     with pytest.raises(SignatureError, match=rf"malformed signature {bundle.path / SIGNATURE_FILE}: field 'format'"):
         load_trusted_bundle(bundle.path, trust, allow_unsigned=True)
+
+
+def test_read_trusted_file_for_the_registry_import(tmp_path: Path, keys: Path, trust: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Signed: the verified bytes; unsigned: refused, or read with a warning under allow_unsigned."""
+    subset = _subset(tmp_path)
+    with pytest.raises(SignatureError, match="not signed"):
+        read_trusted_file(subset, trust, allow_unsigned=False)
+    caplog.set_level(logging.WARNING, logger="engines.signing")
+    assert read_trusted_file(subset, trust, allow_unsigned=True) == (subset.read_bytes(), None)
+    assert "NOT signed or not checked" in caplog.text
+    sign_file(subset, keys / "stranger.key")
+    with pytest.raises(UntrustedKey):
+        read_trusted_file(subset, trust, allow_unsigned=True)
+    sign_file(subset, keys / "publisher.key")
+    data, verified = read_trusted_file(subset, trust, allow_unsigned=False)
+    assert data == subset.read_bytes() and verified is not None and verified.name == "publisher"
