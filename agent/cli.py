@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from agent.cli_eval import commands as eval_commands
 from agent.config import Config, load_config, read_secret
 from agent.errors import ConfigError, ConfigIssue, EngineError, IaflashError
 from agent.health import setup_logging
@@ -179,12 +180,6 @@ def demo(workdir: Path, broker_kind: str, count: int, as_json: bool) -> None:
     sys.exit(EXIT_OK if result.ok else EXIT_ERROR)
 
 
-def _attach_commands() -> None:
-    """calibrate and evaluate live beside their code (agent/cli_eval.py)."""
-    from agent.cli_eval import commands  # noqa: PLC0415  # keeps numpy/onnxruntime out of `--help`'s path
 
-    for command in commands:
-        main.add_command(command)
-
-
-_attach_commands()
+for _command in eval_commands:  # calibrate and evaluate live beside their code (agent/cli_eval.py)
+    main.add_command(_command)
