@@ -83,11 +83,11 @@ def run(config_path: Path) -> None:
 
 def semantic_issues(cfg: Config, file: str) -> list[ConfigIssue]:
     """Problems a valid file can still have: missing bundle, unreadable key, unusable paths."""
-    from engines.bundle import load_bundle  # noqa: PLC0415  # only needed by this check
+    from engines.signing import load_trusted_bundle  # noqa: PLC0415  # only needed by this check
 
     issues: list[ConfigIssue] = []
     try:
-        load_bundle(cfg.model.bundle)
+        load_trusted_bundle(cfg.model.bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
     except EngineError as exc:
         issues.append(ConfigIssue(file, "model.bundle", str(exc), "point it at a bundle directory "
                                   "(manifest.json, model.onnx, labels.csv); see docs/BUNDLES.md"))

@@ -10,8 +10,8 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     │   └── RegistryFileError  a subset file is malformed (line number given)
     ├── OutboxError            the SQLite outbox could not be written or read
     ├── LinkError              the MQTT link is misconfigured (paho errors are mapped here)
-    └── engines.errors.EngineError  (re-exported: BackendUnavailable, BundleError,
-                                     ModelLoadError, InferenceError)
+    └── engines.errors.EngineError  (re-exported: BackendUnavailable, BundleError → SignatureError →
+                                     UntrustedKey, ModelLoadError, InferenceError)
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from engines.errors import (
     EngineError,
     InferenceError,
     ModelLoadError,
+    SignatureError,
+    UntrustedKey,
 )
 
 __all__ = [
@@ -41,6 +43,8 @@ __all__ = [
     "PlateError",
     "RegistryError",
     "RegistryFileError",
+    "SignatureError",
+    "UntrustedKey",
 ]
 
 

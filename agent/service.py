@@ -24,7 +24,7 @@ from agent.publisher import Publisher
 from agent.registry import Registry
 from agent.spool import Spool
 from engines.base import Backend, create_backend
-from engines.bundle import load_bundle
+from engines.signing import load_trusted_bundle
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Service:
                                              config_key="registry.hmac_key_file"))
         self.registry = Registry(cfg.registry.db, hmac_key)
         self._check_registry(key_id(hmac_key))
-        bundle = load_bundle(cfg.model.bundle)
+        bundle = load_trusted_bundle(cfg.model.bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
         self.backend = create_backend(cfg.model.backend, threads=cfg.model.threads)
         self.backend.load(bundle)
         self.backend.warmup()

@@ -79,18 +79,26 @@ class UnusablePlan(ModelLoadError):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """How engines are built and where plans are cached (the agent's ``[model]`` keys)."""
+    """How engines are built and where plans are cached (the agent's ``[model]`` keys).
+
+    ``cache_dir`` None keeps plans beside the bundle, in ``<bundle dir>.engines``; the agent
+    passes its ``engine_cache_dir`` (default :data:`DEFAULT_CACHE_DIR`).
+    """
 
     precision: str = "fp16"
     workspace_mb: int = 1024
     max_batch: int = 4
-    cache_dir: Path = DEFAULT_CACHE_DIR
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.max_batch < 1 or self.workspace_mb < 1:
             raise ValueError(f"max_batch and workspace_mb must be >= 1, got {self.max_batch}, {self.workspace_mb}")
+
+    def cache_for(self, bundle: Bundle) -> Path:
+        """The plan cache directory for ``bundle``."""
+        return self.cache_dir or bundle.path.with_name(bundle.path.name + ".engines")
 
 
 @dataclass(frozen=True)
@@ -365,15 +373,25 @@ def load_or_build(
     when ``opener`` raises UnusablePlan. With ``build=False`` a missing plan is a ModelLoadError.
     """
     key, inputs = plan_key(bundle, options, env)
-    path = cached_plan(bundle, key, options.cache_dir, inputs=inputs)
+    cache_dir = options.cache_for(bundle)
+    path = cached_plan(bundle, key, cache_dir, inputs=inputs)
 
     def _build() -> Path:
         if not build:
             raise ModelLoadError(
                 f"no valid TensorRT plan for {bundle.manifest.name} {bundle.manifest.version} in "
-                f"{options.cache_dir}; fix: iaflash-engines build {bundle.path} --cache-dir {options.cache_dir}"
+                f"{cache_dir}; fix: iaflash-engines build {bundle.path} --cache-dir {cache_dir}"
             )
-        return build_engine(bundle, **_option_kwargs(options), progress=progress, env=env, cancel=cancel)
+        return build_engine(
+            bundle,
+            precision=options.precision,
+            workspace_mb=options.workspace_mb,
+            max_batch=options.max_batch,
+            cache_dir=cache_dir,
+            progress=progress,
+            env=env,
+            cancel=cancel,
+        )
 
     path = path or _build()
     try:
@@ -383,10 +401,6 @@ def load_or_build(
         for stale in (path, path.with_suffix(".json")):
             stale.unlink(missing_ok=True)
         return opener(_build())
-
-
-def _option_kwargs(options: BuildOptions) -> dict[str, Any]:
-    return {f: getattr(options, f) for f in ("precision", "workspace_mb", "max_batch", "cache_dir")}
 
 
 # ---------------------------------------------------------------- serve with ONNX Runtime while building

@@ -189,6 +189,10 @@ def build(
                 )
     except EngineError as exc:
         _fail(str(exc))
+    _report(bundle_dir, path, key, cached, precision, env, as_json)
+
+
+def _report(bundle_dir: Path, path: Path, key: str, cached: bool, precision: str, env: BuildEnv, as_json: bool) -> None:
     meta = read_plan_meta(path) or {}
     doc: dict[str, Any] = {
         "bundle": str(bundle_dir),
@@ -202,10 +206,10 @@ def build(
     }
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        state = "up to date" if cached else f"built in {doc['build_seconds']} s"
-        click.echo(f"{path}: {state} ({doc['precision']}, TensorRT {env.tensorrt} on {env.gpu})")
-        click.echo(f"staleness key {key}")
+        return
+    state = "up to date" if cached else f"built in {doc['build_seconds']} s"
+    click.echo(f"{path}: {state} ({doc['precision']}, TensorRT {env.tensorrt} on {env.gpu})")
+    click.echo(f"staleness key {key}")
 
 
 commands = [build]

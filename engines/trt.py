@@ -112,8 +112,9 @@ def _parse(trt: Any, network: Any, bundle: Bundle, profiles: dict[str, list[list
             f"\n  - node {getattr(e, 'node', lambda: '?')()}: {getattr(e, 'desc', e.__str__)()}" for e in errors
         )
         raise ModelLoadError(
-            f"{bundle.model_path}: the TensorRT ONNX parser refused the model ({len(errors)} errors):{lines}\n"
-            "fix: export the model with operators and an opset this TensorRT supports (see docs/JETSON.md)"
+            f"{bundle.model_path}: the TensorRT ONNX parser refused the model; fix: the file is corrupt or uses "
+            "operators/an opset this TensorRT does not support: re-pack it, or re-export it (see docs/JETSON.md); "
+            f"{len(errors)} parser errors:{lines}"
         )
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     for name, (_low, _opt, high) in profiles.items():
@@ -214,6 +215,40 @@ def _timing_cache(config: Any, path: Path) -> None:
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
 
+def _network(trt: Any, builder: Any, bundle: Bundle, profiles: dict[str, list[list[int]]]) -> Any:
+    """An explicit-batch network parsed from the bundle's ONNX (the flag is implicit from TensorRT 10)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    major = int(str(trt.__version__).split(".")[0])
+    network = builder.create_network(1 << int(flag) if flag is not None and major < 10 else 0)
+    _parse(trt, network, bundle, profiles)
+    return network
+
+
+def _config(
+    trt: Any,
+    cuda: Cuda,
+    builder: Any,
+    options: BuildOptions,
+    profiles: dict[str, list[list[int]]],
+    calibration: Sequence[np.ndarray] | None,
+    calibration_cache: Path,
+) -> tuple[Any, str, Any]:
+    """The builder config: workspace, the profile, precision flags and (int8) the calibrator."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
+    profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profiles.items():
+        profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(profile)
+    effective = _set_precision(trt, builder, config, options.precision)
+    calibrator = None
+    if effective == "int8" and calibration:
+        calibrator = _calibrator(trt, cuda, calibration, calibration_cache)
+        config.int8_calibrator = calibrator
+        config.set_calibration_profile(profile)
+    return config, effective, calibrator
+
+
 def compile_plan(
     bundle: Bundle,
     options: BuildOptions,
@@ -232,26 +267,13 @@ def compile_plan(
         with cuda.context(), _native_errors(ModelLoadError, f"TensorRT build of {bundle.model_path}"):
             progress("parse", 0.0)
             builder = trt.Builder(_trt_logger(trt))
-            flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
-            major = int(str(trt.__version__).split(".")[0])
-            network = builder.create_network(1 << int(flag) if flag is not None and major < 10 else 0)
-            _parse(trt, network, bundle, profiles)
+            network = _network(trt, builder, bundle, profiles)
             progress("configure", 0.1)
-            config = builder.create_builder_config()
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-            profile = builder.create_optimization_profile()
-            for name, (low, opt, high) in profiles.items():
-                profile.set_shape(name, low, opt, high)
-            config.add_optimization_profile(profile)
-            effective = _set_precision(trt, builder, config, options.precision)
-            calibrator = (
-                _calibrator(trt, cuda, calibration, calibration_cache) if effective == "int8" and calibration else None
+            config, effective, calibrator = _config(
+                trt, cuda, builder, options, profiles, calibration, calibration_cache
             )
-            if calibrator is not None:
-                config.int8_calibrator = calibrator
-                config.set_calibration_profile(profile)
             _timing_cache(config, timing_cache)
-            monitor = _monitor(trt, progress, cancel)
+            monitor = _monitor(trt, progress, cancel)  # kept referenced until the build ends
             if monitor is not None:
                 config.progress_monitor = monitor
             progress("build", 0.15)

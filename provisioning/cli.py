@@ -12,6 +12,7 @@ import json
 import logging
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from agent.config import load_config, read_secret
 from agent.errors import IaflashError, RegistryError
 from agent.plates import key_id, load_hmac_key
 from agent.registry import RegistryState, import_subset, read_state
+from engines.errors import EngineError
+from engines.signing import read_trusted_file
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def _operational(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except IaflashError as exc:
+        except (IaflashError, EngineError) as exc:  # EngineError: signature refusals (engines.signing)
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_ERROR)
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
@@ -138,16 +141,24 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
     expected = key_id(load_hmac_key(raw))
     records = [0]
     start = time.perf_counter()
-    with _progress_printer(f"importing {file.name}") as show:
+    # The signature is checked on the bytes we then import (a private copy): no check-then-swap window.
+    data, verified = read_trusted_file(file, cfg.security.trust_dir, cfg.security.allow_unsigned)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=db_path.parent, prefix=".verified-", suffix=file.name) as copy, \
+            _progress_printer(f"importing {file.name}") as show:
+        copy.write(data)
+        copy.flush()
+
         def progress(done: int, total: int) -> None:
             records[0] = done
             show(done, total)
 
-        state = import_subset(db_path, file, expected_key_id=expected, progress=progress)
+        state = import_subset(db_path, Path(copy.name), expected_key_id=expected, progress=progress)
     seconds = time.perf_counter() - start
     rate = records[0] / seconds if seconds > 0 else 0.0
     doc = {"command": "registry import", "file": str(file), "db": str(db_path), "records": records[0],
-           "seconds": round(seconds, 3), "records_per_s": round(rate), "state": state.to_dict()}
+           "seconds": round(seconds, 3), "records_per_s": round(rate), "state": state.to_dict(),
+           "signed_by": None if verified is None else verified.name}
     _emit(doc, as_json, f"imported {state.kind} {state.dataset_id} seq {state.seq}: {records[0]} records "
                         f"in {seconds:.1f} s ({rate:,.0f} records/s); {state.count} vehicles in {db_path}")
 

@@ -204,7 +204,7 @@ def test_resolutions_are_cached() -> None:
 
 def test_min_score_outside_0_100_is_refused() -> None:
     """A min_score outside 0..100 raises, naming the config key to fix."""
-    with pytest.raises(ValueError, match="registry.fuzzy_min_score"):
+    with pytest.raises(ValueError, match=r"registry\.fuzzy_min_score"):
         Taxonomy(LABELS, min_score=101)
     assert Taxonomy(LABELS).min_score == DEFAULT_MIN_SCORE == 88.0
 

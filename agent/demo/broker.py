@@ -97,8 +97,14 @@ class MosquittoBroker:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def freeze(self) -> None:
+        """SIGSTOP: the broker stops reading and acknowledging, like a hung or unreachable broker."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=5)
