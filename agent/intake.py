@@ -1,7 +1,8 @@
-"""Intake stage: from a claimed capture to a model-ready tensor (pure CPU work, no I/O).
+"""Intake stage: from a claimed capture to a model-ready tensor (CPU work, no file I/O).
 
-JPEG header checks → reduced decode where safe → vehicle crop → quality gates → preprocess.
-Runs in the intake thread so that it overlaps inference in the other thread.
+JPEG header checks → reduced decode where safe → find the vehicle (sidecar box, else the
+detector) → crop with a margin → quality gates → preprocess. Runs in the intake thread so
+that it overlaps classification in the inference thread.
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from agent.capture import Capture
 from agent.config import SpoolConfig
+from agent.errors import EngineError
 from agent.preprocess import crop, decode_jpeg, inspect_jpeg, preprocess
 from agent.quality import quality_problem
 from agent.spool import Claimed
-from engines.bundle import Preprocessing
+from agent.vehicle import Selection, detect_vehicles, select_vehicle
+from engines.base import Backend
+from engines.bundle import Bundle, Preprocessing
+from engines.detect import Detection
+
+# With a detector, the vehicle's size is unknown before decoding: never decode below half size.
+MAX_REDUCTION_WITH_DETECTOR = 2
 
 CROP_MARGIN = 0.1
 
@@ -53,29 +62,64 @@ def scale_box(box: tuple[int, int, int, int], sx: float, sy: float) -> tuple[int
 class Preparer:
     """Turns a claimed capture into a Work item; raises CaptureRejected on bad images."""
 
-    def __init__(self, spool_cfg: SpoolConfig, pp: Preprocessing) -> None:
+    def __init__(self, spool_cfg: SpoolConfig, pp: Preprocessing,
+                 detector: tuple[Backend, Bundle] | None = None) -> None:
         self.spool_cfg = spool_cfg
         self.pp = pp
+        self.detector = detector
         self.input_side = max(pp.height, pp.width)
+        self.detector_errors = 0
 
     def prepare(self, claimed: Claimed, started: float) -> Work:
         timings: dict[str, float] = {"claim": (time.perf_counter() - started) * 1e3}
+        capture = claimed.capture
         data = claimed.image_bytes[0]
         t = time.perf_counter()
         width, height = inspect_jpeg(data, max_pixels=self.spool_cfg.max_image_pixels,
                                      min_side=self.spool_cfg.min_image_side)
-        box = claimed.capture.vehicle_box
-        factor = choose_reduction(width, height, box, self.input_side)
+        factor = self._reduction(width, height, capture.vehicle_box)
         image = decode_jpeg(data, reduce=factor)
         timings["decode"] = (time.perf_counter() - t) * 1e3
+        selection = self._find_vehicle(image, capture, (width, height), timings)
         t = time.perf_counter()
-        if box is not None:
-            box = scale_box(box, image.shape[1] / width, image.shape[0] / height)
-            region = crop(image, box, margin=CROP_MARGIN)
-        else:
-            region = image
+        evidence: dict[str, object] = {"decode_reduction": factor, "vehicle_source": selection.source,
+                                       "vehicle_reason": selection.reason, "vehicles_seen": selection.candidates}
+        whole_frame = capture.vehicle_box is None and self.detector is None
+        if selection.box is None and not whole_frame:  # no vehicle, or several and no way to choose
+            return Work(claimed, None, selection.reason, started, timings, evidence)
+        region = image if selection.box is None else crop(image, selection.box, margin=CROP_MARGIN)
         problem = quality_problem(region)
         tensor = None if problem else preprocess(region, self.pp)
         timings["preprocess"] = (time.perf_counter() - t) * 1e3
-        evidence: dict[str, object] = {"decode_reduction": factor, "vehicle_box_source": "sidecar" if box else "none"}
         return Work(claimed, tensor, problem, started, timings, evidence)
+
+    def _reduction(self, width: int, height: int, box: tuple[int, int, int, int] | None) -> int:
+        factor = choose_reduction(width, height, box, self.input_side)
+        if box is None and self.detector is not None:
+            factor = min(factor, MAX_REDUCTION_WITH_DETECTOR)
+        return factor
+
+    def _find_vehicle(self, image: np.ndarray, capture: Capture, original: tuple[int, int],
+                      timings: dict[str, float]) -> Selection:
+        """The sidecar's box if given, else the detector's choice; box None means inconclusive."""
+        size = (image.shape[1], image.shape[0])
+        box = capture.vehicle_box
+        sidecar = None if box is None else scale_box(box, size[0] / original[0], size[1] / original[1])
+        detections: list[Detection] = []
+        classes: tuple[int, ...] = ()
+        if sidecar is None and self.detector is not None:
+            backend, bundle = self.detector
+            assert bundle.manifest.detector is not None  # checked when the service loads it
+            classes = bundle.manifest.detector.vehicle_classes
+            t = time.perf_counter()
+            try:
+                detections = detect_vehicles(image, backend, bundle)
+            except EngineError as exc:
+                self.detector_errors += 1
+                return Selection(None, f"detector failed: {exc}", "none", 0)
+            finally:
+                timings["detect"] = (time.perf_counter() - t) * 1e3
+        if sidecar is None and self.detector is None:
+            return Selection(None, "no vehicle box and no detector: whole frame classified", "none", 0)
+        return select_vehicle(detections, image_size=size, sidecar_box=sidecar, lane=capture.lane,
+                              direction=capture.direction, vehicle_classes=classes)

@@ -43,12 +43,14 @@ class Pipeline:
     """Owns the two worker threads. The service owns everything they use."""
 
     def __init__(self, cfg: Config, spool: Spool, backend: Backend, bundle: Bundle,
-                 registry: Registry, hmac_key: bytes, on_verdict: VerdictCallback | None = None) -> None:
+                 registry: Registry, hmac_key: bytes, on_verdict: VerdictCallback | None = None,
+                 detector: tuple[Backend, Bundle] | None = None) -> None:
         self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
         self.registry, self.hmac_key, self.on_verdict = registry, hmac_key, on_verdict
         self.taxonomy = Taxonomy(bundle.labels)
-        self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing)
-        self.liveness = Liveness(stuck_after_s=60.0)
+        self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing, detector)
+        self.liveness = Liveness(stuck_after_s=60.0)  # inference thread
+        self.intake_liveness = Liveness(stuck_after_s=60.0)  # decode + detector in the intake thread
         self.outcomes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.latencies_ms: list[float] = []
@@ -64,6 +66,8 @@ class Pipeline:
         info = backend.info
         self.model_info = {"name": bundle.manifest.name, "version": bundle.manifest.version,
                            "backend": info.kind, "device": info.device}
+        if detector is not None:
+            self.model_info["detector"] = f"{detector[1].manifest.name} {detector[1].manifest.version}"
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,6 +84,10 @@ class Pipeline:
     def fatal(self) -> BaseException | None:
         """The error that stopped a worker thread, if any (the service exits on it)."""
         return self._fatal
+
+    def healthy(self) -> bool:
+        """Neither worker is stuck on one capture (the watchdog is fed only while this holds)."""
+        return self.liveness.healthy() and self.intake_liveness.healthy()
 
     def alive(self) -> bool:
         return all(t.is_alive() for t in self._threads)
@@ -140,11 +148,14 @@ class Pipeline:
             return None  # the spool moved it to rejected/, counted and logged it
         if claimed is None:
             return None
+        self.intake_liveness.begin()
         try:
             return self.preparer.prepare(claimed, started)
         except CaptureRejected as exc:
             self.spool.reject(capture_id, exc)
             return None
+        finally:
+            self.intake_liveness.end()
 
     # -- inference -------------------------------------------------------------------------
     def _infer_loop(self) -> None:

@@ -24,6 +24,8 @@ from agent.publisher import Publisher
 from agent.registry import Registry
 from agent.spool import Spool
 from engines.base import Backend, create_backend
+from engines.bundle import Bundle
+from engines.errors import BundleError
 from engines.signing import load_trusted_bundle
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Service:
         self.link: MqttLink | None = None
         self.backend: Backend | None = None
         self.registry: Registry | None = None
+        self.detector_backend: Backend | None = None
         self.spool = Spool(cfg.spool.dir, cfg.spool)
 
     def start(self) -> None:
@@ -59,6 +62,7 @@ class Service:
         self.backend = create_backend(cfg.model.backend, threads=cfg.model.threads)
         self.backend.load(bundle)
         self.backend.warmup()
+        detector = self._load_detector()
         outbox = Outbox(cfg.outbox.db)
         try:
             finished, requeued = self.spool.recover(outbox.is_processed)
@@ -73,11 +77,25 @@ class Service:
                                    heartbeat_topic=f"{cfg.topic_root}/heartbeat")
         self.publisher.start()
         self.pipeline = Pipeline(cfg, self.spool, self.backend, bundle, self.registry, hmac_key,
-                                 on_verdict=self.on_verdict)
+                                 on_verdict=self.on_verdict, detector=detector)
         self.pipeline.start()
         sd_notify("READY=1")
         log.info("agent started: site %s device %s, model %s %s on %s", cfg.site.site_id,
                  cfg.site.device_id, bundle.manifest.name, bundle.manifest.version, self.backend.info.kind)
+
+    def _load_detector(self) -> tuple[Backend, Bundle] | None:
+        """The vehicle detector, when configured: a signed bundle of task "detector", warmed up."""
+        cfg = self.cfg
+        if cfg.model.detector_bundle is None:
+            return None
+        bundle = load_trusted_bundle(cfg.model.detector_bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
+        if bundle.manifest.task != "detector" or bundle.manifest.detector is None:
+            raise BundleError(f"{cfg.model.detector_bundle}: model.detector_bundle points at a "
+                              f"{bundle.manifest.task} bundle; fix: give a bundle packed with --task detector")
+        self.detector_backend = create_backend(cfg.model.backend, threads=cfg.model.threads)
+        self.detector_backend.load(bundle)
+        self.detector_backend.warmup()
+        return self.detector_backend, bundle
 
     def _check_registry(self, expected_key_id: str) -> None:
         assert self.registry is not None
@@ -101,7 +119,7 @@ class Service:
                           self.pipeline.fatal)
                 self.stop()
                 return 1
-            if wd and self.pipeline.liveness.healthy():
+            if wd and self.pipeline.healthy():
                 sd_notify("WATCHDOG=1")
             if time.monotonic() >= next_purge:
                 self._purge()
@@ -131,11 +149,13 @@ class Service:
             self.publisher.stop(timeout=5)
         if self.link is not None:
             self.link.stop(timeout=5)
-        if self.backend is not None:
-            self.backend.close()
+        for backend in (self.backend, self.detector_backend):
+            if backend is not None:
+                backend.close()
         if self.registry is not None:
             self.registry.close()
         self.pipeline = self.publisher = self.link = self.backend = self.registry = None  # stop is idempotent
+        self.detector_backend = None
 
     def heartbeat(self) -> dict[str, Any]:
         """Counters, queue depth, latency, versions: the heartbeat payload and `doctor`'s view."""

@@ -258,6 +258,16 @@ class OnnxRuntimeBackend(Backend):
             result = session.run([out.name], {spec.name: batch})[0]
         return np.asarray(result)
 
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every named output of the graph (multi-output detectors: boxes, scores, classes)."""
+        self._check(batch)
+        session, spec, _, _ = self._loaded()
+        fix = "check the batch against input_spec; if it matches, the model failed at run time"
+        with _ort_errors(InferenceError, f"onnxruntime run of input {spec.name!r}", fix):
+            results = session.run(None, {spec.name: np.ascontiguousarray(batch)})
+        names = [o.name for o in session.get_outputs()]
+        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+
     def close(self) -> None:
         self._session = None
         self._input = self._output = None

@@ -79,16 +79,35 @@ class Site:
         return sorted((self.cfg.spool.dir / sub).glob(pattern))
 
 
-def make_site(root: Path, bundle_dir: Path, port: int, *, n: int = 50, protocol: str = "5",
+def build_models(out: Path) -> Path:
+    """Signed demo classifier + demo detector and the trust store holding their publisher's key."""
+    from agent.demo.detector import build_demo_detector_bundle
+    from agent.demo.model import build_demo_bundle
+    from engines.signing import generate_keypair, sign_bundle
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trust").mkdir()
+    private, public = generate_keypair(out / "publisher")
+    shutil.copy(public, out / "trust" / public.name)
+    _, accuracy = build_demo_bundle(out / "model")
+    assert accuracy > 0.95
+    build_demo_detector_bundle(out / "detector")
+    for bundle in ("model", "detector"):
+        sign_bundle(out / bundle, private, signer="test-publisher")
+    return out
+
+
+def make_site(root: Path, models: Path, port: int, *, n: int = 50, protocol: str = "5",
               overrides: dict[str, dict[str, Any]] | None = None) -> Site:
-    """A site whose registry matches the demo scenario of n captures."""
+    """A site whose registry matches the demo scenario of n captures (models from build_models)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "secrets").mkdir()
     key = secrets.token_bytes(32)
     key_file = root / "secrets" / "hmac.key"
     key_file.write_text(key.hex())
     os.chmod(key_file, 0o600)
-    shutil.copytree(bundle_dir, root / "model")
+    for sub in ("model", "detector", "trust"):
+        shutil.copytree(models / sub, root / sub)
     scenario = build_scenario(n)
     subset = root / "snapshot.jsonl.gz"
     write_subset(subset, kind="snapshot", dataset_id="test-siv", seq=1, key_id=key_id(key),

@@ -493,3 +493,69 @@ def install(monkeypatch: pytest.MonkeyPatch, *, version: str = "10.3.0") -> Stat
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
         monkeypatch.setitem(sys.modules, name, module)
     return STATE
+
+
+# ---------------------------------------------------------------- cuda-python (cuda.bindings.runtime)
+
+
+def _cudart() -> types.ModuleType:
+    """The few cudart calls the shim makes; each returns (error, *values) like cuda-python."""
+    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorMemoryAllocation": 2})
+    cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2})
+    ok, kinds = cudaError_t, cudaMemcpyKind
+    pinned: dict[int, Any] = {}
+
+    def malloc_host(nbytes: int) -> tuple[Any, int]:
+        buf = np.zeros(nbytes, np.uint8)
+        pinned[buf.ctypes.data] = buf
+        return ok.cudaSuccess, buf.ctypes.data
+
+    def malloc(nbytes: int) -> tuple[Any, int]:
+        if nbytes > 1 << 30:
+            return ok.cudaErrorMemoryAllocation, 0
+        return ok.cudaSuccess, DeviceAllocation(nbytes).ptr
+
+    def memcpy(dst: int, src: int, count: int, kind: Any, stream: int) -> tuple[Any]:
+        import ctypes  # noqa: PLC0415  # only this fake needs raw pointers
+
+        if kind == kinds.cudaMemcpyHostToDevice:
+            STATE.memory[dst][:count] = ctypes.string_at(src, count)
+        else:
+            ctypes.memmove(dst, bytes(STATE.memory[src][:count]), count)
+        return (ok.cudaSuccess,)
+
+    props = types.SimpleNamespace(name=b"Orin (fake)\x00", major=8, minor=7)
+    rt = types.ModuleType("cuda.bindings.runtime")
+    rt.__dict__.update(
+        cudaError_t=ok,
+        cudaMemcpyKind=kinds,
+        cudaGetErrorString=lambda err: (ok.cudaSuccess, b"out of memory"),
+        cudaSetDevice=lambda device: (ok.cudaSuccess,),
+        cudaGetDeviceProperties=lambda device: (ok.cudaSuccess, props),
+        cudaDriverGetVersion=lambda: (ok.cudaSuccess, 12060),
+        cudaRuntimeGetVersion=lambda: (ok.cudaSuccess, 12020),
+        cudaMallocHost=malloc_host,
+        cudaFreeHost=lambda ptr: (ok.cudaSuccess, pinned.pop(ptr))[:1],
+        cudaMalloc=malloc,
+        cudaFree=lambda ptr: (ok.cudaSuccess, STATE.memory.pop(ptr))[:1],
+        cudaMemcpyAsync=memcpy,
+        cudaStreamCreate=lambda: (ok.cudaSuccess, 7),
+        cudaStreamSynchronize=lambda stream: (ok.cudaSuccess,),
+        cudaStreamDestroy=lambda stream: (ok.cudaSuccess,),
+    )
+    return rt
+
+
+def install_cuda_python(monkeypatch: pytest.MonkeyPatch) -> State:
+    """Only cuda-python (no pycuda): ``cuda``, ``cuda.bindings`` and ``cuda.bindings.runtime``."""
+    STATE.__init__()  # type: ignore[misc]  # reset in place: tests hold a reference to STATE
+    runtime = _cudart()
+    monkeypatch.setitem(sys.modules, "pycuda", None)
+    for name, module in (
+        ("cuda", types.ModuleType("cuda")),
+        ("cuda.bindings", types.ModuleType("cuda.bindings")),
+        ("cuda.bindings.runtime", runtime),
+    ):
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    return STATE

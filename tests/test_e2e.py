@@ -20,12 +20,11 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from e2e_site import Site, make_site
+from e2e_site import Site, build_models, make_site
 
 from agent.capture import Capture
 from agent.decision import Verdict
 from agent.demo.broker import MosquittoBroker
-from agent.demo.model import build_demo_bundle
 from agent.events import validate_event
 from agent.outbox import Outbox
 from agent.service import Service
@@ -45,10 +44,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bundle") / "model"
-    _, accuracy = build_demo_bundle(path)
-    assert accuracy > 0.95
-    return path
+    """Signed demo classifier and detector bundles plus their trust store (built once)."""
+    return build_models(tmp_path_factory.mktemp("models"))
 
 
 class Recorder:

@@ -257,3 +257,31 @@ def test_importing_engines_does_not_import_native_libraries() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert engines.__name__ == "engines"
+
+
+def test_onnxruntime_infer_outputs_returns_every_named_output(tmp_path: Path) -> None:
+    """Multi-output graphs (NMS detectors: boxes, scores, classes) get all outputs by name."""
+    from onnx import TensorProto, helper
+
+    from engines.bundle import Label, Preprocessing, write_bundle
+    from engines.onnxrt import OnnxRuntimeBackend
+
+    nodes = [helper.make_node("ReduceMean", ["input"], ["scores"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Neg", ["scores"], ["neg"])]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N"]),
+                               helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["N"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    bundle = write_bundle(tmp_path / "b", onnx_bytes=model.SerializeToString(), labels=[Label(0, "A", "B")],
+                          name="two", version="1", input_name="input", input_shape=("N", 3, 4, 4),
+                          preprocessing=Preprocessing(height=4, width=4), output_name="scores",
+                          output_kind="probabilities")
+    backend = OnnxRuntimeBackend(threads=1)
+    backend.load(bundle)
+    x = np.full((2, 3, 4, 4), 2.0, dtype=np.float32)
+    out = backend.infer_outputs(x)
+    assert sorted(out) == ["neg", "scores"]
+    np.testing.assert_allclose(out["scores"], [2.0, 2.0])
+    np.testing.assert_allclose(out["neg"], [-2.0, -2.0])
+    backend.close()

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_trt import STATE, State, install
+from fake_trt import STATE, State, install, install_cuda_python
 from onnx_builders import classifier_onnx, classifier_reference, make_bundle
 
 from engines.base import backend_availability, create_backend
 from engines.build import BuildEnv, BuildOptions, SwappingBackend
 from engines.bundle import Bundle, Label
+from engines.cuda import CudaError, open_cuda
 from engines.cuda import available as cuda_available
-from engines.cuda import open_cuda
 from engines.errors import BackendUnavailable, InferenceError, ModelLoadError
 from engines.onnxrt import OnnxRuntimeBackend
 from engines.trt import TensorRTBackend
@@ -111,6 +111,29 @@ def test_cuda_shim_reports_device_and_versions(fake: State) -> None:
     assert cuda_available()[0] is True
 
 
+def test_cuda_shim_over_cuda_python_copies_through_pinned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = install_cuda_python(monkeypatch)
+    cuda = open_cuda()
+    assert (cuda.library, cuda.device_name(), cuda.compute_capability()) == ("cuda-python", "Orin (fake)", (8, 7))
+    assert (cuda.driver_version(), cuda.runtime_version()) == ("12.6", "12.2")
+    host = cuda.pinned_empty((2, 3), np.dtype(np.float32))
+    host[:] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    back = cuda.pinned_empty((2, 3), np.dtype(np.float32))
+    stream = cuda.stream_create()
+    with cuda.context():
+        ptr = cuda.device_alloc(host.nbytes)
+        cuda.htod_async(ptr, host, stream)
+        cuda.dtoh_async(back, ptr, stream)
+        cuda.stream_synchronize(stream)
+    np.testing.assert_array_equal(back, host)
+    with pytest.raises(CudaError, match="cudaMalloc failed: out of memory"):
+        cuda.device_alloc(2 << 30)
+    cuda.device_free(ptr)
+    cuda.stream_destroy(stream)
+    cuda.close()
+    assert state.memory == {}
+
+
 def test_cuda_shim_without_pycuda_or_cuda_python_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("pycuda", "cuda"):
         monkeypatch.setitem(sys.modules, name, None)
@@ -170,7 +193,7 @@ def test_info_reports_gpu_precision_versions_and_the_staleness_key(backend: Tens
     assert (info.kind, info.precision, info.device) == ("tensorrt", "fp16", "Orin (fake)")
     assert info.versions["tensorrt"] == "10.3.0" and info.versions["cuda_runtime"] == "12.2"
     assert len(info.engine_key) == 64
-    plan = next(Path(backend._options.cache_dir).glob("*.plan"))
+    plan = next(Path(str(backend._options.cache_dir)).glob("*.plan"))
     assert plan.name == f"tiny-classifier-1.0.0-{info.engine_key[:16]}.plan"
     backend.close()
     backend.load(bundle)

@@ -27,11 +27,13 @@ from agent.capture import Capture
 from agent.config import parse_config
 from agent.decision import Verdict
 from agent.demo.broker import AmqttBroker, MosquittoBroker, find_mosquitto
+from agent.demo.detector import build_demo_detector_bundle
 from agent.demo.model import build_demo_bundle
 from agent.demo.scenario import DemoCapture, build_scenario, registry_rows, start_time, write_capture
 from agent.plates import key_id
-from agent.registry import import_subset, records_from_plates, write_subset
+from agent.registry import import_signed_subset, records_from_plates, write_subset
 from agent.service import Service
+from engines.signing import generate_keypair, sign_bundle, sign_file
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +85,25 @@ def prepare_workdir(workdir: Path, scenario: list[DemoCapture], echo: Any) -> by
     key_file = workdir / "secrets" / "hmac.key"
     key_file.write_text(key.hex())
     os.chmod(key_file, 0o600)
+    (workdir / "trust").mkdir()
+    private, public = generate_keypair(workdir / "secrets" / "demo-publisher")
+    shutil.copy(public, workdir / "trust" / public.name)
     t = time.perf_counter()
     _, accuracy = build_demo_bundle(workdir / "model")
-    echo(f"  demo model trained in {time.perf_counter() - t:.1f}s (training accuracy {accuracy:.0%}) "
-         "- a DEMO model for the synthetic fleet only")
+    sign_bundle(workdir / "model", private, signer="demo-publisher")
+    build_demo_detector_bundle(workdir / "detector")
+    sign_bundle(workdir / "detector", private, signer="demo-publisher")
+    echo(f"  demo classifier trained in {time.perf_counter() - t:.1f}s (training accuracy {accuracy:.0%}) and "
+         "demo vehicle detector built, both signed - DEMO models for the synthetic fleet only")
     subset = workdir / "registry-snapshot.jsonl.gz"
     rows = registry_rows(scenario)
     write_subset(subset, kind="snapshot", dataset_id="demo-siv", seq=1, key_id=key_id(key),
                  records=records_from_plates(key, rows))
-    state = import_subset(workdir / "registry.db", subset, expected_key_id=key_id(key))
-    echo(f"  registry subset imported: {state.count} plates (stored as HMAC only), seq {state.seq}")
+    sign_file(subset, private, signer="demo-publisher")
+    state, signer = import_signed_subset(workdir / "registry.db", subset, trust_dir=workdir / "trust",
+                                         allow_unsigned=False, expected_key_id=key_id(key))
+    echo(f"  registry subset imported: {state.count} plates (stored as HMAC only), seq {state.seq}, "
+         f"signed by {signer}")
     return key
 
 
@@ -100,9 +111,11 @@ def demo_config(workdir: Path, port: int, protocol: str, host: str = "127.0.0.1"
     return {
         "site": {"site_id": "demo-site", "device_id": "box-01"},
         "spool": {"dir": str(workdir / "spool"), "poll_interval_s": 0.05},
-        "model": {"bundle": str(workdir / "model"), "backend": "auto"},
+        "model": {"bundle": str(workdir / "model"), "detector_bundle": str(workdir / "detector"),
+                  "backend": "auto"},
         "registry": {"db": str(workdir / "registry.db"), "hmac_key_file": str(workdir / "secrets" / "hmac.key")},
         "outbox": {"db": str(workdir / "state.db")},
+        "security": {"trust_dir": str(workdir / "trust")},
         "mqtt": {"host": host, "port": port, "protocol": protocol, "heartbeat_interval_s": 5},
         "log": {"level": "WARNING", "format": "text"},
     }

@@ -30,6 +30,7 @@ class DemoCapture:
     expect: str  # expected outcome, e.g. "match", "mismatch/make"
     night: bool = False
     bad: str | None = None  # "corrupt_jpeg" | "unknown_field"
+    radar_box: bool = False  # the radar gives the vehicle box in the sidecar (else the detector finds it)
 
 
 def siv_plate(rng: np.random.Generator) -> str:
@@ -76,7 +77,7 @@ def build_scenario(n: int = 40, seed: int = 7) -> list[DemoCapture]:
         bad = kind if kind in ("corrupt_jpeg", "unknown_field") else None
         expect = "rejected" if bad else kind
         out.append(DemoCapture(f"demo-{i:04d}", shown, plate, registered, expect,
-                               night=kind == "inconclusive", bad=bad))
+                               night=kind == "inconclusive", bad=bad, radar_box=i % 4 == 1))
     return out
 
 
@@ -99,8 +100,9 @@ def write_capture(c: DemoCapture, incoming: Path, captured_at: datetime, seed: i
         "captured_at": captured_at.isoformat(), "plate": c.plate,
         "plate_confidence": 0.97 if c.plate else 0.0, "direction": "approaching", "lane": 1 + seed % 2,
         "speed_kmh": 90 + seed % 40, "limit_kmh": 80, "equipment": "MESTA-FUSION",
-        "vehicle_box": list(box),
     }
+    if c.radar_box:
+        sidecar["vehicle_box"] = list(box)
     if c.bad == "unknown_field":
         sidecar["colour_guess"] = "red"
     tmp = incoming / f".{c.capture_id}.json.tmp"
