@@ -37,8 +37,8 @@ from agent.config import DecisionConfig
 from agent.registry import RegistryRecord
 from agent.taxonomy import Resolution, Taxonomy
 
-__all__ = ["DEFAULT_OTHER_THRESHOLD", "GENRE_CATEGORIES", "Prediction", "Verdict", "decide", "genre_evidence",
-           "softmax", "thresholds_of", "top_k"]
+__all__ = ["DEFAULT_OTHER_THRESHOLD", "GENRE_CATEGORIES", "KNOWN_CATEGORIES", "Prediction", "Verdict", "decide",
+           "genre_evidence", "softmax", "thresholds_of", "top_k"]
 
 DEFAULT_OTHER_THRESHOLD = 0.3
 
@@ -55,6 +55,7 @@ GENRE_CATEGORIES: dict[str, frozenset[str]] = {
     "QL": frozenset({"car"}),
     **{g: frozenset({"motorcycle"}) for g in ("MTL", "MTT1", "MTT2", "MTTE", "MOTO", "CL", "CYCL")},
 }
+KNOWN_CATEGORIES = frozenset().union(*GENRE_CATEGORIES.values())
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,7 @@ def genre_evidence(record: RegistryRecord, probs: np.ndarray | None,
     evidence["top1_category"] = category or None
     if expected is not None:
         evidence["expected_categories"] = sorted(expected)
-        known = set().union(*GENRE_CATEGORIES.values())
-        evidence["genre_compatible"] = (category in expected) if category in known else None
+        evidence["genre_compatible"] = (category in expected) if category in KNOWN_CATEGORIES else None
     return evidence
 
 

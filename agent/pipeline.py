@@ -85,6 +85,11 @@ class Pipeline:
         """The error that stopped a worker thread, if any (the service exits on it)."""
         return self._fatal
 
+    def _model_info(self) -> dict[str, str]:
+        """Model and backend of this verdict (read each time: "auto" swaps to TensorRT when its build ends)."""
+        info = self.backend.info
+        return {**self.model_info, "backend": info.kind, "device": info.device}
+
     def healthy(self) -> bool:
         """Neither worker is stuck on one capture (the watchdog is fed only while this holds)."""
         return self.liveness.healthy() and self.intake_liveness.healthy()
@@ -243,7 +248,7 @@ class Pipeline:
         plate_problem, key, record = self._plate(capture)
         stale = self.registry.is_stale(self.cfg.registry.max_age_hours)
         verdict = decide(probs=probs, taxonomy=self.taxonomy, record=record, plate_problem=plate_problem,
-                         cfg=self.cfg.decision, registry_stale=stale, model_info=self.model_info,
+                         cfg=self.cfg.decision, registry_stale=stale, model_info=self._model_info(),
                          image_problem=image_problem)
         work.timings["decide"] = (time.perf_counter() - t) * 1e3
         event = self._commit(work, verdict, key)

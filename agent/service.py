@@ -24,6 +24,7 @@ from agent.publisher import Publisher
 from agent.registry import Registry
 from agent.spool import Spool
 from engines.base import Backend, create_backend
+from engines.build import BuildOptions
 from engines.bundle import Bundle
 from engines.errors import BundleError
 from engines.signing import load_trusted_bundle
@@ -59,7 +60,7 @@ class Service:
         self.registry = Registry(cfg.registry.db, hmac_key)
         self._check_registry(key_id(hmac_key))
         bundle = load_trusted_bundle(cfg.model.bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
-        self.backend = create_backend(cfg.model.backend, threads=cfg.model.threads)
+        self.backend = create_backend(cfg.model.backend, threads=cfg.model.threads, build=self._build_options())
         self.backend.load(bundle)
         self.backend.warmup()
         detector = self._load_detector()
@@ -83,6 +84,11 @@ class Service:
         log.info("agent started: site %s device %s, model %s %s on %s", cfg.site.site_id,
                  cfg.site.device_id, bundle.manifest.name, bundle.manifest.version, self.backend.info.kind)
 
+    def _build_options(self) -> BuildOptions:
+        m = self.cfg.model
+        return BuildOptions(precision=m.precision, workspace_mb=m.workspace_mb, max_batch=m.max_batch,
+                            cache_dir=m.engine_cache_dir)
+
     def _load_detector(self) -> tuple[Backend, Bundle] | None:
         """The vehicle detector, when configured: a signed bundle of task "detector", warmed up."""
         cfg = self.cfg
@@ -92,7 +98,8 @@ class Service:
         if bundle.manifest.task != "detector" or bundle.manifest.detector is None:
             raise BundleError(f"{cfg.model.detector_bundle}: model.detector_bundle points at a "
                               f"{bundle.manifest.task} bundle; fix: give a bundle packed with --task detector")
-        self.detector_backend = create_backend(cfg.model.backend, threads=cfg.model.threads)
+        self.detector_backend = create_backend(cfg.model.backend, threads=cfg.model.threads,
+                                               build=self._build_options())
         self.detector_backend.load(bundle)
         self.detector_backend.warmup()
         return self.detector_backend, bundle
@@ -172,5 +179,8 @@ class Service:
             "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
             "versions": {"agent": AGENT_VERSION, "python": platform.python_version(),
                          "backend": self.backend.info.to_dict() if self.backend else None},
+            # "auto" serves with ONNX Runtime while a TensorRT plan builds: idle/building/swapped/failed
+            "engine_build": getattr(self.backend, "build_state", None),
+            "disk_paused": p.disk_paused if p else False,
             "pid": os.getpid(),
         }

@@ -516,7 +516,7 @@ def _cudart() -> types.ModuleType:
         return ok.cudaSuccess, DeviceAllocation(nbytes).ptr
 
     def memcpy(dst: int, src: int, count: int, kind: Any, stream: int) -> tuple[Any]:
-        import ctypes  # noqa: PLC0415  # only this fake needs raw pointers
+        import ctypes  # only this fake needs raw pointers
 
         if kind == kinds.cudaMemcpyHostToDevice:
             STATE.memory[dst][:count] = ctypes.string_at(src, count)
