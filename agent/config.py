@@ -105,6 +105,9 @@ class DecisionConfig(_Section):
     match_threshold: float = Field(0.3, ge=0, le=1,
                                    description="match when P(registered model) reaches this.")
     top_k: int = Field(5, ge=1, le=50, description="How many predictions the verdict's evidence keeps.")
+    other_threshold: float = Field(0.3, ge=0, le=1,
+                                   description="Abstain when the bundle's other/unknown classes hold this much "
+                                               "probability, even below the top-1.")
 
     @model_validator(mode="after")
     def _ordered(self) -> DecisionConfig:

@@ -47,7 +47,7 @@ class Pipeline:
                  detector: tuple[Backend, Bundle] | None = None) -> None:
         self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
         self.registry, self.hmac_key, self.on_verdict = registry, hmac_key, on_verdict
-        self.taxonomy = Taxonomy(bundle.labels)
+        self.taxonomy = Taxonomy(bundle.labels, min_score=cfg.registry.fuzzy_min_score)
         self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing, detector)
         self.liveness = Liveness(stuck_after_s=60.0)  # inference thread
         self.intake_liveness = Liveness(stuck_after_s=60.0)  # decode + detector in the intake thread
@@ -260,7 +260,9 @@ class Pipeline:
         t = time.perf_counter()
         event = topic = None
         if verdict.outcome in self.cfg.mqtt.publish:
-            event = build_event(verdict=verdict.to_dict(), site_id=self.cfg.site.site_id,
+            doc = verdict.to_dict(extended=True)
+            doc["evidence"] = {**doc.get("evidence", {}), "image": work.evidence}
+            event = build_event(verdict=doc, site_id=self.cfg.site.site_id,
                                 device_id=self.cfg.site.device_id, capture_id=capture.capture_id,
                                 captured_at=capture.captured_at.isoformat(),
                                 plate_key=None if key is None else key.hex(),
