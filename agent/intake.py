@@ -7,6 +7,7 @@ that it overlaps classification in the inference thread.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +70,8 @@ class Preparer:
         self.detector = detector
         self.input_side = max(pp.height, pp.width)
         self.detector_errors = 0
+        # One detector runner shared by the intake workers: TensorRT contexts are not thread-safe.
+        self._detector_lock = threading.Lock()
 
     def prepare(self, claimed: Claimed, started: float) -> Work:
         timings: dict[str, float] = {"claim": (time.perf_counter() - started) * 1e3}
@@ -113,7 +116,8 @@ class Preparer:
             classes = bundle.manifest.detector.vehicle_classes
             t = time.perf_counter()
             try:
-                detections = detect_vehicles(image, backend, bundle)
+                with self._detector_lock:
+                    detections = detect_vehicles(image, backend, bundle)
             except EngineError as exc:
                 self.detector_errors += 1
                 return Selection(None, f"detector failed: {exc}", "none", 0)

@@ -50,7 +50,6 @@ class Pipeline:
         self.taxonomy = Taxonomy(bundle.labels, min_score=cfg.registry.fuzzy_min_score)
         self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing, detector)
         self.liveness = Liveness(stuck_after_s=60.0)  # inference thread
-        self.intake_liveness = Liveness(stuck_after_s=60.0)  # decode + detector in the intake thread
         self.outcomes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.latencies_ms: list[float] = []
@@ -58,11 +57,16 @@ class Pipeline:
         self._queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._stop = threading.Event()
         self.disk_paused = False
+        n_intake = cfg.spool.intake_threads
+        self._intake_running = n_intake
+        self._intake_lock = threading.Lock()
         self._intake_done = threading.Event()
         self._fatal: BaseException | None = None
         self._outbox: Outbox | None = None
-        self._threads = [threading.Thread(target=self._intake_loop, name="intake", daemon=True),
-                         threading.Thread(target=self._infer_loop, name="inference", daemon=True)]
+        self.intake_liveness = [Liveness(stuck_after_s=60.0) for _ in range(n_intake)]  # decode + detector
+        self._threads = [threading.Thread(target=self._intake_loop, args=(i,), name=f"intake-{i}", daemon=True)
+                         for i in range(n_intake)]
+        self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
         info = backend.info
         self.model_info = {"name": bundle.manifest.name, "version": bundle.manifest.version,
                            "backend": info.kind, "device": info.device}
@@ -92,7 +96,7 @@ class Pipeline:
 
     def healthy(self) -> bool:
         """Neither worker is stuck on one capture (the watchdog is fed only while this holds)."""
-        return self.liveness.healthy() and self.intake_liveness.healthy()
+        return self.liveness.healthy() and all(lv.healthy() for lv in self.intake_liveness)
 
     def alive(self) -> bool:
         return all(t.is_alive() for t in self._threads)
@@ -101,7 +105,8 @@ class Pipeline:
         return self._queue.qsize()
 
     # -- intake ----------------------------------------------------------------------------
-    def _intake_loop(self) -> None:
+    def _intake_loop(self, index: int) -> None:
+        """One intake worker. Several may run: a claim is an atomic rename, so each capture is taken once."""
         try:
             while not self._stop.is_set():
                 if not self._disk_ok():
@@ -114,7 +119,7 @@ class Pipeline:
                 for capture_id in ids:
                     if self._stop.is_set():
                         break
-                    work = self._intake_one(capture_id)
+                    work = self._intake_one(capture_id, self.intake_liveness[index])
                     if work is not None:
                         self._put(work)
         except BaseException as exc:  # a bug or a disk failure: stop the service, loudly
@@ -122,7 +127,10 @@ class Pipeline:
             self._fatal = exc
             self._stop.set()
         finally:
-            self._intake_done.set()
+            with self._intake_lock:
+                self._intake_running -= 1
+                if self._intake_running == 0:
+                    self._intake_done.set()
 
     def _disk_ok(self) -> bool:
         """The disk guard: pause intake (never delete anything) while free space is low."""
@@ -145,7 +153,7 @@ class Pipeline:
                 if self._fatal is not None:
                     return  # inference died; the capture stays in processing/ for recovery
 
-    def _intake_one(self, capture_id: str) -> Work | None:
+    def _intake_one(self, capture_id: str, liveness: Liveness) -> Work | None:
         started = time.perf_counter()
         try:
             claimed = self.spool.claim(capture_id)
@@ -153,14 +161,14 @@ class Pipeline:
             return None  # the spool moved it to rejected/, counted and logged it
         if claimed is None:
             return None
-        self.intake_liveness.begin()
+        liveness.begin()
         try:
             return self.preparer.prepare(claimed, started)
         except CaptureRejected as exc:
             self.spool.reject(capture_id, exc)
             return None
         finally:
-            self.intake_liveness.end()
+            liveness.end()
 
     # -- inference -------------------------------------------------------------------------
     def _infer_loop(self) -> None:
