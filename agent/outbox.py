@@ -16,7 +16,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, seq);
 """
+
+
+# (capture_id, outcome, event document or None, topic or None)
+Recorded = tuple[str, str, dict[str, Any] | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,31 @@ class Outbox:
                     "INSERT INTO outbox (event_id, topic, payload, created_at, attempts, next_attempt_at) "
                     "VALUES (?, ?, ?, ?, 0, 0)", (event_id, topic, payload, time.time()))
         return True
+
+    def record_many(self, items: Sequence[Recorded]) -> list[bool]:
+        """``record`` for several captures in ONE transaction (one fsync: group commit).
+
+        Each item is (capture_id, outcome, event, topic). Returns, per item, False when that
+        capture was already processed (nothing changed for it), True otherwise.
+        """
+        for _, _, event, topic in items:
+            if (event is None) != (topic is None):
+                raise ValueError("event and topic go together: give both or neither")
+        now_iso = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        done: list[bool] = []
+        with self._errors(f"record {len(items)} captures"), self._transaction() as db:
+            for capture_id, outcome, event, topic in items:
+                event_id = str(event["event_id"]) if event is not None else None
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO processed (capture_id, outcome, event_id, processed_at) "
+                    "VALUES (?, ?, ?, ?)", (capture_id, outcome, event_id, now_iso))
+                done.append(cur.rowcount == 1)
+                if cur.rowcount == 1 and event is not None:
+                    payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+                    db.execute(
+                        "INSERT INTO outbox (event_id, topic, payload, created_at, attempts, next_attempt_at) "
+                        "VALUES (?, ?, ?, ?, 0, 0)", (event_id, topic, payload, time.time()))
+        return done
 
     def is_processed(self, capture_id: str) -> bool:
         with self._errors(f"read capture {capture_id}"):

@@ -1,4 +1,4 @@
-"""The capture pipeline: an intake thread and an inference thread joined by a bounded queue.
+"""The capture pipeline: intake thread(s) → bounded queue → inference thread → commit thread.
 
 intake (claim → JPEG checks → reduced decode → crop → quality → preprocess) overlaps
 inference (infer → calibrate → registry → decide → outbox commit → spool finish):
@@ -12,19 +12,16 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from agent.capture import Capture
+from agent.committer import Committer, Decided, VerdictCallback
 from agent.config import Config
-from agent.decision import Verdict, decide, softmax
+from agent.decision import decide, softmax
 from agent.errors import CaptureRejected, EngineError, PlateError
-from agent.events import build_event, topic_for
 from agent.health import Liveness
 from agent.intake import Preparer, Work
-from agent.outbox import Outbox
 from agent.plates import normalise_plate, plate_key
 from agent.registry import Registry, RegistryRecord
 from agent.spool import Spool
@@ -36,11 +33,10 @@ log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = 8
 
-VerdictCallback = Callable[[Capture, Verdict, "dict[str, Any] | None"], None]
 
 
 class Pipeline:
-    """Owns the two worker threads. The service owns everything they use."""
+    """Owns the worker threads. The service owns everything they use."""
 
     def __init__(self, cfg: Config, spool: Spool, backend: Backend, bundle: Bundle,
                  registry: Registry, hmac_key: bytes, on_verdict: VerdictCallback | None = None,
@@ -50,10 +46,8 @@ class Pipeline:
         self.taxonomy = Taxonomy(bundle.labels, min_score=cfg.registry.fuzzy_min_score)
         self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing, detector)
         self.liveness = Liveness(stuck_after_s=60.0)  # inference thread
-        self.outcomes: Counter[str] = Counter()
+        self.committer = Committer(cfg, spool, on_verdict)
         self.errors: Counter[str] = Counter()
-        self.latencies_ms: list[float] = []
-        self.stage_samples: dict[str, list[float]] = {}  # recent per-stage ms, for heartbeat and benchmarks
         self._queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._stop = threading.Event()
         self.disk_paused = False
@@ -62,11 +56,11 @@ class Pipeline:
         self._intake_lock = threading.Lock()
         self._intake_done = threading.Event()
         self._fatal: BaseException | None = None
-        self._outbox: Outbox | None = None
         self.intake_liveness = [Liveness(stuck_after_s=60.0) for _ in range(n_intake)]  # decode + detector
         self._threads = [threading.Thread(target=self._intake_loop, args=(i,), name=f"intake-{i}", daemon=True)
                          for i in range(n_intake)]
         self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
+        self._threads.append(self.committer.thread)
         info = backend.info
         self.model_info = {"name": bundle.manifest.name, "version": bundle.manifest.version,
                            "backend": info.kind, "device": info.device}
@@ -79,7 +73,7 @@ class Pipeline:
             t.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop claiming; finish what was already claimed; join both threads."""
+        """Stop claiming; classify and commit what was already claimed; join every thread."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout)
@@ -87,7 +81,20 @@ class Pipeline:
     @property
     def fatal(self) -> BaseException | None:
         """The error that stopped a worker thread, if any (the service exits on it)."""
-        return self._fatal
+        return self._fatal or self.committer.fatal
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        return self.committer.outcomes
+
+    @property
+    def latencies_ms(self) -> list[float]:
+        return self.committer.latencies_ms
+
+    @property
+    def stage_samples(self) -> dict[str, list[float]]:
+        """Recent per-stage ms, for the heartbeat and the benchmarks."""
+        return self.committer.stage_samples
 
     def _model_info(self) -> dict[str, str]:
         """Model and backend of this verdict (read each time: "auto" swaps to TensorRT when its build ends)."""
@@ -96,7 +103,8 @@ class Pipeline:
 
     def healthy(self) -> bool:
         """Neither worker is stuck on one capture (the watchdog is fed only while this holds)."""
-        return self.liveness.healthy() and all(lv.healthy() for lv in self.intake_liveness)
+        return (self.liveness.healthy() and self.committer.liveness.healthy()
+                and all(lv.healthy() for lv in self.intake_liveness))
 
     def alive(self) -> bool:
         return all(t.is_alive() for t in self._threads)
@@ -150,7 +158,7 @@ class Pipeline:
                 self._queue.put(work, timeout=0.1)
                 return
             except queue.Full:
-                if self._fatal is not None:
+                if self.fatal is not None:
                     return  # inference died; the capture stays in processing/ for recovery
 
     def _intake_one(self, capture_id: str, liveness: Liveness) -> Work | None:
@@ -173,7 +181,6 @@ class Pipeline:
     # -- inference -------------------------------------------------------------------------
     def _infer_loop(self) -> None:
         try:
-            self._outbox = Outbox(self.cfg.outbox.db)  # this thread's own connection
             while True:
                 batch = self._next_batch()
                 if batch is None:
@@ -192,8 +199,7 @@ class Pipeline:
             self._fatal = exc
             self._stop.set()
         finally:
-            if self._outbox is not None:
-                self._outbox.close()
+            self.committer.inputs_done()
 
     def _next_batch(self) -> list[Work] | None:
         """Micro-batching: one item (waiting ≤ 0.1 s), then whatever else is queued, up to
@@ -259,44 +265,4 @@ class Pipeline:
                          cfg=self.cfg.decision, registry_stale=stale, model_info=self._model_info(),
                          image_problem=image_problem)
         work.timings["decide"] = (time.perf_counter() - t) * 1e3
-        event = self._commit(work, verdict, key)
-        work.timings["total"] = (time.perf_counter() - work.started) * 1e3
-        self._account(capture, verdict, event, work.timings)
-
-    def _commit(self, work: Work, verdict: Verdict, key: bytes | None) -> dict[str, Any] | None:
-        capture = work.claimed.capture
-        t = time.perf_counter()
-        event = topic = None
-        if verdict.outcome in self.cfg.mqtt.publish:
-            doc = verdict.to_dict(extended=True)
-            doc["evidence"] = {**doc.get("evidence", {}), "image": work.evidence}
-            event = build_event(verdict=doc, site_id=self.cfg.site.site_id,
-                                device_id=self.cfg.site.device_id, capture_id=capture.capture_id,
-                                captured_at=capture.captured_at.isoformat(),
-                                plate_key=None if key is None else key.hex(),
-                                timings_ms={k: round(v, 2) for k, v in work.timings.items()})
-            topic = topic_for(self.cfg.topic_root, verdict.outcome)
-        assert self._outbox is not None  # opened by _infer_loop before any work
-        if not self._outbox.record(capture.capture_id, verdict.outcome, event, topic):
-            log.info("capture %s was already processed; not sent twice", capture.capture_id)
-            event = None
-        self.spool.finish(capture.capture_id)
-        work.timings["commit"] = (time.perf_counter() - t) * 1e3
-        return event
-
-    def _account(self, capture: Capture, verdict: Verdict, event: dict[str, Any] | None,
-                 timings: dict[str, float]) -> None:
-        key = verdict.outcome if verdict.level is None else f"{verdict.outcome}/{verdict.level}"
-        self.outcomes[key] += 1
-        self.latencies_ms.append(timings["total"])
-        del self.latencies_ms[:-1000]
-        for stage, ms in timings.items():
-            samples = self.stage_samples.setdefault(stage, [])
-            samples.append(ms)
-            del samples[:-1000]
-        log.info("capture %s: %s", capture.capture_id, key,
-                 extra={"capture_id": capture.capture_id, "verdict": key, "reason": verdict.reason,
-                        "stage_ms": {k: round(v, 1) for k, v in timings.items()},
-                        "event_id": None if event is None else event["event_id"]})
-        if self.on_verdict is not None:
-            self.on_verdict(capture, verdict, event)
+        self.committer.put(Decided(work, verdict, key))

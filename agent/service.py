@@ -14,11 +14,12 @@ import threading
 import time
 from typing import Any
 
+from agent.committer import VerdictCallback
 from agent.config import Config, read_secret
 from agent.health import sd_notify, watchdog_interval_s
 from agent.link import MqttLink
 from agent.outbox import Outbox
-from agent.pipeline import Pipeline, VerdictCallback
+from agent.pipeline import Pipeline
 from agent.plates import key_id, load_hmac_key
 from agent.publisher import Publisher
 from agent.registry import Registry

@@ -3,9 +3,11 @@
 Usage: .venv/bin/python benchmarks/registry_bench.py [--n 1000000] [--lookups 10000] [--compare-sqlite-utils]
 
 Generates N synthetic SIV plates, writes a hashed snapshot file, imports it with
-agent.registry.import_subset (one transaction, raw executemany), then times 10k lookups through
-Registry.lookup (normalise + HMAC + raw sqlite3 SELECT) and raw primary-key SELECTs, half hits and
-half misses. --compare-sqlite-utils also times sqlite-utils insert_all in one transaction.
+agent.registry.import_subset (one transaction, raw executemany) into an empty cache and over the
+full cache, then signs it and imports it again with import_signed_subset (verify + parse the
+verified bytes from memory). Then times 10k lookups through Registry.lookup (normalise + HMAC + raw
+sqlite3 SELECT) and raw primary-key SELECTs, half hits and half misses. --compare-sqlite-utils also
+times sqlite-utils insert_all in one transaction.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import sqlite_utils
 
 from agent.plates import key_id, plate_key
-from agent.registry import Registry, import_subset, records_from_plates, write_subset
+from agent.registry import Registry, import_signed_subset, import_subset, records_from_plates, write_subset
+from engines.signing import generate_keypair, sign_file
 
 LETTERS = "ABCDEFGHJKLMNPQRTVWXYZ"  # SIV letters without I, O, U; no S so no SS block
 MAKES = [("RENAULT", "CLIO"), ("PEUGEOT", "208"), ("CITROEN", "C3"), ("DACIA", "SANDERO"),
@@ -91,6 +94,20 @@ def time_sqlite_utils(n: int, key: bytes, work: Path) -> float:
     return time.perf_counter() - t0
 
 
+def time_signed_import(db: Path, file: Path, key: bytes, work: Path) -> float:
+    """Sign ``file`` with a fresh key, trust it, and time import_signed_subset over the cache."""
+    (work / "keys").mkdir()
+    (work / "trust").mkdir()
+    private, public = generate_keypair(work / "keys" / "publisher")
+    (work / "trust" / "publisher.pub").write_bytes(public.read_bytes())
+    sign_file(file, private)
+    t0 = time.perf_counter()
+    _, signer = import_signed_subset(db, file, trust_dir=work / "trust", allow_unsigned=False,
+                                     expected_key_id=key_id(key))
+    assert signer == "publisher", signer
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -111,6 +128,7 @@ def main() -> None:
         t0 = time.perf_counter()
         import_subset(db, file, expected_key_id=key_id(key))
         t_reimport = time.perf_counter() - t0
+        t_signed = time_signed_import(db, file, key, work)
         lk = time_lookups(db, key, args.n, args.lookups)
         size = sum(p.stat().st_size for p in work.glob("registry.db*"))
         t_su = time_sqlite_utils(args.n, key, work) if args.compare_sqlite_utils else None
@@ -120,6 +138,7 @@ def main() -> None:
             ("write_subset (central side)", f"{t_write:.2f} s"),
             ("import snapshot into empty cache", f"{t_import:.2f} s ({args.n / t_import:,.0f} rec/s)"),
             ("import snapshot replacing cache", f"{t_reimport:.2f} s ({args.n / t_reimport:,.0f} rec/s)"),
+            ("signed import replacing cache", f"{t_signed:.2f} s ({args.n / t_signed:,.0f} rec/s)"),
             ("lookup raw sqlite3 p50 / p99", f"{lk['raw_p50'] * 1e6:.1f} / {lk['raw_p99'] * 1e6:.1f} µs"),
             ("Registry.lookup p50 / p99", f"{lk['api_p50'] * 1e6:.1f} / {lk['api_p99'] * 1e6:.1f} µs"),
             ("db size (incl. WAL)", f"{size / 1e6:.1f} MB ({size / args.n:.0f} B/rec)"),

@@ -12,7 +12,6 @@ import json
 import logging
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,9 +25,8 @@ from rich.progress import Progress
 from agent.config import load_config, read_secret
 from agent.errors import IaflashError, RegistryError
 from agent.plates import key_id, load_hmac_key
-from agent.registry import RegistryState, import_subset, read_state
+from agent.registry import RegistryState, import_signed_subset, read_state
 from engines.errors import EngineError
-from engines.signing import read_trusted_file
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +126,10 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
                as_json: bool) -> None:
     """Import a registry subset FILE (snapshot or delta) into the cache, in one transaction.
 
-    On any error the cache is left exactly as it was. A delta must follow the cache's seq.
+    FILE must be signed (FILE.sig, written at central by `iaflash-engines sign FILE --key KEY`) by a
+    key whose .pub is in [security] trust_dir; [security] allow_unsigned = true also accepts unsigned
+    files, for development only. The bytes whose signature was checked are the bytes imported. On
+    any error the cache is left exactly as it was. A delta must follow the cache's seq.
 
     \b
     Example:
@@ -141,24 +142,20 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
     expected = key_id(load_hmac_key(raw))
     records = [0]
     start = time.perf_counter()
-    # The signature is checked on the bytes we then import (a private copy): no check-then-swap window.
-    data, verified = read_trusted_file(file, cfg.security.trust_dir, cfg.security.allow_unsigned)
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=db_path.parent, prefix=".verified-", suffix=file.name) as copy, \
-            _progress_printer(f"importing {file.name}") as show:
-        copy.write(data)
-        copy.flush()
-
+    with _progress_printer(f"importing {file.name}") as show:
         def progress(done: int, total: int) -> None:
             records[0] = done
             show(done, total)
 
-        state = import_subset(db_path, Path(copy.name), expected_key_id=expected, progress=progress)
+        state, signer = import_signed_subset(
+            db_path, file, trust_dir=cfg.security.trust_dir, allow_unsigned=cfg.security.allow_unsigned,
+            expected_key_id=expected, progress=progress)
     seconds = time.perf_counter() - start
     rate = records[0] / seconds if seconds > 0 else 0.0
     doc = {"command": "registry import", "file": str(file), "db": str(db_path), "records": records[0],
            "seconds": round(seconds, 3), "records_per_s": round(rate), "state": state.to_dict(),
-           "signed_by": None if verified is None else verified.name}
+           "signed_by": signer}
     _emit(doc, as_json, f"imported {state.kind} {state.dataset_id} seq {state.seq}: {records[0]} records "
                         f"in {seconds:.1f} s ({rate:,.0f} records/s); {state.count} vehicles in {db_path}")
 

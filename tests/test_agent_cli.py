@@ -18,6 +18,7 @@ from onnx_builders import LABELS, classifier_onnx
 
 from agent.cli import EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
 from engines.bundle import Preprocessing, write_bundle
+from engines.signing import generate_keypair, sign_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,10 @@ def good_config(tmp_path: Path) -> Path:
     write_bundle(bundle, onnx_bytes=classifier_onnx(num_classes=len(LABELS)), labels=LABELS,
                  name="tiny-classifier", version="1.0.0", input_name="input", input_shape=["N", 3, 8, 8],
                  preprocessing=Preprocessing(height=8, width=8), output_name="logits")
+    (tmp_path / "trust").mkdir()
+    private, public = generate_keypair(tmp_path / "publisher")
+    public.rename(tmp_path / "trust" / public.name)
+    sign_bundle(bundle, private, signer="test-publisher")
     key = tmp_path / "hmac.key"
     key.write_text("00" * 32 + "\n")
     key.chmod(0o600)
@@ -39,6 +44,7 @@ def good_config(tmp_path: Path) -> Path:
         f'[model]\nbundle = "{bundle}"\n'
         f'[registry]\ndb = "{tmp_path}/var/registry.db"\nhmac_key_file = "{key}"\n'
         f'[outbox]\ndb = "{tmp_path}/var/state.db"\n'
+        f'[security]\ntrust_dir = "{tmp_path}/trust"\n'
     )
     return path
 
@@ -243,3 +249,14 @@ def test_run_with_an_invalid_config_exits_1_listing_each_issue(runner: CliRunner
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2
     assert all(line.startswith(f"error: {path}: mqtt.") for line in lines)
+
+
+def test_check_config_reports_an_unsigned_bundle_with_the_fix(good_config: Path) -> None:
+    """Removing the bundle's signature makes check-config exit 3 naming model.bundle and how to fix it."""
+    (good_config.parent / "bundle" / "manifest.sig").unlink()
+    result = CliRunner().invoke(main, ["check-config", "--json", str(good_config)])
+    assert result.exit_code == 3
+    doc = json.loads(result.output)
+    (issue,) = doc["issues"]
+    assert issue["key"] == "model.bundle"
+    assert "not signed" in issue["problem"]

@@ -128,7 +128,8 @@ def test_a_full_valid_file_parses_every_key(tmp_path: Path) -> None:
     assert cfg.registry.hmac_key_file == Path("/srv/hmac.key")
     assert cfg.registry.max_age_hours == 24
     assert cfg.decision.model_dump() == {"min_plate_confidence": 0.7, "min_top1": 0.65, "make_threshold": 0.02,
-                                         "model_threshold": 0.03, "match_threshold": 0.4, "top_k": 3}
+                                         "model_threshold": 0.03, "match_threshold": 0.4, "top_k": 3,
+                                         "other_threshold": 0.3}
     assert cfg.outbox.db == Path("/srv/state.db")
     assert cfg.mqtt.port == 8883
     assert cfg.mqtt.protocol == "3.1.1"
@@ -158,14 +159,14 @@ def test_unknown_key_is_refused_with_its_dotted_key_and_the_allowed_keys(tmp_pat
     assert issue.key == "decision.min_top_1"
     assert "remove it or correct its spelling" in issue.fix
     assert ("allowed keys here: make_threshold, match_threshold, min_plate_confidence, min_top1, "
-            "model_threshold, top_k") in issue.fix
+            "model_threshold, other_threshold, top_k") in issue.fix
 
 
 def test_unknown_section_lists_the_allowed_sections(tmp_path: Path) -> None:
     """An unknown top-level table is named, and the fix lists the real sections."""
     _, issue = _only_issue(tmp_path, "[mqqt]\nhost = 'x'\n")
     assert issue.key == "mqqt"
-    assert "allowed keys here: decision, log, model, mqtt, outbox, registry, site, spool" in issue.fix
+    assert "allowed keys here: decision, log, model, mqtt, outbox, registry, security, site, spool" in issue.fix
 
 
 def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:

@@ -405,7 +405,7 @@ def test_other_threshold_keyword_overrides_the_default() -> None:
 
 def test_other_threshold_is_read_from_the_config_when_it_has_the_key() -> None:
     """A config with an other_threshold field is used when no keyword is given."""
-    cfg = _CfgWithOther(**CFG.model_dump())
+    cfg = DecisionConfig(**{**CFG.model_dump(), "other_threshold": 0.5})
     verdict = _decide(_probs(0.01, 0.01, 0.65, 0.33), CLIO, taxonomy=TAX_OTHER, cfg=cfg)
     assert (verdict.outcome, verdict.level) == ("mismatch", "make")
     assert verdict.thresholds["other_threshold"] == 0.5

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from agent.plates import key_id
 from agent.registry import Registry, RegistryRecord, import_subset, records_from_plates, write_subset
 from central.subsets import registry_group
+from engines.signing import generate_keypair, sign_file
 from provisioning.cli import cli
 
 KEY = bytes(range(32))
@@ -55,17 +56,29 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def config(tmp_path: Path, key_file: Path) -> Path:
+def publisher(tmp_path: Path) -> Path:
+    """Central's signing key (keys/publisher.key); its .pub is copied into the box's trust store."""
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "trust").mkdir()
+    key, pub = generate_keypair(tmp_path / "keys" / "publisher")
+    (tmp_path / "trust" / "publisher.pub").write_bytes(pub.read_bytes())
+    return key
+
+
+@pytest.fixture
+def config(tmp_path: Path, key_file: Path, publisher: Path) -> Path:
     path = tmp_path / "agent.toml"
     path.write_text(f'[registry]\ndb = "{tmp_path / "registry.db"}"\nhmac_key_file = "{key_file}"\n'
-                    "max_age_hours = 48\n")
+                    f'max_age_hours = 48\n[security]\ntrust_dir = "{tmp_path / "trust"}"\n')
     return path
 
 
 @pytest.fixture
-def snap(tmp_path: Path) -> Path:
+def snap(tmp_path: Path, publisher: Path) -> Path:
+    """A snapshot signed by the publisher (snap.jsonl.gz.sig beside it)."""
     path = tmp_path / "snap.jsonl.gz"
     write_subset(path, dataset_id="siv-test", seq=1, key_id=KID, records=records_from_plates(KEY, FLEET))
+    sign_file(path, publisher)
     return path
 
 
@@ -103,12 +116,14 @@ def test_import_json_document_on_stdout(config: Path, snap: Path, tmp_path: Path
     assert {k: doc["state"][k] for k in ("dataset_id", "seq", "key_id", "kind", "count")} == \
         {"dataset_id": "siv-test", "seq": 1, "key_id": KID, "kind": "snapshot", "count": 2}
     assert "importing snap.jsonl.gz: 2/2 records" in result.stderr
+    assert doc["signed_by"] == "publisher"
     assert opened(tmp_path / "registry.db").lookup("ab 123 cd") == RegistryRecord("RENAULT", "CLIO", "VP", "CI")
 
 
-def test_import_text_summary_and_key_file_option(snap: Path, key_file: Path, tmp_path: Path) -> None:
+def test_import_text_summary_and_key_file_option(snap: Path, key_file: Path, config: Path, tmp_path: Path) -> None:
     db = tmp_path / "other.db"
-    result = CliRunner().invoke(cli, ["registry", "import", str(snap), "--db", str(db), "--key-file", str(key_file)])
+    result = CliRunner().invoke(cli, ["registry", "import", str(snap), "--db", str(db), "--key-file", str(key_file),
+                                      "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "imported snapshot siv-test seq 1: 2 records" in result.stdout
     assert "records/s" in result.stdout
@@ -132,19 +147,40 @@ def test_status_of_a_missing_cache_exits_1_naming_the_file(tmp_path: Path) -> No
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("case", ["missing", "not-gzip", "key-mismatch"])
-def test_import_errors_exit_1_with_a_message_naming_the_file(case: str, config: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["missing", "not-gzip", "key-mismatch", "unsigned", "tampered", "untrusted"])
+def test_import_errors_exit_1_with_a_message_naming_the_file(case: str, config: Path, publisher: Path,
+                                                             tmp_path: Path) -> None:
     file = tmp_path / f"{case}.jsonl.gz"
+    if case != "missing":
+        other = bytes(range(50, 82)) if case == "key-mismatch" else KEY
+        write_subset(file, dataset_id="x", seq=1, key_id=key_id(other), records=records_from_plates(other, FLEET))
     if case == "not-gzip":
         file.write_text("hello\n")
-    elif case == "key-mismatch":
-        other = bytes(range(50, 82))
-        write_subset(file, dataset_id="x", seq=1, key_id=key_id(other), records=records_from_plates(other, FLEET))
+    if case == "untrusted":
+        publisher = generate_keypair(tmp_path / "keys" / "stranger")[0]
+    if case not in ("missing", "unsigned"):
+        sign_file(file, publisher)
+    if case == "tampered":
+        data = file.read_bytes()
+        file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     result = CliRunner().invoke(cli, ["registry", "import", str(file), "--config", str(config), "--json"])
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: {file}")
-    assert "fix:" in result.stderr
+    assert "fix:" in result.stderr or case == "untrusted"  # engines' message: "add the publisher's .pub ..."
     assert result.stdout == ""
+    assert not (tmp_path / "registry.db").exists() or opened(tmp_path / "registry.db").state() is None
+
+
+def test_unsigned_file_is_imported_when_the_config_allows_it(snap: Path, config: Path, tmp_path: Path) -> None:
+    (tmp_path / "snap.jsonl.gz.sig").unlink()
+    refused = CliRunner().invoke(cli, ["registry", "import", str(snap), "--config", str(config)])
+    assert refused.exit_code == 1
+    assert f"error: {snap}: not signed" in refused.stderr and "allow_unsigned" in refused.stderr
+    config.write_text(config.read_text() + "allow_unsigned = true\n")
+    result = CliRunner().invoke(cli, ["registry", "import", str(snap), "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["signed_by"], doc["state"]["seq"]) == (None, 1)
 
 
 def test_key_file_readable_by_others_is_refused(snap: Path, key_file: Path, tmp_path: Path) -> None:
@@ -181,7 +217,8 @@ def test_installed_entry_point_imports_with_plain_progress_on_stderr(config: Pat
     assert "error: /nonexistent/x.gz: no such file" in bad.stderr
 
 
-def test_central_build_makes_files_the_box_imports(tmp_path: Path, key_file: Path, config: Path) -> None:
+def test_central_build_makes_files_the_box_imports(tmp_path: Path, key_file: Path, config: Path,
+                                                   publisher: Path) -> None:
     csv1 = tmp_path / "siv.csv"
     csv1.write_text("plate,make,model,genre,body\nab 123 cd,RENAULT,CLIO,VP,CI\n1234 AB 75,CITROEN,2CV,VP,\n")
     csv2 = tmp_path / "changes.csv"
@@ -193,6 +230,7 @@ def test_central_build_makes_files_the_box_imports(tmp_path: Path, key_file: Pat
                                              "--kind", "delta", "--base-seq", "1"])
     assert (r1.exit_code, r2.exit_code) == (0, 0), r1.output + r2.output
     for out in (out1, out2):
+        sign_file(out, publisher)  # central: iaflash-engines sign OUT --key keys/publisher.key
         assert CliRunner().invoke(cli, ["registry", "import", str(out), "--config", str(config)]).exit_code == 0
     reg = opened(tmp_path / "registry.db")
     assert reg.lookup("AB-123-CD") is None

@@ -19,16 +19,20 @@ from typing import Any
 
 import pytest
 
-from agent.errors import PlateError, RegistryError, RegistryFileError
+import agent.registry as registry_module
+from agent.errors import PlateError, RegistryError, RegistryFileError, SignatureError, UntrustedKey
 from agent.plates import key_id, plate_key
 from agent.registry import (
     Registry,
     RegistryRecord,
+    RegistryState,
+    import_signed_subset,
     import_subset,
     read_state,
     records_from_plates,
     write_subset,
 )
+from engines.signing import generate_keypair, read_trusted_file, sign_file
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
@@ -271,24 +275,6 @@ def test_missing_file_and_non_gzip_file_name_the_file(db: Path, tmp_path: Path) 
         import_subset(db, tmp_path / "plain.txt", expected_key_id=KID)
 
 
-def test_subset_file_round_trips_and_header_accepts_a_trailing_z(tmp_path: Path) -> None:
-    file = raw_file(tmp_path / "z.gz", header(count=1), [GOOD])
-    state = import_subset(tmp_path / "z.db", file, expected_key_id=None)
-    assert state.created_at == datetime(2026, 11, 20, 10, tzinfo=timezone.utc)
-    written = snapshot(tmp_path / "w.gz")
-    with gzip.open(written, "rt") as fh:
-        head = json.loads(fh.readline())
-        assert [json.loads(line)["op"] for line in fh] == ["upsert"] * 4
-    assert (head["count"], head["kind"], head["base_seq"], head["key_id"]) == (4, "snapshot", None, KID)
-
-
-def test_write_subset_refuses_a_bad_record_and_leaves_no_file(tmp_path: Path) -> None:
-    with pytest.raises(RegistryFileError, match="plate_key"):
-        write_subset(tmp_path / "x.gz", dataset_id="d", seq=1, key_id=KID,
-                     records=[{"op": "upsert", "plate_key": "xyz", "make": "A", "model": "B"}])
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_progress_is_reported_up_to_the_total(tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
     rows = [(f"{n}-{lets}-75", "FIAT", "PANDA", None, None) for n in range(1, 10_000) for lets in ("A", "B", "C")]
@@ -372,3 +358,135 @@ def test_sigkill_mid_import_leaves_the_cache_at_its_previous_seq(db: Path, big_s
     assert reg.lookup("AB-123-CD") == RegistryRecord("RENAULT", "CLIO", "VP", "CI")
     state = import_subset(db, big_snapshot, expected_key_id=KID)  # the cache still takes the next import
     assert (state.seq, state.count) == (2, 300_000)
+
+
+# ---------------------------------------------------------------- signed imports
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """keys/ holds publisher.key/.pub and stranger.key/.pub."""
+    root = tmp_path / "keys"
+    root.mkdir()
+    generate_keypair(root / "publisher")
+    generate_keypair(root / "stranger")
+    return root
+
+
+@pytest.fixture
+def trust(tmp_path: Path, keys: Path) -> Path:
+    """A trust store holding only the publisher's public key."""
+    root = tmp_path / "trust"
+    root.mkdir()
+    (root / "publisher.pub").write_bytes((keys / "publisher.pub").read_bytes())
+    return root
+
+
+def signed(file: Path, keys: Path, signer: str = "publisher") -> Path:
+    sign_file(file, keys / f"{signer}.key")
+    return file
+
+
+def signed_import(db: Path, file: Path, trust: Path, *,
+                  allow_unsigned: bool = False) -> tuple[RegistryState, str | None]:
+    return import_signed_subset(db, file, trust_dir=trust, allow_unsigned=allow_unsigned, expected_key_id=KID)
+
+
+def test_signed_snapshot_imports_and_names_the_trusted_signer(tmp_path: Path, keys: Path, trust: Path) -> None:
+    file = signed(snapshot(tmp_path / "s.jsonl.gz"), keys)
+    state, signer = signed_import(tmp_path / "r.db", file, trust)
+    assert signer == "publisher"
+    assert (state.kind, state.seq, state.count) == ("snapshot", 1, 4)
+    assert opened(tmp_path / "r.db").lookup("ab-123-cd") == RegistryRecord("RENAULT", "CLIO", "VP", "CI")
+    assert sorted(p.name for p in tmp_path.glob("r.db*")) == ["r.db", "r.db-shm", "r.db-wal"]  # no temp copy
+
+
+def test_signed_deltas_apply_in_seq_order_and_a_skipped_one_is_a_gap(
+        db: Path, tmp_path: Path, keys: Path, trust: Path) -> None:
+    d2 = signed(delta(tmp_path / "d2.gz", [upsert("AB-123-CD", "RENAULT", "MEGANE")], seq=2, base=1), keys)
+    d3 = signed(delta(tmp_path / "d3.gz", [remove("EF-456-GH")], seq=3, base=2), keys)
+    with pytest.raises(RegistryError, match="gap: cache at seq 1, delta expects base 2"):
+        signed_import(db, d3, trust)
+    assert signed_import(db, d2, trust)[0].seq == 2
+    state, signer = signed_import(db, d3, trust)
+    assert (state.seq, state.kind, state.count, signer) == (3, "delta", 3, "publisher")
+    reg = opened(db)
+    assert reg.lookup("AB-123-CD") == RegistryRecord("RENAULT", "MEGANE", None, None)
+    assert reg.lookup("EF-456-GH") is None
+
+
+def test_a_file_altered_after_signing_is_refused_and_the_cache_is_unchanged(
+        db: Path, tmp_path: Path, keys: Path, trust: Path) -> None:
+    before = rows_of(db)
+    file = signed(snapshot(tmp_path / "s.gz", seq=5), keys)
+    sig = (tmp_path / "s.gz.sig").read_bytes()
+    snapshot(file, [("XY-321-ZT", "BMW", "X1", None, None)], seq=5)  # same name, other content, old .sig
+    (tmp_path / "s.gz.sig").write_bytes(sig)
+    with pytest.raises(SignatureError, match="altered after signing") as info:
+        signed_import(db, file, trust)
+    assert str(file) in str(info.value) and "fix:" in str(info.value)
+    assert rows_of(db) == before
+    assert read_state(db).seq == 1  # type: ignore[union-attr]  # db fixture imported seq 1
+
+
+def test_a_file_signed_by_an_untrusted_key_is_refused_and_the_cache_is_unchanged(
+        db: Path, tmp_path: Path, keys: Path, trust: Path) -> None:
+    before = rows_of(db)
+    file = signed(snapshot(tmp_path / "s.gz", seq=5), keys, signer="stranger")
+    with pytest.raises(UntrustedKey, match="not in the trust store") as info:
+        signed_import(db, file, trust, allow_unsigned=True)  # a bad signature is never waved through
+    assert str(file) in str(info.value)
+    assert rows_of(db) == before
+    assert read_state(db).seq == 1  # type: ignore[union-attr]  # db fixture imported seq 1
+
+
+def test_an_unsigned_file_is_refused_with_the_fix(db: Path, tmp_path: Path, trust: Path) -> None:
+    before = rows_of(db)
+    file = snapshot(tmp_path / "s.gz", seq=5)
+    with pytest.raises(SignatureError, match="not signed") as info:
+        signed_import(db, file, trust)
+    message = str(info.value)
+    assert message.startswith(f"{file}: ")
+    assert f"iaflash-engines sign {file} --key" in message and "allow_unsigned" in message
+    assert rows_of(db) == before
+
+
+def test_an_unsigned_file_is_accepted_with_a_warning_when_allowed(
+        db: Path, tmp_path: Path, trust: Path, caplog: pytest.LogCaptureFixture) -> None:
+    file = snapshot(tmp_path / "s.gz", [("XY-321-ZT", "BMW", "X1", None, None)], seq=5)
+    with caplog.at_level(logging.WARNING):
+        state, signer = signed_import(db, file, trust, allow_unsigned=True)
+    assert (state.seq, state.count, signer) == (5, 1, None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(file) in w and "NOT signed" in w for w in warnings), warnings
+
+
+def test_no_trust_store_refuses_a_signed_file_naming_it(db: Path, tmp_path: Path, keys: Path) -> None:
+    file = signed(snapshot(tmp_path / "s.gz", seq=5), keys)
+    with pytest.raises(SignatureError, match=r"trust store .* is not a directory") as info:
+        signed_import(db, file, tmp_path / "no-trust")
+    assert str(info.value).startswith(f"{file}: ")
+    assert read_state(db).seq == 1  # type: ignore[union-attr]  # db fixture imported seq 1
+
+
+def test_signed_import_parses_the_bytes_it_checked_not_the_file_again(
+        tmp_path: Path, keys: Path, trust: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file swapped on disk right after its signature was checked does not get imported."""
+    file = signed(snapshot(tmp_path / "s.gz"), keys)
+    def check_then_swap(path: Path, trust_dir: Path | None, allow: bool) -> Any:
+        result = read_trusted_file(path, trust_dir, allow)
+        snapshot(path, [("XY-321-ZT", "BMW", "X1", None, None)], seq=9)  # an attacker's file
+        return result
+
+    monkeypatch.setattr(registry_module, "read_trusted_file", check_then_swap)  # agent.registry's name for it
+    state, _ = signed_import(tmp_path / "r.db", file, trust)
+    assert (state.seq, state.count) == (1, 4)
+    assert opened(tmp_path / "r.db").lookup("XY-321-ZT") is None
+
+
+def test_import_subset_parses_data_when_given_and_names_the_file(db: Path, tmp_path: Path) -> None:
+    good = snapshot(tmp_path / "good.gz", [("XY-321-ZT", "BMW", "X1", None, None)], seq=4).read_bytes()
+    state = import_subset(db, tmp_path / "absent.gz", expected_key_id=KID, data=good)
+    assert (state.seq, state.count) == (4, 1)
+    with pytest.raises(RegistryFileError, match=r"absent\.gz: unreadable after line 0"):
+        import_subset(db, tmp_path / "absent.gz", expected_key_id=KID, data=b"not gzip")

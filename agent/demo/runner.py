@@ -127,7 +127,8 @@ def _verdict_line(capture: Capture, verdict: Verdict, expect: str) -> str:
     seen = f"{top.make} {top.model} p={top.p:.2f}" if top else "-"
     reg = f"{verdict.registry.make} {verdict.registry.model}" if verdict.registry else "-"
     mark = "" if label == expect else f"  (expected {expect})"
-    return f"  {capture.capture_id}  {label:<17} seen: {seen:<26} registered: {reg}{mark}"
+    why = "" if verdict.outcome in ("match", "mismatch") else f"  [{verdict.reason}]"
+    return f"  {capture.capture_id}  {label:<17} seen: {seen:<26} registered: {reg}{why}{mark}"
 
 
 def run_demo(workdir: Path, *, broker_kind: str = "auto", count: int = 40, echo: Any = click.echo,
