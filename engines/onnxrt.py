@@ -212,6 +212,10 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
+        # No spin-waiting between runs: in the pipelined daemon, idle ORT threads that spin steal the
+        # cores that decode and the detector need (measured: benchmarks/pipeline_bench.py, docs/PERFORMANCE.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         fix = "the file is corrupt or not an ONNX model this onnxruntime supports; re-pack the bundle"
