@@ -32,7 +32,7 @@ def degrade(img: np.ndarray, box: tuple[int, int, int, int], rng: np.random.Gene
         k = int(rng.integers(9, 31))
         kernel = np.zeros((k, k), np.float32)
         kernel[k // 2, :] = 1.0 / k
-        out = cv2.filter2D(out, -1, kernel)  # horizontal motion blur
+        out = np.asarray(cv2.filter2D(out, -1, kernel), dtype=np.float32)  # horizontal motion blur
     out += rng.normal(0, 4 + 14 * level, out.shape)
     if rng.random() < level / 2:
         x, y, w, h = box
