@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import secrets
@@ -92,10 +93,10 @@ def timed(fn: Callable[[], Any], reps: list[float], cpu: list[float]) -> Any:
     return out
 
 
-def stages_alone(jpegs: list[bytes], cls_dir: Path, det_dir: Path) -> dict[str, tuple[float, float]]:
+def stages_alone(jpegs: list[bytes], cls_dir: Path, det_dir: Path, threads: int) -> dict[str, tuple[float, float]]:
     """(median wall ms, median CPU ms) of each stage run alone, as the pipeline runs it."""
     cls_bundle, det_bundle = load_bundle(cls_dir), load_bundle(det_dir)
-    cls, det = create_backend("onnxruntime"), create_backend("onnxruntime")
+    cls, det = create_backend("onnxruntime", threads=threads), create_backend("onnxruntime", threads=threads)
     cls.load(cls_bundle)
     det.load(det_bundle)
     cls.warmup()
@@ -144,7 +145,8 @@ def wait_for(clock: Clock, prefix: str, n: int, timeout: float = 600) -> None:
         time.sleep(0.005)
 
 
-def site(root: Path, port: int, cls_dir: Path, det_dir: Path, intake_threads: int) -> tuple[dict[str, Any], str]:
+def site(root: Path, port: int, cls_dir: Path, det_dir: Path, intake_threads: int,
+         threads: int) -> tuple[dict[str, Any], str]:
     key = secrets.token_bytes(32)
     (root / "hmac.key").write_text(key.hex())
     os.chmod(root / "hmac.key", 0o600)
@@ -156,7 +158,7 @@ def site(root: Path, port: int, cls_dir: Path, det_dir: Path, intake_threads: in
         "site": {"site_id": "bench", "device_id": "box"},
         "spool": {"dir": str(root / "spool"), "poll_interval_s": 0.01, "intake_threads": intake_threads},
         "model": {"bundle": str(cls_dir), "detector_bundle": str(det_dir), "backend": "onnxruntime",
-                  "max_batch": 4, "max_wait_ms": 0},
+                  "max_batch": 4, "max_wait_ms": 0, "threads": threads},
         "registry": {"db": str(root / "registry.db"), "hmac_key_file": str(root / "hmac.key")},
         "security": {"allow_unsigned": True},
         "outbox": {"db": str(root / "state.db")},
@@ -167,8 +169,8 @@ def site(root: Path, port: int, cls_dir: Path, det_dir: Path, intake_threads: in
 
 
 def run_service(root: Path, port: int, cls_dir: Path, det_dir: Path, jpegs: list[bytes], n: int,
-                intake_threads: int) -> dict[str, Any]:
-    doc, plate = site(root, port, cls_dir, det_dir, intake_threads)
+                intake_threads: int, threads: int) -> dict[str, Any]:
+    doc, plate = site(root, port, cls_dir, det_dir, intake_threads, threads)
     clock = Clock()
     service = Service(parse_config(doc), on_verdict=clock)
     service.start()
@@ -197,7 +199,7 @@ def run_service(root: Path, port: int, cls_dir: Path, det_dir: Path, jpegs: list
             "p50": lat[len(lat) // 2], "p99": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]}
 
 
-def report(name: str, alone: dict[str, tuple[float, float]], runs: dict[int, dict[str, Any]]) -> None:
+def report(name: str, alone: dict[str, tuple[float, float]], runs: dict[int, dict[str, Any]], threads: int) -> None:
     slow_name, (slow_ms, _) = max(alone.items(), key=lambda kv: kv[1][0])
     stage_limit = 1000 / slow_ms
     cpu_limit = 1000 * (os.cpu_count() or 1) / sum(c for _, c in alone.values())
@@ -219,7 +221,8 @@ def report(name: str, alone: dict[str, tuple[float, float]], runs: dict[int, dic
              f"{overhead:.1f} ms = {overhead / p['total']:.0%} of {p['total']:.1f} ms"),
         ]
     width = max(len(k) for k, _ in rows)
-    print(f"\n{name}: {W}x{H} noisy JPEG q90, tiny YOLO 320 detector, decode at 1/2")
+    print(f"\n{name}: {W}x{H} noisy JPEG q90, tiny YOLO 320 detector, decode at 1/2, "
+          f"ONNX Runtime threads {threads or 'one per core'}")
     print(f"{'metric':<{width}}  value\n{'-' * width}  {'-' * 50}")
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -230,20 +233,24 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40, help="captures per phase")
     ap.add_argument("--models", default="efficientnet_b0,resnet50")
     ap.add_argument("--intake-threads", default="1,2")
+    ap.add_argument("--ort-threads", default="0", help="comma list; 0 = one per core (the default config)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the bundles are deliberately unsigned here
     if find_mosquitto() is None:
         sys.exit("mosquitto is needed: apt-get install -y mosquitto")
     jpegs = frames(12)
     with tempfile.TemporaryDirectory(prefix="iaflash-pbench-") as tmp, MosquittoBroker() as broker:
         for name in args.models.split(","):
             cls_dir, det_dir = write_models(Path(tmp) / name, name)
-            alone = stages_alone(jpegs, cls_dir, det_dir)
-            runs = {}
-            for threads in (int(t) for t in args.intake_threads.split(",")):
-                root = Path(tmp) / f"{name}-{threads}"
-                root.mkdir()
-                runs[threads] = run_service(root, broker.port, cls_dir, det_dir, jpegs, args.n, threads)
-            report(name, alone, runs)
+            for ort_threads in (int(t) for t in args.ort_threads.split(",")):
+                alone = stages_alone(jpegs, cls_dir, det_dir, ort_threads)
+                runs = {}
+                for intake in (int(t) for t in args.intake_threads.split(",")):
+                    root = Path(tmp) / f"{name}-{ort_threads}-{intake}"
+                    root.mkdir()
+                    runs[intake] = run_service(root, broker.port, cls_dir, det_dir, jpegs, args.n, intake,
+                                               ort_threads)
+                report(name, alone, runs, ort_threads)
     print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
           f"(whole benchmark process, both models loaded in turn)")
 

@@ -169,7 +169,11 @@ class AmqttBroker:
             self._ready.set()
             return
         self._ready.set()
-        loop.run_forever()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
 
     def stop(self) -> None:
         loop, broker = self._loop, self._broker
