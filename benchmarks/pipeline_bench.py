@@ -206,8 +206,8 @@ def report(name: str, alone: dict[str, tuple[float, float]], runs: dict[int, dic
     rows = [(f"{k} alone: wall / CPU ms", f"{w:.1f} / {c:.1f}") for k, (w, c) in alone.items()]
     rows += [("slowest stage alone", f"{slow_name} -> {stage_limit:.1f}/s"),
              ("CPU limit (cores / CPU-ms per capture)", f"{cpu_limit:.1f}/s")]
-    for threads, r in runs.items():
-        tag = f"[{threads} intake thread{'s' if threads > 1 else ''}]"
+    for intake, r in runs.items():
+        tag = f"[{intake} intake thread{'s' if intake > 1 else ''}]"
         p = r["paced"]
         core = sum(p.get(k, 0.0) for k in ("decode", "detect", "preprocess", "infer"))
         overhead = max(0.0, p["total"] - core)
