@@ -198,6 +198,6 @@ def write_calibrated_bundle(bundle: Bundle, temperature: float, out: Path) -> Bu
         out, onnx_bytes=bundle.model_path.read_bytes(), labels=bundle.labels, name=m.name,
         version=bumped_version(m.version), task=m.task, input_name=m.input_name, input_shape=m.input_shape,
         preprocessing=m.preprocessing, output_name=m.output_name, output_kind=m.output_kind,
-        temperature=temperature, demo=m.demo,
+        temperature=temperature, demo=m.demo, full_range_makes=m.full_range_makes,
         description=f"{m.description} {note}".strip(),
     )

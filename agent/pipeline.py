@@ -43,7 +43,10 @@ class Pipeline:
                  detector: tuple[Backend, Bundle] | None = None) -> None:
         self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
         self.registry, self.hmac_key, self.on_verdict = registry, hmac_key, on_verdict
-        self.taxonomy = Taxonomy(bundle.labels, min_score=cfg.registry.fuzzy_min_score)
+        self.taxonomy = Taxonomy(bundle.labels, full_range_makes=frozenset(bundle.manifest.full_range_makes),
+                                 min_score=cfg.registry.fuzzy_min_score)
+        self.label_categories = (tuple(lb.category for lb in bundle.labels)
+                                 if any(lb.category for lb in bundle.labels) else None)
         self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing, detector)
         self.liveness = Liveness(stuck_after_s=60.0)  # inference thread
         self.committer = Committer(cfg, spool, on_verdict)
@@ -263,6 +266,6 @@ class Pipeline:
         stale = self.registry.is_stale(self.cfg.registry.max_age_hours)
         verdict = decide(probs=probs, taxonomy=self.taxonomy, record=record, plate_problem=plate_problem,
                          cfg=self.cfg.decision, registry_stale=stale, model_info=self._model_info(),
-                         image_problem=image_problem)
+                         image_problem=image_problem, label_categories=self.label_categories)
         work.timings["decide"] = (time.perf_counter() - t) * 1e3
         self.committer.put(Decided(work, verdict, key))

@@ -195,6 +195,7 @@ def _pack_doc(bundle: Bundle, sig: Path | None, kid: str | None) -> dict[str, An
         "output_name": m.output_name,
         "output_kind": m.output_kind,
         "classes": len(bundle.labels),
+        "full_range_makes": list(m.full_range_makes),
         "files": dict(sorted(m.files.items())),
         "signature": str(sig) if sig else None,
         "key_id": kid,
@@ -208,7 +209,7 @@ def _pack_doc(bundle: Bundle, sig: Path | None, kid: str | None) -> dict[str, An
     "labels_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help="labels.csv: index,make,model,aliases (one row per output class).",
+    help="labels.csv: index,make,model,aliases[,category] (one row per output class).",
 )
 @click.option("--name", required=True, help="The model's name (shown in every verdict).")
 @click.option("--version", "version", required=True, help="The model's version, e.g. 2026.11.0.")
@@ -248,6 +249,13 @@ def _pack_doc(bundle: Bundle, sig: Path | None, kid: str | None) -> dict[str, An
     help="Calibration temperature (1.0 = uncalibrated).",
 )
 @click.option(
+    "--full-range-make",
+    "full_range_makes",
+    multiple=True,
+    metavar="MAKE",
+    help="A make whose whole model range the labels cover, spelt as in labels.csv (repeatable; classifier only).",
+)
+@click.option(
     "--sign-key",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Sign the bundle with this private key once packed.",
@@ -269,19 +277,24 @@ def pack(
     output_name: str | None,
     detector_spec: Path | None,
     temperature: float,
+    full_range_makes: tuple[str, ...],
     sign_key: Path | None,
     as_json: bool,
 ) -> None:
     """Pack an ONNX model and its labels into a bundle (manifest.json with every sha256).
 
-    Input/output names and shapes are read from the model with onnxruntime.
+    Input/output names and shapes are read from the model with onnxruntime. Label categories
+    (car, van, truck, bus, motorcycle) come from labels.csv's optional 5th column.
 
     \b
     Example:
       iaflash-engines pack model.onnx --labels labels.csv --name vmmr-effnet-b0 \\
-          --version 2026.11.0 --out bundle/ --temperature 1.35 --sign-key keys/acme-models.key
+          --version 2026.11.0 --out bundle/ --temperature 1.35 --sign-key keys/acme-models.key \\
+          --full-range-make RENAULT --full-range-make PEUGEOT
     """
     detector = _detector_spec(task, detector_spec)
+    if full_range_makes and task != "classifier":
+        raise click.UsageError("--full-range-make is only for --task classifier")
     if out.exists() and any(out.iterdir()):
         _fail(f"{out} is not empty; fix: pack into a new directory (an old {SIGNATURE_FILE} would go stale)")
     labels = _read_labels(labels_path)
@@ -320,6 +333,7 @@ def pack(
             output_kind=cast(Literal["logits", "probabilities"], output_kind),
             temperature=temperature,
             detector=detector,
+            full_range_makes=full_range_makes,
         )
         sig = sign_bundle(out, sign_key) if sign_key else None
     except EngineError as exc:

@@ -244,3 +244,64 @@ def test_pack_with_an_unprotected_sign_key_writes_nothing(runner: CliRunner, tmp
     result = runner.invoke(main, args)
     assert result.exit_code == 1 and f"chmod 600 {key}" in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_pack_full_range_make_is_repeatable_and_recorded_in_the_manifest(runner: CliRunner, tmp_path: Path,
+                                                                          model: Path) -> None:
+    doc = _pack(runner, model, tmp_path / "b", "--full-range-make", "RENAULT", "--full-range-make", "PEUGEOT")
+    assert doc["full_range_makes"] == ["RENAULT", "PEUGEOT"]
+    manifest = load_bundle(tmp_path / "b").manifest
+    assert manifest.full_range_makes == ("RENAULT", "PEUGEOT")
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["full_range_makes"] == ["RENAULT", "PEUGEOT"]
+
+
+def test_pack_without_full_range_make_omits_the_field(runner: CliRunner, tmp_path: Path, model: Path) -> None:
+    doc = _pack(runner, model, tmp_path / "b")
+    assert doc["full_range_makes"] == []
+    assert "full_range_makes" not in json.loads((tmp_path / "b" / "manifest.json").read_text())
+
+
+def test_pack_refuses_a_full_range_make_no_label_has(runner: CliRunner, tmp_path: Path, model: Path) -> None:
+    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "t", "--version", "1",
+            "--out", str(tmp_path / "b"), "--full-range-make", "TOYOTA"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1
+    assert "'full_range_makes' lists 'TOYOTA', the make of no label in labels.csv" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_pack_full_range_make_with_a_detector_is_a_usage_error(runner: CliRunner, tmp_path: Path,
+                                                              model: Path) -> None:
+    spec = tmp_path / "detector.json"
+    spec.write_text(json.dumps({"format": "yolo", "box_format": "cxcywh", "normalized": False,
+                                "vehicle_classes": [0], "outputs": ["logits"]}))
+    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "det", "--version", "1",
+            "--out", str(tmp_path / "b"), "--task", "detector", "--detector-spec", str(spec),
+            "--full-range-make", "RENAULT"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2 and "--full-range-make is only for --task classifier" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_pack_takes_label_categories_from_the_labels_csv(runner: CliRunner, tmp_path: Path, model: Path) -> None:
+    (model.parent / "labels.csv").write_text(
+        "index,make,model,aliases,category\n0,RENAULT,CLIO,,car\n1,RENAULT,MASTER,,van\n"
+        "2,PEUGEOT,208,,\n3,MAN,TGX,,truck\n"
+    )
+    _pack(runner, model, tmp_path / "b", "--full-range-make", "RENAULT")
+    bundle = load_bundle(tmp_path / "b")
+    assert [lb.category for lb in bundle.labels] == ["car", "van", "", "truck"]
+    assert (tmp_path / "b" / "labels.csv").read_text().splitlines()[0] == "index,make,model,aliases,category"
+
+
+def test_pack_refuses_a_bad_label_category_with_its_line(runner: CliRunner, tmp_path: Path, model: Path) -> None:
+    (model.parent / "labels.csv").write_text(
+        "index,make,model,aliases,category\n0,RENAULT,CLIO,,car\n1,RENAULT,MASTER,,minibus\n"
+        "2,PEUGEOT,208,,\n3,MAN,TGX,,truck\n"
+    )
+    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "t", "--version", "1",
+            "--out", str(tmp_path / "b")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1
+    assert "labels.csv:3: category 'minibus' is not a known value" in result.stderr
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,377 @@
+"""The ``manifest.json`` of a model bundle: its dataclasses and their validation (schema version 1).
+
+:meth:`Manifest.from_dict` turns a decoded manifest into a :class:`Manifest`, or raises
+:class:`~engines.errors.BundleError` naming the bad field and the fix. Every name here is also
+importable from :mod:`engines.bundle`, which reads and writes whole bundles; checks that need the
+labels too (``full_range_makes``) live there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from engines.errors import BundleError
+
+__all__ = [
+    "LABELS_FILE",
+    "MANIFEST_FILE",
+    "MODEL_FILE",
+    "SCHEMA_VERSION",
+    "SIGNATURE_FILE",
+    "DetectorSpec",
+    "Manifest",
+    "Preprocessing",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.csv"
+SIGNATURE_FILE = "manifest.sig"  # detached Ed25519 signature over manifest.json (engines.signing)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's NCHW float32 input: ``(pixel * scale - mean) / std``."""
+
+    height: int
+    width: int
+    color_order: Literal["RGB", "BGR"] = "RGB"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale: float = 1 / 255
+    resize: Literal["stretch", "letterbox", "center_crop"] = "stretch"
+
+    def to_dict(self) -> dict[str, Any]:
+        return cast(dict[str, Any], _jsonable(asdict(self)))
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """How to read a detector's outputs (task "detector" only); see engines/detect.py and docs/DETECTOR.md.
+
+    ``format`` "nms": NMS is inside the graph; ``outputs`` names boxes [1,N,4], scores [1,N],
+    classes [1,N] (and optionally num_detections [1]), or one packed [1,N,6] tensor of rows
+    (box, score, class). "yolo": one raw [1,4+C,N] (or [1,N,4+C]) tensor, NMS on the host.
+    ``normalized``: boxes are in 0..1 of the model input, else in input pixels.
+    """
+
+    format: Literal["nms", "yolo"]
+    box_format: Literal["xyxy", "cxcywh"]
+    normalized: bool
+    vehicle_classes: tuple[int, ...]
+    outputs: tuple[str, ...]
+    score_threshold: float = 0.35
+    iou_threshold: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return cast(dict[str, Any], _jsonable(asdict(self)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """The parsed ``manifest.json`` of a bundle (schema version 1).
+
+    ``full_range_makes`` (classifier only): makes whose whole model range the labels cover, so an
+    unseen model of such a make can still be checked at make level; each is the make of a label.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    task: Literal["classifier", "detector"]
+    input_name: str
+    input_shape: tuple[int | str, ...]
+    input_dtype: str = "float32"
+    preprocessing: Preprocessing
+    output_name: str
+    output_kind: Literal["logits", "probabilities"] = "logits"
+    temperature: float = 1.0
+    files: dict[str, str] = field(default_factory=dict)
+    demo: bool = False
+    description: str = ""
+    detector: DetectorSpec | None = None
+    full_range_makes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of the manifest (tuples become lists, files sorted by name).
+
+        Optional fields left at their default (``detector``, ``full_range_makes``) are omitted, so a
+        manifest that does not use them stays byte for byte what older agents wrote and signed.
+        """
+        data = cast(dict[str, Any], _jsonable(asdict(self)))
+        data["files"] = dict(sorted(self.files.items()))
+        if self.detector is None:
+            del data["detector"]
+        if not self.full_range_makes:
+            del data["full_range_makes"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Validate a decoded manifest; a :class:`BundleError` names the bad field and the fix."""
+        return _parse_manifest(data)
+
+
+# ---------------------------------------------------------------- field helpers
+
+_TOP_KEYS = frozenset(Manifest.__dataclass_fields__)
+_PP_KEYS = frozenset(Preprocessing.__dataclass_fields__)
+_DET_KEYS = frozenset(DetectorSpec.__dataclass_fields__)
+_REQUIRED_FILES = (MODEL_FILE, LABELS_FILE)
+
+
+def _bad(key: str, problem: str, fix: str) -> BundleError:
+    return BundleError(f"{MANIFEST_FILE}: field '{key}' {problem}; fix: {fix}")
+
+
+def _get(
+    data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], fix: str, default: Any = ...
+) -> Any:
+    if key not in data:
+        if default is ...:
+            raise _bad(key, "is missing", fix)
+        return default
+    value = data[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int subclass: never accept true/false where a number is expected.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise _bad(key, f"must be {names}, got {value!r}", fix)
+    return value
+
+
+def _text(data: Mapping[str, Any], key: str, fix: str, default: Any = ...) -> str:
+    value = cast(str, _get(data, key, str, fix, default))
+    if not value.strip() and default is ...:
+        raise _bad(key, "is empty", fix)
+    return value
+
+
+def _choice(data: Mapping[str, Any], key: str, choices: tuple[str, ...], default: Any = ...) -> str:
+    fix = f"use one of {', '.join(choices)}"
+    value = cast(str, _get(data, key, str, fix, default))
+    if value not in choices:
+        raise _bad(key, f"is {value!r}, not a known value", fix)
+    return value
+
+
+def _number(data: Mapping[str, Any], key: str, fix: str, default: Any = ...) -> float:
+    value = float(_get(data, key, (int, float), fix, default))
+    if not math.isfinite(value):
+        raise _bad(key, f"must be a finite number, got {value!r}", fix)
+    return value
+
+
+def _triple(
+    pp: Mapping[str, Any], key: str, default: tuple[float, float, float]
+) -> tuple[float, float, float]:
+    fix = "give three numbers, one per channel in the model's color_order"
+    value = _get(pp, key, list, fix, list(default))
+    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise _bad(f"preprocessing.{key}", f"must be a list of 3 numbers, got {value!r}", fix)
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _refuse_unknown(obj: Mapping[str, Any], allowed: frozenset[str], prefix: str = "") -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise _bad(
+            f"{prefix}{unknown[0]}",
+            "is not a known key",
+            f"remove it or correct its spelling; allowed: {', '.join(sorted(allowed))}",
+        )
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _parse_preprocessing(data: Mapping[str, Any]) -> Preprocessing:
+    pp = _get(data, "preprocessing", dict, "add an object with height, width, color_order, mean, std, resize")
+    _refuse_unknown(pp, _PP_KEYS, "preprocessing.")
+    sizes = {}
+    for key in ("height", "width"):
+        sizes[key] = _get(pp, key, int, "give the model's input size in pixels")
+        if sizes[key] <= 0:
+            raise _bad(
+                f"preprocessing.{key}", f"must be > 0, got {sizes[key]}", "give the input size in pixels"
+            )
+    std = _triple(pp, "std", Preprocessing.std)
+    if any(s <= 0 for s in std):
+        raise _bad(
+            "preprocessing.std", f"must be > 0 for every channel, got {list(std)}", "use positive values"
+        )
+    scale = _number(pp, "scale", "usually 1/255 = 0.00392156862745098", Preprocessing.scale)
+    if scale <= 0:
+        raise _bad("preprocessing.scale", f"must be > 0, got {scale}", "usually 1/255")
+    return Preprocessing(
+        height=sizes["height"],
+        width=sizes["width"],
+        color_order=cast(Literal["RGB", "BGR"], _choice(pp, "color_order", ("RGB", "BGR"), "RGB")),
+        mean=_triple(pp, "mean", Preprocessing.mean),
+        std=std,
+        scale=scale,
+        resize=cast(
+            Literal["stretch", "letterbox", "center_crop"],
+            _choice(pp, "resize", ("stretch", "letterbox", "center_crop"), "stretch"),
+        ),
+    )
+
+
+def _parse_shape(data: Mapping[str, Any], pp: Preprocessing) -> tuple[int | str, ...]:
+    fix = f'give [batch, 3, {pp.height}, {pp.width}] (NCHW); a dynamic batch is a name such as "N"'
+    raw = _get(data, "input_shape", list, fix)
+    ok = all(
+        (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d) for d in raw
+    )
+    if len(raw) != 4 or not ok:
+        raise _bad("input_shape", f"must be 4 positive ints or dimension names, got {raw!r}", fix)
+    for axis, want in ((1, 3), (2, pp.height), (3, pp.width)):
+        if isinstance(raw[axis], int) and raw[axis] != want:
+            raise _bad("input_shape", f"is {raw!r} but preprocessing gives {want} at axis {axis}", fix)
+    return tuple(raw)
+
+
+def _parse_files(data: Mapping[str, Any]) -> dict[str, str]:
+    fix = "re-pack the bundle (write_bundle) so every file is listed with its sha256"
+    files = _get(data, "files", dict, fix)
+    for name, digest in files.items():
+        if not name or Path(name).name != name or name in (".", "..", MANIFEST_FILE, SIGNATURE_FILE):
+            raise _bad("files", f"lists {name!r}, which is not a plain file name of the bundle", fix)
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or not all(c in "0123456789abcdef" for c in digest)
+        ):
+            raise _bad(f"files.{name}", f"must be a lowercase sha256 hex digest, got {digest!r}", fix)
+    for name in _REQUIRED_FILES:
+        if name not in files:
+            raise _bad("files", f"does not list {name}", fix)
+    return dict(files)
+
+
+def _parse_full_range_makes(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """Distinct non-empty make names (checked against the labels by engines.bundle); classifier only."""
+    fix = 'list makes spelt as in labels.csv\'s make column, e.g. ["RENAULT", "PEUGEOT"]'
+    value = _get(data, "full_range_makes", list, fix, [])
+    if value and data.get("task") != "classifier":
+        raise _bad("full_range_makes", "is only allowed for task classifier", "remove it from this manifest")
+    for make in value:
+        if not isinstance(make, str) or not make.strip():
+            raise _bad("full_range_makes", f"must hold non-empty strings, got {make!r}", fix)
+    if len(set(value)) != len(value):
+        twice = next(m for m in value if value.count(m) > 1)
+        raise _bad("full_range_makes", f"lists {twice!r} twice", "list each make once")
+    return tuple(value)
+
+
+def _int_list(det: Mapping[str, Any], key: str, fix: str) -> tuple[int, ...]:
+    value = _get(det, key, list, fix)
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise _bad(f"detector.{key}", f"must be a non-empty list of class indices >= 0, got {value!r}", fix)
+    return tuple(sorted(set(value)))
+
+
+def _det_outputs(det: Mapping[str, Any], fmt: str, output_name: str) -> tuple[str, ...]:
+    fix = 'nms: ["boxes", "scores", "classes"(, "num_detections")] or one packed [1,N,6]; yolo: one raw output'
+    value = _get(det, "outputs", list, fix)
+    counts = (1, 3, 4) if fmt == "nms" else (1,)
+    if len(value) not in counts or not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
+        raise _bad("detector.outputs", f"must be {' or '.join(map(str, counts))} distinct names, got {value!r}", fix)
+    if output_name not in value:
+        raise _bad("output_name", f"is {output_name!r}, not one of detector.outputs {value!r}", "name one of them")
+    return tuple(value)
+
+
+def _threshold(det: Mapping[str, Any], key: str, default: float) -> float:
+    value = _number(det, key, "give a number between 0 and 1", default)
+    if not 0.0 <= value <= 1.0:
+        raise _bad(f"detector.{key}", f"must be between 0 and 1, got {value}", "give a number between 0 and 1")
+    return value
+
+
+def _parse_detector(data: Mapping[str, Any]) -> DetectorSpec | None:
+    """The ``detector`` object: required for task "detector", refused for a classifier."""
+    det = data.get("detector")
+    is_detector = data.get("task") == "detector"
+    if det is None:
+        if is_detector:
+            raise _bad("detector", "is missing for task detector", "describe the outputs (docs/DETECTOR.md)")
+        return None
+    if not is_detector:
+        raise _bad("detector", "is only allowed for task detector", "remove it from a classifier manifest")
+    det = _get(data, "detector", dict, "give an object (docs/DETECTOR.md)")
+    unknown = sorted(set(det) - _DET_KEYS)
+    if unknown:
+        raise _bad(f"detector.{unknown[0]}", "is not a known key", f"allowed: {', '.join(sorted(_DET_KEYS))}")
+    fmt = _choice(det, "format", ("nms", "yolo"))
+    return DetectorSpec(
+        format=cast(Literal["nms", "yolo"], fmt),
+        box_format=cast(Literal["xyxy", "cxcywh"], _choice(det, "box_format", ("xyxy", "cxcywh"))),
+        normalized=bool(_get(det, "normalized", bool, "true if boxes are in 0..1 of the model input")),
+        vehicle_classes=_int_list(det, "vehicle_classes", "list the label indices that are vehicles"),
+        outputs=_det_outputs(det, fmt, str(data.get("output_name"))),
+        score_threshold=_threshold(det, "score_threshold", DetectorSpec.score_threshold),
+        iou_threshold=_threshold(det, "iou_threshold", DetectorSpec.iou_threshold),
+    )
+
+
+# ---------------------------------------------------------------- the whole manifest
+
+
+def _check_envelope(data: Mapping[str, Any]) -> int:
+    """The manifest is an object with known keys only, in the schema version this agent reads."""
+    if not isinstance(data, Mapping):
+        raise BundleError(
+            f"{MANIFEST_FILE}: must hold a JSON object, got {type(data).__name__}; fix: re-pack it"
+        )
+    _refuse_unknown(data, _TOP_KEYS)
+    version = _get(data, "schema_version", int, f"set it to {SCHEMA_VERSION}")
+    if version != SCHEMA_VERSION:
+        raise _bad(
+            "schema_version",
+            f"is {version}, this agent reads {SCHEMA_VERSION}",
+            "upgrade the agent or re-pack the bundle for this schema version",
+        )
+    return cast(int, version)
+
+
+def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
+    version = _check_envelope(data)
+    pp = _parse_preprocessing(data)
+    temperature = _number(data, "temperature", "use 1.0 when uncalibrated", 1.0)
+    if temperature <= 0:
+        raise _bad("temperature", f"must be > 0, got {temperature}", "use 1.0 when uncalibrated")
+    return Manifest(
+        schema_version=version,
+        name=_text(data, "name", "give the model's name"),
+        version=_text(data, "version", 'give the model\'s version, e.g. "2026.11.0"'),
+        task=cast(Literal["classifier", "detector"], _choice(data, "task", ("classifier", "detector"))),
+        input_name=_text(data, "input_name", "give the ONNX graph's input tensor name"),
+        input_shape=_parse_shape(data, pp),
+        input_dtype=_choice(data, "input_dtype", ("float32", "float16"), "float32"),
+        preprocessing=pp,
+        output_name=_text(data, "output_name", "give the ONNX graph's output tensor name"),
+        output_kind=cast(
+            Literal["logits", "probabilities"],
+            _choice(data, "output_kind", ("logits", "probabilities"), "logits"),
+        ),
+        temperature=temperature,
+        files=_parse_files(data),
+        demo=bool(_get(data, "demo", bool, "use true or false", False)),
+        description=_text(data, "description", "give a short text", ""),
+        detector=_parse_detector(data),
+        full_range_makes=_parse_full_range_makes(data),
+    )
