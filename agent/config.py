@@ -51,7 +51,7 @@ class SpoolConfig(_Section):
     max_sidecar_bytes: int = Field(65_536, gt=0, description="Larger sidecars are rejected.")
     retention_days: float = Field(30, ge=0, description="Processed captures are kept this long in done/.")
     min_free_mb: int = Field(500, ge=0, description="Disk guard: intake pauses below this much free space.")
-    intake_threads: int = Field(1, ge=1, le=8,
+    intake_threads: int = Field(2, ge=1, le=8,
                                 description="Parallel decode/detect workers feeding the classifier "
                                             "(OpenCV releases the GIL; see benchmarks/pipeline_bench.py).")
     orphan_after_s: float = Field(3600, gt=0,
