@@ -10,8 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,6 +18,7 @@ import click
 
 from agent.config import DecisionConfig, load_config
 from agent.errors import ConfigError, EngineError, IaflashError
+from agent.progress import progress_callback
 
 if TYPE_CHECKING:
     from agent.evaluate import Inference
@@ -48,28 +48,6 @@ def _operational(func: F) -> F:
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
 
 
-@contextmanager
-def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress callback: a rich bar when stderr is a terminal, else a plain line per 10% on stderr."""
-    if sys.stderr.isatty():
-        from rich.console import Console  # noqa: PLC0415  # keeps `--help` fast
-        from rich.progress import Progress  # noqa: PLC0415
-
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(label, total=None)
-            yield lambda done, total: bar.update(task, completed=done, total=total)
-        return
-    last = [-1]
-
-    def plain(done: int, total: int) -> None:
-        tenth = done * 10 // total if total else 10
-        if tenth != last[0]:
-            last[0] = tenth
-            click.echo(f"{label}: {done}/{total}", err=True)
-
-    yield plain
-
-
 def _load(bundle_dir: Path, dataset: Path, batch_size: int, threads: int) -> tuple[Bundle, Inference]:
     """The bundle and its inference over the dataset; all heavy imports are here."""
     from agent.evaluate import load_dataset, run_inference  # noqa: PLC0415  # keeps `--help` fast
@@ -79,7 +57,7 @@ def _load(bundle_dir: Path, dataset: Path, batch_size: int, threads: int) -> tup
     if bundle.manifest.task != "classifier":
         raise IaflashError(f"{bundle_dir}: is a {bundle.manifest.task} bundle; fix: give a classifier bundle")
     samples = load_dataset(dataset)
-    with _progress("classifying images") as progress:
+    with progress_callback("classifying images") as progress:
         inference = run_inference(bundle, samples, batch_size=batch_size, threads=threads, progress=progress)
     return bundle, inference
 
@@ -194,7 +172,7 @@ def evaluate(bundle_dir: Path, dataset: Path, out: Path | None, config_path: Pat
 
     cfg = _decision_config(config_path)
     bundle, inference = _load(bundle_dir, dataset, batch_size, threads)
-    with _progress("sweeping thresholds") as progress:
+    with progress_callback("sweeping thresholds") as progress:
         doc = run_evaluation(bundle, inference, cfg, target=target, clones_per_image=clones_per_image,
                              seed=seed, progress=progress)
     doc = {**doc, "bundle": {**doc["bundle"], "path": str(bundle_dir)}, "dataset": {**doc["dataset"],

@@ -14,12 +14,10 @@ only to say exactly what is wrong with it.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
 import logging
-import os
 import tempfile
 import zlib
 from collections.abc import Generator, Iterable, Iterator
@@ -33,6 +31,7 @@ import orjson
 
 from agent.errors import RegistryFileError
 from agent.plates import plate_key
+from engines.atomic import open_atomic
 
 __all__ = ["FORMAT", "VERSION", "PlateRow", "Row", "Segment", "SubsetHeader", "SubsetReader",
            "parse_header", "parse_time", "records_from_plates", "write_subset"]
@@ -296,20 +295,11 @@ def _dump(obj: dict[str, Any]) -> bytes:
 
 
 def _write_gzip(path: Path, header: dict[str, Any], body: IO[bytes]) -> None:
-    """Header then body, gzip'd with mtime=0 into a temporary file, fsync'd, renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-            gz.write(_dump(header))
-            while chunk := body.read(_CHUNK):
-                gz.write(chunk)
-        with open(tmp, "rb") as done:
-            os.fsync(done.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Header then body, gzip'd with mtime=0, written atomically (:func:`engines.atomic.open_atomic`)."""
+    with open_atomic(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        gz.write(_dump(header))
+        while chunk := body.read(_CHUNK):
+            gz.write(chunk)
 
 
 def write_subset(path: Path, *, kind: str = "snapshot", dataset_id: str, seq: int, key_id: str,

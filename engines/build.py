@@ -22,7 +22,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from engines.atomic import write_atomic as atomic_write  # public here too: engines.trt and tests use it
 from engines.base import Backend, BackendInfo, TensorSpec
 from engines.bundle import Bundle, sha256_file
 from engines.cuda import CudaError, open_cuda
@@ -254,31 +254,6 @@ def _log_stale(bundle: Bundle, key: str, cache_dir: Path, inputs: Mapping[str, A
         changed = sorted(k for k in set(old) | set(inputs or {}) if old.get(k) != (inputs or {}).get(k))
         logger.info("cached plan %s is stale (changed: %s)", sidecar.with_suffix(".plan"), ", ".join(changed) or "key")
     logger.info("no valid TensorRT plan for %s %s in %s", bundle.manifest.name, bundle.manifest.version, cache_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + os.replace: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _store(

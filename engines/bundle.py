@@ -24,13 +24,12 @@ import csv
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from engines.atomic import write_atomic
 from engines.errors import BundleError
 from engines.manifest import (
     LABELS_FILE,
@@ -285,19 +284,6 @@ def load_bundle(path: Path, *, verify: ManifestVerifier | None = None) -> Bundle
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def labels_csv(labels: Sequence[Label]) -> bytes:
     """The ``labels.csv`` bytes for ``labels`` (header included).
 
@@ -365,7 +351,7 @@ def write_bundle(
     check_full_range_makes(manifest.full_range_makes, parsed)
     root.mkdir(parents=True, exist_ok=True)
     for file_name, payload in payloads.items():
-        _atomic_write(root / file_name, payload)
+        write_atomic(root / file_name, payload)
     text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(root / MANIFEST_FILE, text.encode("utf-8"))
+    write_atomic(root / MANIFEST_FILE, text.encode("utf-8"))
     return load_bundle(root)

@@ -43,6 +43,7 @@ __all__ = ["commands"]
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
 _DIM_NAMES = ("N", "C", "H", "W")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
@@ -73,7 +74,7 @@ def _public_id(private_key_path: Path) -> str:
     required=True,
     help="Path prefix: writes PREFIX.key (private, 0600) and PREFIX.pub (public).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
+@_json_option
 def keygen(prefix: Path, as_json: bool) -> None:
     """Make a new Ed25519 publisher key pair.
 
@@ -260,7 +261,7 @@ def _pack_doc(bundle: Bundle, sig: Path | None, kid: str | None) -> dict[str, An
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Sign the bundle with this private key once packed.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
+@_json_option
 def pack(
     model: Path,
     labels_path: Path,
@@ -362,7 +363,7 @@ def pack(
     help="The publisher's private key (PREFIX.key from keygen).",
 )
 @click.option("--signer", help="Name recorded in the signature (default: the key file's name).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
+@_json_option
 def sign(target: Path, key_path: Path, signer: str | None, as_json: bool) -> None:
     """Sign a bundle directory (writes manifest.sig) or any file such as a registry subset (writes FILE.sig).
 
@@ -419,7 +420,7 @@ def _verify_target(target: Path, trust: TrustStore) -> dict[str, Any]:
     required=True,
     help="Trust store: directory of trusted publishers' .pub files.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
+@_json_option
 def verify(target: Path, trust_dir: Path, as_json: bool) -> None:
     """Check a bundle's (or signed file's) signature against a trust store, then every file's sha256.
 

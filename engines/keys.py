@@ -10,15 +10,14 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from engines.atomic import write_atomic
 from engines.errors import SignatureError
 
 __all__ = ["generate_keypair", "key_id", "load_private_key", "load_public_key", "public_key_bytes"]
@@ -34,21 +33,6 @@ def key_id(public_key_bytes: bytes) -> str:
 def public_key_bytes(public_key: Ed25519PublicKey) -> bytes:
     """The raw 32 bytes of a public key (what :func:`key_id` hashes and ``.pub`` files hold in hex)."""
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` through a temporary file in its directory, with ``mode``, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_file(path: Path, what: str, fix: str) -> bytes:
@@ -81,9 +65,9 @@ def generate_keypair(out_prefix: Path) -> tuple[Path, Path]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     raw = public_key_bytes(private.public_key())
-    write_atomic(key_path, pem, 0o600)
+    write_atomic(key_path, pem, mode=0o600)
     comment = f"# iaflash ed25519 public key {prefix.name}, key id {key_id(raw)}"
-    write_atomic(pub_path, f"{raw.hex()}  {comment}\n".encode(), 0o644)
+    write_atomic(pub_path, f"{raw.hex()}  {comment}\n".encode(), mode=0o644)
     return key_path, pub_path
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from engines.atomic import write_atomic
 from engines.bundle import MANIFEST_FILE, SIGNATURE_FILE, Bundle, load_bundle
 from engines.errors import SignatureError, UntrustedKey
 from engines.keys import (
@@ -42,7 +43,6 @@ from engines.keys import (
     load_public_key,
     public_key_bytes,
     read_file,
-    write_atomic,
 )
 
 __all__ = [
@@ -246,7 +246,7 @@ def sign_file(path: Path, private_key_path: Path, signer: str | None = None) -> 
     key = load_private_key(private_key_path)
     data = read_file(target, "file to sign", "check the path")
     sig = signature_path(target)
-    write_atomic(sig, _dump(sign_bytes(data, key, signer or Path(private_key_path).stem)), 0o644)
+    write_atomic(sig, _dump(sign_bytes(data, key, signer or Path(private_key_path).stem)), mode=0o644)
     return sig
 
 
@@ -290,7 +290,7 @@ def sign_bundle(bundle_dir: Path, private_key_path: Path, signer: str | None = N
     seen: list[bytes] = []
     load_bundle(root, verify=lambda raw, _root: seen.append(raw))  # refuses a broken bundle before signing
     sig = root / SIGNATURE_FILE
-    write_atomic(sig, _dump(sign_bytes(seen[0], key, signer or Path(private_key_path).stem)), 0o644)
+    write_atomic(sig, _dump(sign_bytes(seen[0], key, signer or Path(private_key_path).stem)), mode=0o644)
     return sig
 
 

@@ -13,18 +13,16 @@ import logging
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import Progress
 
 from agent.config import load_config, read_secret
 from agent.errors import IaflashError, RegistryError
 from agent.plates import key_id, load_hmac_key
+from agent.progress import progress_callback
 from agent.registry import RegistryState, import_signed_subset, read_state
 from engines.errors import EngineError
 
@@ -65,25 +63,6 @@ def _read_key_file(path: Path) -> bytes:
         raise RegistryError(f"{path}: HMAC key file is readable by group/others (mode {stat.S_IMODE(mode):o}); "
                             f"fix: chmod 600 {path}")
     return raw
-
-
-@contextmanager
-def _progress_printer(label: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress callback: a rich bar on a terminal, otherwise a plain line per 10% on stderr."""
-    if sys.stderr.isatty():
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(label, total=None)
-            yield lambda done, total: bar.update(task, completed=done, total=total)
-        return
-    last = [-1]
-
-    def plain(done: int, total: int) -> None:
-        tenth = done * 10 // total if total else 10
-        if tenth != last[0]:
-            last[0] = tenth
-            click.echo(f"{label}: {done}/{total} records", err=True)
-
-    yield plain
 
 
 @click.group(context_settings=CONTEXT)
@@ -143,7 +122,7 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
     records = [0]
     start = time.perf_counter()
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    with _progress_printer(f"importing {file.name}") as show:
+    with progress_callback(f"importing {file.name}", "records") as show:
         def progress(done: int, total: int) -> None:
             records[0] = done
             show(done, total)

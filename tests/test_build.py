@@ -1,4 +1,4 @@
-"""Engine building: the staleness key, the plan cache, atomic writes, rebuilds, the background
+"""Engine building: the staleness key, the plan cache, rebuilds, the background
 build-and-swap, and the ``iaflash-engines build`` command (tensorrt/pycuda faked, see fake_trt.py).
 """
 
@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 import threading
 from pathlib import Path
@@ -25,7 +24,6 @@ from engines.build import (
     BuildEnv,
     BuildOptions,
     SwappingBackend,
-    atomic_write,
     build_engine,
     cached_plan,
     plan_key,
@@ -214,22 +212,6 @@ def test_a_failed_build_leaves_no_partial_plan(fake: State, bundle: Bundle, cach
     with pytest.raises(ModelLoadError, match=r"TensorRT (failed: out of memory|could not build an engine)"):
         _build(bundle, cache)
     assert [p.name for p in cache.iterdir() if not p.name.startswith("timing-")] == []
-
-
-def test_atomic_write_keeps_the_old_file_and_no_temp_when_the_replace_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    target = tmp_path / "x.plan"
-    target.write_bytes(b"old")
-
-    def fail(src: str, dst: str) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="No space left"):
-        atomic_write(target, b"new plan")
-    assert target.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.plan"]
 
 
 def test_fp32_sets_no_fp16_flag_and_a_gpu_without_fast_fp16_builds_fp32(
