@@ -1,7 +1,7 @@
 """``iaflash-provision``: the field technician's CLI.
 
 Exit codes: 0 ok, 1 operational error (bad file, gap, key mismatch...), 2 usage error (Click),
-3 a check found problems (reserved for ``doctor``). Diagnostics go to stderr; ``--json`` puts one
+3 a check found problems (``doctor``). Diagnostics go to stderr; ``--json`` puts one
 stable document on stdout. Errors read ``error: <where>: <what>; fix: <how>``.
 """
 
@@ -25,6 +25,7 @@ from agent.plates import key_id, load_hmac_key
 from agent.progress import progress_callback
 from agent.registry import RegistryState, import_signed_subset, read_state
 from engines.errors import EngineError
+from provisioning.doctor import DEFAULT_CONFIG, Report, run_doctor
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,70 @@ def status_cmd(config_path: Path | None, db: Path | None, as_json: bool) -> None
     doc = {"command": "registry status", "db": str(db_path), "state": None if state is None else state.to_dict(),
            "age_hours": age, "max_age_hours": max_age, "stale": age is None or age > max_age}
     _emit(doc, as_json, _status_text(db_path, state, max_age))
+
+
+_LABEL = {"ok": "ok", "warn": "warn", "fail": "FAIL", "skip": "skip", "error": "ERROR"}
+_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim", "error": "bold magenta"}
+
+
+def _print_report(report: Report) -> None:
+    """One line per check (status, name, finding), its fix indented below; colours only on a terminal."""
+    s, code = report.summary(), report.exit_code
+    verdict = {0: "no problems", 3: "problems found"}.get(code, "doctor could not finish")
+    total = f"doctor: {s['ok']} ok, {s['warn']} warn, {s['fail']} FAIL, {s['skip']} skipped" + (
+        f", {s['error']} errors" if s["error"] else "")
+    if not sys.stdout.isatty():
+        for c in report.checks:
+            fix = f"\n{'':<20}fix: {c.fix}" if c.fix and c.status != "ok" else ""
+            click.echo(f"{_LABEL[c.status]:<5} {c.name:<13} {c.finding}{fix}")
+        click.echo(f"{total}: {verdict}")
+        return
+    from rich.console import Console  # noqa: PLC0415  # only on a terminal
+    from rich.markup import escape  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for c in report.checks:
+        fix = f"\n[cyan]fix:[/] {escape(c.fix)}" if c.fix and c.status != "ok" else ""
+        table.add_row(f"[{_STYLE[c.status]}]{_LABEL[c.status]}[/]", escape(c.name), escape(c.finding) + fix)
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(f"[bold]{escape(total)}[/]: {escape(verdict)}")
+
+
+@cli.command("doctor", context_settings=CONTEXT)
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_CONFIG,
+              show_default=True, help="Agent config file (TOML) to check the box against.")
+@_json_option
+@click.option("--broker-timeout", "broker_timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
+              metavar="S", help="Seconds to wait for a TCP connection to the MQTT broker.")
+def doctor_cmd(config_path: Path, as_json: bool, broker_timeout: float) -> None:
+    """Check the whole box and say what to fix: one line per check, ok / warn / FAIL.
+
+    Checks the config, HMAC key, registry cache (key id, age), model and detector bundles
+    (signatures), inference backends, spool folders and backlog, rejected captures, outbox,
+    free disk, broker reachability and TLS files, and the systemd unit. Doctor only reads.
+
+    Exit codes: 0 nothing failed (warnings allowed), 3 a check FAILed (an unreadable or invalid
+    config is a FAIL too), 1 doctor itself could not run a check (see stderr).
+
+    \b
+    Example:
+      sudo iaflash-provision doctor
+      iaflash-provision doctor --config /etc/iaflash/agent.toml --json --broker-timeout 10
+    """
+    report = run_doctor(config_path, broker_timeout_s=broker_timeout)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report)
+    for check in report.checks:
+        if check.status == "error":
+            click.echo(f"error: doctor: {check.name}: {check.finding}", err=True)
+    sys.exit(report.exit_code)
 
 
 def main(argv: list[str] | None = None) -> None:
