@@ -183,7 +183,7 @@ def create_backend(kind: str = "auto", *, threads: int = 0, build: BuildOptions 
     if kind == "auto":
         ok, reason = backend_availability("tensorrt")
         if ok:
-            from engines.build import SwappingBackend  # noqa: PLC0415  # build imports this module
+            from engines.swap import SwappingBackend  # noqa: PLC0415  # swap imports this module
 
             return SwappingBackend(threads=threads, options=build)
         logger.info("TensorRT backend not available (%s); falling back to ONNX Runtime", reason)

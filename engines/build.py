@@ -1,4 +1,4 @@
-"""TensorRT engine building: staleness key, plan cache, ONNX → plan, and the serve-while-building swap.
+"""TensorRT engine building: the staleness key, the plan cache, and building or reusing a plan.
 
 A plan is only valid for the exact software and hardware that built it, so it is cached
 under a *staleness key*: the sha256 of canonical JSON (sorted keys, no spaces) covering the
@@ -11,32 +11,35 @@ profiles and :data:`RECIPE_VERSION`. Cache layout (see docs/JETSON.md)::
     <cache_dir>/timing-<env[:16]>.cache             TensorRT timing cache (speeds up rebuilds)
     <cache_dir>/calib-<onnx[:16]>-<set[:16]>.cache  INT8 calibration cache, per calibration set
 
-``tensorrt`` is imported inside the functions that need it, never at import time.
+The TensorRT side of a build (parser, builder config, INT8 calibrator) is :mod:`engines.trt_build`;
+the serve-while-building swap is :mod:`engines.swap` (:class:`SwappingBackend` is re-exported
+here). ``tensorrt`` is imported inside the functions that need it, never at import time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from engines.atomic import write_atomic as atomic_write  # public here too: engines.trt and tests use it
-from engines.base import Backend, BackendInfo, TensorSpec
+from engines.atomic import write_atomic as atomic_write  # public here too (tests and older callers use it)
 from engines.bundle import Bundle, sha256_file
 from engines.cuda import CudaError, open_cuda
-from engines.errors import BackendUnavailable, EngineError, InferenceError, ModelLoadError
+from engines.errors import BackendUnavailable, ModelLoadError
+from engines.trt_build import compile_plan
+
+if TYPE_CHECKING:
+    from engines.swap import SwappingBackend  # re-exported lazily by __getattr__ below
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -296,18 +299,12 @@ def build_engine(
     errors and build failures raise ModelLoadError; nothing partial is left in ``cache_dir``.
     """
     options = BuildOptions(precision=precision, workspace_mb=workspace_mb, max_batch=max_batch, cache_dir=cache_dir)
-    if precision == "int8" and not calibration:
-        raise ModelLoadError(
-            f"{bundle.path}: int8 needs a calibration set; fix: iaflash-engines build {bundle.path} "
-            "--precision int8 --calibration DIR_OF_JPEGS (and check accuracy before deploying it)"
-        )
+    _require_calibration(bundle, precision, calibration)
     env = env or BuildEnv.detect()
     key, inputs = plan_key(bundle, options, env)
     report = progress or (lambda _stage, _fraction: None)
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    from engines.trt import compile_plan  # noqa: PLC0415  # trt imports this module
-
     plan, effective = compile_plan(
         bundle,
         options,
@@ -324,6 +321,14 @@ def build_engine(
     logger.info("built TensorRT plan %s (%s, %d bytes) in %.1f s", path, effective, len(plan), seconds)
     report("done", 1.0)
     return path
+
+
+def _require_calibration(bundle: Bundle, precision: str, calibration: Sequence[np.ndarray] | None) -> None:
+    if precision == "int8" and not calibration:
+        raise ModelLoadError(
+            f"{bundle.path}: int8 needs a calibration set; fix: iaflash-engines build {bundle.path} "
+            "--precision int8 --calibration DIR_OF_JPEGS (and check accuracy before deploying it)"
+        )
 
 
 def _batches_digest(batches: Sequence[np.ndarray] | None) -> str:
@@ -353,10 +358,7 @@ def load_or_build(
 
     def _build() -> Path:
         if not build:
-            raise ModelLoadError(
-                f"no valid TensorRT plan for {bundle.manifest.name} {bundle.manifest.version} in "
-                f"{cache_dir}; fix: iaflash-engines build {bundle.path} --cache-dir {cache_dir}"
-            )
+            raise _no_plan(bundle, cache_dir)
         return build_engine(
             bundle,
             precision=options.precision,
@@ -378,170 +380,17 @@ def load_or_build(
         return opener(_build())
 
 
-# ---------------------------------------------------------------- serve with ONNX Runtime while building
+def _no_plan(bundle: Bundle, cache_dir: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"no valid TensorRT plan for {bundle.manifest.name} {bundle.manifest.version} in "
+        f"{cache_dir}; fix: iaflash-engines build {bundle.path} --cache-dir {cache_dir}"
+    )
 
 
-def _lower_priority() -> None:
-    """Linux niceness is per thread: make the builder thread (and TensorRT's helpers) nice 19."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+def __getattr__(name: str) -> Any:
+    """Lazy re-export of :class:`engines.swap.SwappingBackend` (engines.swap imports this module)."""
+    if name == "SwappingBackend":
+        from engines.swap import SwappingBackend  # noqa: PLC0415  # swap imports this module: no cycle at import
 
-
-class SwappingBackend(Backend):
-    """``auto``: serve with ONNX Runtime (CPU) at once, build the TensorRT plan in the background,
-    then swap to TensorRT between two infer calls. A cached plan is used straight away.
-
-    ``build_state`` is one of idle, building, swapped, failed; ``build_error`` says why it failed.
-    ``swapped``/``finished`` are events the agent (and tests) may wait on.
-    """
-
-    kind = "auto"
-
-    def __init__(
-        self,
-        *,
-        threads: int = 0,
-        options: BuildOptions | None = None,
-        env: BuildEnv | None = None,
-        join_timeout_s: float = 10.0,
-    ) -> None:
-        self._threads = threads
-        self._options = options or BuildOptions()
-        self._env = env
-        self._join_timeout_s = join_timeout_s
-        self._lock = threading.RLock()
-        self._active: Backend | None = None
-        self._builder: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.swapped = threading.Event()
-        self.finished = threading.Event()
-        self.build_state = "idle"
-        self.build_error: str | None = None
-
-    @classmethod
-    def is_available(cls) -> tuple[bool, str]:
-        from engines.onnxrt import OnnxRuntimeBackend  # noqa: PLC0415  # onnxrt imports engines.base
-
-        return OnnxRuntimeBackend.is_available()
-
-    def load(self, bundle: Bundle) -> None:
-        from engines.onnxrt import OnnxRuntimeBackend  # noqa: PLC0415  # onnxrt imports engines.base
-        from engines.trt import TensorRTBackend  # noqa: PLC0415  # trt imports this module
-
-        self.close()
-        self._stop, self.swapped, self.finished = threading.Event(), threading.Event(), threading.Event()
-        self.build_error = None
-        cached = TensorRTBackend(options=self._options, env=self._env, build=False)
-        try:
-            cached.load(bundle)
-        except EngineError as exc:
-            logger.info("no usable TensorRT plan yet (%s); serving with ONNX Runtime while it builds", exc)
-        else:
-            self._set(cached, "swapped")
-            return
-        cpu = OnnxRuntimeBackend(threads=self._threads, providers=["CPUExecutionProvider"])
-        cpu.load(bundle)
-        self._set(cpu, "building")
-        self._builder = threading.Thread(
-            target=self._build_and_swap, args=(bundle,), name="iaflash-engine-build", daemon=True
-        )
-        self._builder.start()
-
-    def _set(self, backend: Backend, state: str) -> None:
-        with self._lock:
-            self._active, self.build_state = backend, state
-        if state == "swapped":
-            self.swapped.set()
-            self.finished.set()
-
-    def _build_and_swap(self, bundle: Bundle) -> None:
-        from engines.trt import TensorRTBackend  # noqa: PLC0415  # trt imports this module
-
-        _lower_priority()
-        backend = TensorRTBackend(
-            options=self._options, env=self._env, progress=_ProgressLog(bundle), cancel=self._stop
-        )
-        try:
-            backend.load(bundle)
-            backend.warmup()
-        except Exception as exc:  # noqa: BLE001  # a failed background build must never stop serving
-            backend.close()
-            with self._lock:
-                self.build_state, self.build_error = "failed", str(exc)
-            logger.warning(
-                "TensorRT engine for %s %s failed (%s); staying on ONNX Runtime",
-                bundle.manifest.name,
-                bundle.manifest.version,
-                exc,
-            )
-            self.finished.set()
-            return
-        with self._lock:
-            old = None if self._stop.is_set() else self._active
-            if old is not None:
-                self._active, self.build_state = backend, "swapped"
-        if old is None:
-            backend.close()  # closed while building: drop the new engine
-        else:
-            old.close()
-            logger.info(
-                "swapped %s %s from onnxruntime to tensorrt (%s on %s, engine %.16s…)",
-                bundle.manifest.name,
-                bundle.manifest.version,
-                backend.info.precision,
-                backend.info.device,
-                backend.info.engine_key,
-            )
-            self.swapped.set()
-        self.finished.set()
-
-    def _current(self) -> Backend:
-        with self._lock:
-            if self._active is None:
-                raise InferenceError("auto backend is not loaded; fix: call load(bundle) first")
-            return self._active
-
-    @property
-    def input_spec(self) -> TensorSpec:
-        return self._current().input_spec
-
-    @property
-    def output_spec(self) -> TensorSpec:
-        return self._current().output_spec
-
-    @property
-    def info(self) -> BackendInfo:
-        return self._current().info
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        with self._lock:  # the swap waits for the call in flight
-            return self._current()._run(batch)
-
-    def close(self) -> None:
-        self._stop.set()
-        builder, self._builder = self._builder, None
-        if builder is not None and builder is not threading.current_thread():
-            builder.join(self._join_timeout_s)
-            if builder.is_alive():
-                logger.warning(
-                    "engine build still running after %.0f s; its result will be dropped", self._join_timeout_s
-                )
-        with self._lock:
-            active, self._active = self._active, None
-            self.build_state = "idle"
-        if active is not None:
-            active.close()
-
-
-class _ProgressLog:
-    """Logs a background build's progress: every stage, and every 10 % of the build stage."""
-
-    def __init__(self, bundle: Bundle) -> None:
-        self._what = f"{bundle.manifest.name} {bundle.manifest.version}"
-        self._last = ("", -1)
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        tenth = int(fraction * 10)
-        if (stage, tenth) != self._last:
-            self._last = (stage, tenth)
-            logger.info("engine build %s: %s %d%%", self._what, stage, int(fraction * 100))
+        return SwappingBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """``iaflash-engines``: the model publisher's and the technician's inference tools.
 
-Subcommands live beside the code they drive (``engines/cli_bundle.py``: keygen, pack,
-sign, verify; ``engines/cli_build.py``: build); this module only assembles the group.
+Subcommands live beside the code they drive (``engines/cli_bundle.py``: keygen, sign,
+verify; ``engines/cli_pack.py``: pack; ``engines/cli_build.py``: build); this module only
+assembles the group.
 
 Exit codes: 0 ok, 1 operational error, 2 usage error, 3 check found problems.
 """
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 # (module, attribute) of each command or group attached to `main`.
 _COMMANDS = (
     ("engines.cli_bundle", "commands"),
+    ("engines.cli_pack", "commands"),
     ("engines.cli_build", "commands"),
 )
 
