@@ -16,6 +16,12 @@ What the rest of the agent relies on:
   always True there. paho calls ``on_publish`` under its own lock, so the callback only enqueues.
 * paho keeps unacknowledged QoS 1 messages in memory and resends them (same mid) after a
   reconnect; a process restart loses them, which is why the outbox exists.
+* Commands (docs/MQTT.md#commands): after :meth:`MqttLink.enable_commands` the link subscribes to
+  ``<topic_root>/cmd`` at QoS 1 (now if connected, and on every connect). ``on_message`` runs in
+  paho's network thread, so it only copies the message (payload, MQTT 5 response topic and
+  correlation data) onto a bounded queue; when that queue is full the message is dropped and
+  counted in ``commands_dropped``. :meth:`MqttLink.respond` publishes an answer at QoS 1 with the
+  correlation data echoed (MQTT 5).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import queue
 import ssl
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -35,17 +42,30 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config import Config, read_secret
 from agent.errors import LinkError
 
-__all__ = ["MqttLink"]
+__all__ = ["InboundMessage", "MqttLink"]
 
 log = logging.getLogger(__name__)
 
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 _REFUSED = 128  # MQTT 5 reason codes at or above this are failures
+COMMAND_QUEUE_MAX = 100  # commands waiting for the worker; more are dropped and counted
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A message received on the command topic, copied out of paho's objects."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None
+    correlation_data: bytes | None
 
 
 @contextlib.contextmanager
@@ -85,7 +105,12 @@ class MqttLink:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.status_topic = f"{cfg.topic_root}/status"
-        self.command_topic = f"{cfg.topic_root}/cmd"  # seam: subscribed in _on_connect by a later issue
+        self.command_topic = f"{cfg.topic_root}/cmd"  # subscribed once enable_commands() was called
+        self.commands_dropped = 0
+        self._commands: queue.Queue[InboundMessage] | None = None
+        self._commands_ready = threading.Event()
+        self._command_sub_mid: int | None = None
+        self._sub_lock = threading.Lock()
         self.acks: queue.Queue[tuple[int, bool, str]] = queue.Queue()
         self.connects = 0
         self.disconnects = 0
@@ -116,6 +141,8 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
         return client
 
     def _auth(self, client: mqtt.Client) -> None:
@@ -166,13 +193,17 @@ class MqttLink:
         self.connects += 1
         self.last_error = None
         client.publish(self.status_topic, self._status("online", "connected"), qos=1, retain=True)
-        self._connected.set()
+        with self._sub_lock:  # enable_commands() may run now in another thread
+            if self._commands is not None:
+                self._subscribe_commands(client)
+            self._connected.set()
         log.info("MQTT connected to %s as %s", self._where, self.cfg.client_id)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._commands_ready.clear()
         if was_connected and self._stopping:
             log.info("MQTT disconnected from %s (stopped)", self._where)
         elif was_connected:
@@ -186,7 +217,62 @@ class MqttLink:
         code = _reason_value(reason_code)
         self.acks.put((mid, code < _REFUSED, f"{code} {reason_code}"))
 
+    def _subscribe_commands(self, client: mqtt.Client) -> None:
+        _, mid = client.subscribe(self.command_topic, qos=1)
+        self._command_sub_mid = mid
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        if mid != self._command_sub_mid:
+            return
+        if any(_reason_value(rc) >= _REFUSED for rc in reason_codes):
+            log.error("broker %s refused the subscription to %s: %s (fix: allow this device to subscribe "
+                      "to its cmd topic in the broker ACL)", self._where, self.command_topic, reason_codes)
+            return
+        self._commands_ready.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # paho's network thread: copy and enqueue only; the command worker does the rest.
+        if self._commands is None or message.topic != self.command_topic:
+            return
+        props = getattr(message, "properties", None)
+        topic = getattr(props, "ResponseTopic", None)
+        corr = getattr(props, "CorrelationData", None)
+        item = InboundMessage(message.topic, bytes(message.payload), topic if isinstance(topic, str) else None,
+                              bytes(corr) if isinstance(corr, (bytes, bytearray)) else None)
+        try:
+            self._commands.put_nowait(item)
+        except queue.Full:
+            self.commands_dropped += 1
+            log.warning("command dropped: %d commands already wait for the worker (dropped so far: %d)",
+                        self._commands.maxsize, self.commands_dropped)
+
     # ----- public API ---------------------------------------------------------------------
+    def enable_commands(self, maxsize: int = COMMAND_QUEUE_MAX) -> queue.Queue[InboundMessage]:
+        """Subscribe to ``command_topic`` (QoS 1) and return the queue its messages land on."""
+        with self._sub_lock:
+            if self._commands is None:
+                self._commands = queue.Queue(maxsize)
+                if self.connected:
+                    self._subscribe_commands(self._client)
+            return self._commands
+
+    def wait_commands_ready(self, timeout: float) -> bool:
+        """True once the broker granted the command subscription; False after ``timeout`` seconds."""
+        return self._commands_ready.wait(timeout)
+
+    def respond(self, topic: str, payload: bytes, correlation_data: bytes | None) -> int:
+        """Publish a command response at QoS 1, echoing ``correlation_data`` (an MQTT 5 property)."""
+        props = None
+        if self.cfg.mqtt.protocol == "5" and correlation_data is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
+            props.CorrelationData = correlation_data
+        with _paho_errors(f"publish to {topic}", self._where):
+            info = self._client.publish(topic, payload, qos=1, properties=props)
+        if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN:
+            self._check(info.rc, f"publish to {topic}")
+        return int(info.mid)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from agent.commands import CommandWorker
 from agent.committer import VerdictCallback
 from agent.config import Config, read_secret
 from agent.health import sd_notify, watchdog_interval_s
@@ -49,6 +50,7 @@ class Service:
         self.backend: Backend | None = None
         self.registry: Registry | None = None
         self.detector_backend: Backend | None = None
+        self.commands: CommandWorker | None = None
         self.spool = Spool(cfg.spool.dir, cfg.spool)
 
     def start(self) -> None:
@@ -74,6 +76,7 @@ class Service:
         log.info("recovery: %d captures finished, %d requeued, %d events to (re)send",
                  finished, requeued, pending)
         self.link = MqttLink(cfg)
+        self._start_commands(hmac_key)
         self.link.start()
         self.publisher = Publisher(cfg.outbox.db, self.link, cfg.mqtt, heartbeat=self.heartbeat,
                                    heartbeat_topic=f"{cfg.topic_root}/heartbeat")
@@ -84,6 +87,13 @@ class Service:
         sd_notify("READY=1")
         log.info("agent started: site %s device %s, model %s %s on %s", cfg.site.site_id,
                  cfg.site.device_id, bundle.manifest.name, bundle.manifest.version, self.backend.info.kind)
+
+    def _start_commands(self, hmac_key: bytes) -> None:
+        """Signed commands from central (agent/commands.py): subscribed before the link connects."""
+        assert self.link is not None
+        self.commands = CommandWorker(self.cfg, self.link, heartbeat=self.heartbeat, hmac_key=hmac_key,
+                                      version=AGENT_VERSION, done_dir=self.spool.done)
+        self.commands.start()
 
     def _build_options(self) -> BuildOptions:
         m = self.cfg.model
@@ -153,6 +163,9 @@ class Service:
     def stop(self) -> None:
         if self.pipeline is not None:
             self.pipeline.stop()
+        if self.commands is not None:  # before the link: the command running may still answer
+            self.commands.stop()
+            self.commands = None
         if self.publisher is not None:
             self.publisher.stop(timeout=5)
         if self.link is not None:
@@ -183,5 +196,6 @@ class Service:
             # "auto" serves with ONNX Runtime while a TensorRT plan builds: idle/building/swapped/failed
             "engine_build": getattr(self.backend, "build_state", None),
             "disk_paused": p.disk_paused if p else False,
+            "commands": self.commands.counters() if self.commands else {},
             "pid": os.getpid(),
         }

@@ -1,20 +1,24 @@
-"""``iaflash-central``: central-side tools (reference event listener, registry subsets).
+"""``iaflash-central``: central-side tools (reference event listener, registry subsets, commands).
 
 Exit codes: 0 ok, 1 operational error (broker unreachable, fewer events than --count before
---timeout), 2 usage error.
+--timeout, no response to a command or a command refused), 2 usage error.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
 
+from central.commands import CommandClient
 from central.subscriber import DEFAULT_FILTER, Subscriber
 from central.subsets import registry_group
+from engines.errors import EngineError
 
 __all__ = ["main"]
 
@@ -91,4 +95,87 @@ def listen(host: str, port: int, protocol: str, topic: str, client_id: str | Non
     click.echo(f"{printed} event(s), {sub.duplicates} duplicate(s), {len(sub.invalid)} invalid", err=True)
     if count is not None and not reached:
         click.echo(f"error: only {printed} of {count} event(s) before the {timeout} s timeout", err=True)
+        sys.exit(1)
+
+
+def _args(pairs: tuple[str, ...], file: Path | None) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--arg {pair!r}: expected KEY=VALUE")
+        args[key] = value
+    if file is not None:
+        sig = file.with_name(file.name + ".sig")
+        if not sig.is_file():
+            raise click.UsageError(f"--file {file}: its signature {sig} is missing; sign it with "
+                                   f"`iaflash-engines sign {file} --key PUBLISHER.key`")
+        args["file_b64"] = base64.b64encode(file.read_bytes()).decode("ascii")
+        args["signature"] = json.loads(sig.read_text(encoding="utf-8"))
+    return args
+
+
+def _summary(response: dict[str, Any]) -> str:
+    if not response["ok"]:
+        return f"refused: {response['error']['code']}: {response['error']['message']}"
+    result = response["result"]
+    if "images" in result:  # send_evidence: the image bytes are for --json or --out
+        result = {**result, "images": [{k: v for k, v in i.items() if k != "jpeg_b64"} for i in result["images"]]}
+    return json.dumps(result, indent=2, sort_keys=True)
+
+
+def _save_evidence(response: dict[str, Any], out: Path) -> None:
+    result = response.get("result") or {}
+    out.mkdir(parents=True, exist_ok=True)
+    for image in result.get("images", []):
+        (out / Path(image["name"]).name).write_bytes(base64.b64decode(image["jpeg_b64"]))
+        click.echo(f"wrote {out / Path(image['name']).name}", err=True)
+    if "sidecar" in result:
+        name = Path(f"{result['capture_id']}.json").name  # never a path from the network
+        (out / name).write_text(json.dumps(result["sidecar"], indent=2))
+
+
+@main.command("cmd", context_settings=CONTEXT)
+@click.argument("site")
+@click.argument("device")
+@click.argument("command")
+@click.option("--arg", "pairs", multiple=True, metavar="KEY=VALUE", help="A command argument (repeatable).")
+@click.option("--file", "file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="registry_sync: the subset file (.jsonl.gz); its FILE.sig is sent with it.")
+@click.option("--key", "key", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Central's Ed25519 private key (PEM); its .pub must be in the sites' trust store.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Broker host.")
+@click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="Broker port.")
+@click.option("--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True,
+              help="MQTT protocol version.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds to wait for the response.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="send_evidence: write the images and the sidecar into this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the response document as JSON.")
+def cmd(site: str, device: str, command: str, pairs: tuple[str, ...], file: Path | None, key: Path, host: str,
+        port: int, protocol: str, timeout: float, out: Path | None, as_json: bool) -> None:
+    """Send a signed COMMAND (ping, status, send_evidence, registry_sync) to one box; print its response.
+
+    Exit 0 when the box answers ok, 1 when it refuses or does not answer in time.
+
+    \b
+    Example:
+      iaflash-central cmd site-042 box-01 ping --key central.key --port 1883
+      iaflash-central cmd site-042 box-01 send_evidence --arg capture_id=20261102-081500-000123 \\
+          --key central.key --out evidence/
+      iaflash-central cmd site-042 box-01 registry_sync --file siv-0002.jsonl.gz --key central.key --json
+    """
+    args = _args(pairs, file)
+    try:
+        client = CommandClient(host, port, protocol="5" if protocol == "5" else "3.1.1", private_key_path=key)
+        with client:
+            response = client.send(site, device, command, args, timeout=timeout)
+    except (TimeoutError, EngineError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if out is not None:
+        _save_evidence(response, out)
+    click.echo(json.dumps(response, separators=(",", ":")) if as_json else _summary(response))
+    if not response["ok"]:
         sys.exit(1)
