@@ -150,14 +150,14 @@ def test_a_new_publisher_republishes_rows_left_by_a_crashed_one(
         broker: MosquittoBroker, tmp_path: Path, agents: list[Agent]) -> None:
     cfg = config(broker.port)
     path = tmp_path / "state.db"
-    with Outbox(path) as ob:
-        ids = record(ob, cfg, 20)
     port = broker.port
     assert broker.proc is not None
     first = Agent(cfg, path).start()
     assert first.link.wait_connected(10)
     broker.proc.send_signal(signal.SIGSTOP)  # the broker takes the bytes but never answers
-    assert wait_until(lambda: first.publisher.stats()["published"] == 20, 5)
+    with Outbox(path) as ob:  # recorded only now, so no PUBACK can have come before the freeze
+        ids = record(ob, cfg, 20)
+    assert wait_until(lambda: first.publisher.stats()["published"] == 20, 15)
     first.stop(link_timeout=0.2)  # the "process" ends: paho's in-memory queue is gone
     broker.kill()  # what reached the frozen broker is lost with it: no PUBACK ever came
     assert first.publisher.stats()["acked"] == 0
