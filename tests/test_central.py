@@ -141,7 +141,7 @@ def test_listen_exits_1_when_no_broker_answers() -> None:
     assert "is the broker running?" in result.output
 
 
-@pytest.mark.parametrize("args", [[], ["listen"], ["registry"], ["registry", "build"]])
+@pytest.mark.parametrize("args", [[], ["listen"], ["registry"], ["registry", "build"], ["cmd"]])
 def test_every_command_has_short_help_with_an_example(args: list[str]) -> None:
     result = CliRunner().invoke(main, [*args, "-h"])
     assert result.exit_code == 0
