@@ -240,11 +240,12 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for json.loads: a key given twice is an error, not "the last one wins"."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {key[:40]!r}")
         out[key] = value
     return out
 
@@ -253,7 +254,7 @@ def parse_sidecar(data: bytes, *, source: str) -> Capture:
     """Parse and validate a JSON sidecar; ``source`` (its file path) is named in every error."""
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_no_constants,
-                         object_pairs_hook=_no_duplicates)
+                         object_pairs_hook=reject_duplicate_keys)
     except UnicodeDecodeError as exc:
         raise CaptureRejected("sidecar_not_json", f"{source}: not UTF-8 text (byte {exc.start}). "
                               f"Fix: {_FIX_SIDECAR}") from exc

@@ -35,7 +35,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]  # no stubs installed
 
-from agent.capture import CAPTURE_ID_RE, IMAGE_NAME_RE, parse_timestamp
+from agent.capture import CAPTURE_ID_RE, IMAGE_NAME_RE, parse_timestamp, reject_duplicate_keys
 from agent.config import Config
 from agent.errors import IaflashError, LinkError, PlateError, SignatureError, UntrustedKey
 from agent.link import InboundMessage, MqttLink
@@ -99,15 +99,6 @@ def validate_response(doc: Any) -> None:
     _validate(doc, "response.v1.json", "response")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {key[:40]!r}")
-        doc[key] = value
-    return doc
-
-
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN, Infinity: they cannot be signed canonically
 
@@ -117,7 +108,7 @@ def _parse(payload: bytes) -> dict[str, Any]:
         raise CommandError("invalid", f"command is {len(payload)} bytes, the limit is {MAX_PAYLOAD_BYTES}; "
                            f"fix: registry files over {MAX_FILE_BYTES} bytes must be copied on site")
     try:
-        doc = json.loads(payload, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        doc = json.loads(payload, object_pairs_hook=reject_duplicate_keys, parse_constant=_no_constant)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CommandError("invalid", f"command is not UTF-8 JSON: {str(exc)[:200]}; fix: {_FIX_SIGN}") from exc
     if not isinstance(doc, dict):
