@@ -20,22 +20,33 @@ import json
 import logging
 import queue
 import shutil
-import sqlite3
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator  # type: ignore[import-untyped]  # no stubs installed
-
-from agent.capture import CAPTURE_ID_RE, IMAGE_NAME_RE, parse_timestamp, reject_duplicate_keys
+from agent.capture import CAPTURE_ID_RE, IMAGE_NAME_RE, parse_timestamp
+from agent.command_protocol import (
+    CLOCK_SKEW_S,
+    FIX_SIGN,
+    MAX_FILE_BYTES,
+    MAX_PAYLOAD_BYTES,
+    MAX_VALIDITY_S,
+    RESPONSE_SCHEMA_ID,
+    SCHEMA_ID,
+    SLOW,
+    CommandError,
+    Handler,
+    ReplayStore,
+    canonical_bytes,
+    parse_command,
+    validate_command,
+    validate_response,
+)
 from agent.config import Config
 from agent.errors import IaflashError, LinkError, PlateError, SignatureError, UntrustedKey
 from agent.link import InboundMessage, MqttLink
@@ -48,72 +59,6 @@ __all__ = ["MAX_FILE_BYTES", "RESPONSE_SCHEMA_ID", "SCHEMA_ID", "CommandError", 
 
 log = logging.getLogger(__name__)
 
-SCHEMA_ID = "iaflash.command/1"
-RESPONSE_SCHEMA_ID = "iaflash.response/1"
-MAX_FILE_BYTES = 64 * 1024 * 1024  # registry_sync: the decoded subset file
-MAX_PAYLOAD_BYTES = MAX_FILE_BYTES * 4 // 3 + 1024 * 1024  # base64 of that, plus the JSON around it
-MAX_VALIDITY_S = 24 * 3600  # expires_at - issued_at; also how long an id is kept for replay checks
-CLOCK_SKEW_S = 300  # tolerated lead of central's clock over the box's
-SLOW = frozenset({"send_evidence", "registry_sync"})
-_FIX_SIGN = "send it with `iaflash-central cmd ... --key CENTRAL.key`"
-
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class CommandError(IaflashError):
-    """A refused or failed command; ``code`` is the response's ``error.code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
-
-
-def canonical_bytes(body: dict[str, Any]) -> bytes:
-    """What a command's signature covers: sorted keys, no spaces, UTF-8, without ``signature``."""
-    doc = {k: v for k, v in body.items() if k != "signature"}
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
-
-
-@lru_cache(maxsize=2)
-def _validator(name: str) -> Draft202012Validator:
-    schema = json.loads(resources.files("agent").joinpath("schemas").joinpath(name).read_text(encoding="utf-8"))
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
-
-
-def _validate(doc: Any, name: str, what: str) -> None:
-    errors = sorted(_validator(name).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        lines = "; ".join(f"{e.json_path}: {e.message[:200]}" for e in errors[:5])
-        raise CommandError("invalid", f"{what} does not match {name} ({len(errors)} problem(s)): {lines}")
-
-
-def validate_command(doc: Any) -> None:
-    """Check a request against ``command.v1.json``; CommandError("invalid") lists the problems."""
-    _validate(doc, "command.v1.json", "command")
-
-
-def validate_response(doc: Any) -> None:
-    """Check a response against ``response.v1.json``; CommandError("invalid") lists the problems."""
-    _validate(doc, "response.v1.json", "response")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: they cannot be signed canonically
-
-
-def _parse(payload: bytes) -> dict[str, Any]:
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise CommandError("invalid", f"command is {len(payload)} bytes, the limit is {MAX_PAYLOAD_BYTES}; "
-                           f"fix: registry files over {MAX_FILE_BYTES} bytes must be copied on site")
-    try:
-        doc = json.loads(payload, object_pairs_hook=reject_duplicate_keys, parse_constant=_no_constant)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CommandError("invalid", f"command is not UTF-8 JSON: {str(exc)[:200]}; fix: {_FIX_SIGN}") from exc
-    if not isinstance(doc, dict):
-        raise CommandError("invalid", f"command is not a JSON object; fix: {_FIX_SIGN}")
-    return doc
 
 
 @dataclass
@@ -137,41 +82,6 @@ class Reply:
         if topic is not None and ("#" in topic or "+" in topic or "\0" in topic):
             topic = None
         return cls(topic, msg.correlation_data, cid, text.get("command_id"), text.get("command"))
-
-
-class ReplayStore:
-    """Command ids already accepted, in a small SQLite file, kept until their expiry has passed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        with self._errors("open"):
-            self._conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("CREATE TABLE IF NOT EXISTS seen_commands (command_id TEXT PRIMARY KEY, "
-                               "expires_at REAL NOT NULL, received_at REAL NOT NULL) WITHOUT ROWID")
-
-    @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        """The one place where this store's sqlite3 errors become CommandError("failed")."""
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise CommandError("failed", f"replay store {self.path}: cannot {action}: {exc}; fix: check the "
-                               "directory's permissions and free disk space") from exc
-
-    def first_time(self, command_id: str, expires_at: float) -> bool:
-        """Record ``command_id``; False when it was already recorded (a replay)."""
-        now = time.time()
-        with self._lock, self._errors("record a command id"):
-            self._conn.execute("DELETE FROM seen_commands WHERE expires_at < ?", (now - CLOCK_SKEW_S,))
-            cur = self._conn.execute("INSERT OR IGNORE INTO seen_commands VALUES (?, ?, ?)",
-                                     (command_id, expires_at, now))
-            return cur.rowcount == 1
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
 
 
 class CommandWorker:
@@ -235,7 +145,7 @@ class CommandWorker:
         self._count("received")
         reply = Reply.of(msg, None)
         try:
-            doc = _parse(msg.payload)
+            doc = parse_command(msg.payload)
             reply = Reply.of(msg, doc)
             handler, slow = self._accept(doc, msg)
         except CommandError as exc:
@@ -272,7 +182,7 @@ class CommandWorker:
                 log.warning("%s is NOT signed or not checked; accepted because security.allow_unsigned = true",
                             what)
                 return None
-            raise CommandError("bad_signature", f"{what} is not signed; fix: {_FIX_SIGN}")
+            raise CommandError("bad_signature", f"{what} is not signed; fix: {FIX_SIGN}")
         try:
             trust = TrustStore.from_dir(sec.trust_dir)
             return trust.check(canonical_bytes(doc), doc["signature"], what=what)
