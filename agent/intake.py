@@ -7,6 +7,7 @@ that it overlaps classification in the inference thread.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from agent.vehicle import Selection, detect_vehicles, select_vehicle
 from engines.base import Backend
 from engines.bundle import Bundle, Preprocessing
 from engines.detect import Detection
+
+log = logging.getLogger(__name__)
 
 # With a detector, the vehicle's size is unknown before decoding: never decode below half size.
 MAX_REDUCTION_WITH_DETECTOR = 2
@@ -87,10 +90,9 @@ class Preparer:
         t = time.perf_counter()
         evidence: dict[str, object] = {"decode_reduction": factor, "vehicle_source": selection.source,
                                        "vehicle_reason": selection.reason, "vehicles_seen": selection.candidates}
-        whole_frame = capture.vehicle_box is None and self.detector is None
-        if selection.box is None and not whole_frame:  # no vehicle, or several and no way to choose
+        if selection.box is None:  # no vehicle, or several and no way to choose: inconclusive
             return Work(claimed, None, selection.reason, started, timings, evidence)
-        region = image if selection.box is None else crop(image, selection.box, margin=CROP_MARGIN)
+        region = crop(image, selection.box, margin=CROP_MARGIN)
         problem = quality_problem(region)
         tensor = None if problem else preprocess(region, self.pp)
         timings["preprocess"] = (time.perf_counter() - t) * 1e3
@@ -119,11 +121,12 @@ class Preparer:
                 with self._detector_lock:
                     detections = detect_vehicles(image, backend, bundle)
             except EngineError as exc:
-                self.detector_errors += 1
+                self.detector_errors += 1  # shown in the heartbeat's errors; the verdict says why
+                log.error("detector failed: %s", exc)
                 return Selection(None, f"detector failed: {exc}", "none", 0)
             finally:
                 timings["detect"] = (time.perf_counter() - t) * 1e3
         if sidecar is None and self.detector is None:
-            return Selection(None, "no vehicle box and no detector: whole frame classified", "none", 0)
+            return Selection((0, 0, *size), "no vehicle box and no detector: whole frame classified", "none", 0)
         return select_vehicle(detections, image_size=size, sidecar_box=sidecar, lane=capture.lane,
                               direction=capture.direction, vehicle_classes=classes)

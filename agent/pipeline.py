@@ -1,8 +1,8 @@
 """The capture pipeline: intake thread(s) → bounded queue → inference thread → commit thread.
 
-intake (claim → JPEG checks → reduced decode → crop → quality → preprocess) overlaps
-inference (infer → calibrate → registry → decide → outbox commit → spool finish):
-OpenCV and ONNX Runtime release the GIL, so on two cores both run at once.
+intake (claim → JPEG checks → reduced decode → vehicle → crop → quality → preprocess) overlaps
+inference (micro-batch → infer → calibrate → registry → decide), which hands each verdict to the
+commit thread (agent/committer.py). OpenCV and ONNX Runtime release the GIL, so stages overlap.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH = 8
 
 
-
 class Pipeline:
     """Owns the worker threads. The service owns everything they use."""
 
@@ -42,7 +41,7 @@ class Pipeline:
                  registry: Registry, hmac_key: bytes, on_verdict: VerdictCallback | None = None,
                  detector: tuple[Backend, Bundle] | None = None) -> None:
         self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
-        self.registry, self.hmac_key, self.on_verdict = registry, hmac_key, on_verdict
+        self.registry, self.hmac_key = registry, hmac_key
         self.taxonomy = Taxonomy(bundle.labels, full_range_makes=frozenset(bundle.manifest.full_range_makes),
                                  min_score=cfg.registry.fuzzy_min_score)
         self.label_categories = (tuple(lb.category for lb in bundle.labels)
@@ -64,9 +63,8 @@ class Pipeline:
                          for i in range(n_intake)]
         self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
         self._threads.append(self.committer.thread)
-        info = backend.info
-        self.model_info = {"name": bundle.manifest.name, "version": bundle.manifest.version,
-                           "backend": info.kind, "device": info.device}
+        # Backend and device are added per verdict: "auto" swaps to TensorRT when its plan is built.
+        self.model_info = {"name": bundle.manifest.name, "version": bundle.manifest.version}
         if detector is not None:
             self.model_info["detector"] = f"{detector[1].manifest.name} {detector[1].manifest.version}"
 

@@ -187,7 +187,7 @@ class Service:
             "device_id": self.cfg.site.device_id,
             "uptime_s": round(time.time() - self.started_at, 1),
             "outcomes": dict(p.outcomes) if p else {},
-            "errors": dict(p.errors) if p else {},
+            "errors": {**p.errors, "detector": p.preparer.detector_errors} if p else {},
             "spool": self.spool.counters(),
             "queue_depth": p.queue_depth() if p else 0,
             "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
