@@ -272,13 +272,14 @@ def parse_sidecar(data: bytes, *, source: str) -> Capture:
 _BANNER_KEYS = {"DT": "captured_at", "CSA": "equipment", "NR": "plate", "VOIE": "lane",
                 "VM": "speed_kmh", "VLA": "limit_kmh", "SENS": "direction"}
 _BANNER_ALIASES = {field: f"banner key {key}" for key, field in _BANNER_KEYS.items()}
+_BANNER_SPLIT_RE = re.compile(r"[|\r\n]+")
 _DIRECTIONS = {"E": "receding", "ELOIGNEMENT": "receding", "ÉLOIGNEMENT": "receding",
                "R": "approaching", "RAPPROCHEMENT": "approaching"}
 
 
 def _banner_fields(text: str, source: str) -> dict[str, str]:
     fields: dict[str, str] = {}
-    for raw in re.split(r"[|\r\n]+", text):
+    for raw in _BANNER_SPLIT_RE.split(text):
         part = raw.strip()
         if not part:
             continue

@@ -28,13 +28,13 @@ from agent.capture import CAPTURE_ID_RE, IMAGE_NAME_RE, Capture, parse_sidecar
 from agent.config import SpoolConfig
 from agent.errors import CaptureRejected
 
-__all__ = ["Claimed", "Spool"]
+__all__ = ["FIX_RADAR", "Claimed", "Spool", "visible"]
 
 log = logging.getLogger(__name__)
 
 _SIDECAR = ".json"
 _ERROR_SUFFIX = ".error.json"
-_FIX_RADAR = "the radar must write its image(s) before the sidecar (or rename the sidecar into place)"
+FIX_RADAR = "the radar must write its image(s) before the sidecar (or rename the sidecar into place)"
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Claimed:
     image_bytes: list[bytes]
 
 
-def _visible(name: str) -> bool:
+def visible(name: str) -> bool:
     """False for names a writer may still be writing: dotfiles, ``*.tmp``, ``*.part``."""
     return not name.startswith(".") and not name.endswith((".tmp", ".part"))
 
@@ -80,6 +80,11 @@ def _move(src: Path, folder: Path, name: str | None = None) -> Path:
     return dest
 
 
+def _default_images(capture_id: str) -> tuple[str, str]:
+    """The image names a capture has by convention when its sidecar lists none (or cannot be read)."""
+    return (f"{capture_id}.jpg", f"{capture_id}.jpeg")
+
+
 def _image_names(capture_id: str, sidecar: Path) -> tuple[str, ...]:
     """The image names a sidecar lists (a light read, no schema), or the default ``<id>.jpg``."""
     try:
@@ -87,7 +92,7 @@ def _image_names(capture_id: str, sidecar: Path) -> tuple[str, ...]:
         names = doc["images"] if isinstance(doc, dict) and "images" in doc else [f"{capture_id}.jpg"]
         return tuple(n for n in names if isinstance(n, str) and IMAGE_NAME_RE.fullmatch(n))
     except (OSError, ValueError, TypeError):
-        return (f"{capture_id}.jpg", f"{capture_id}.jpeg")
+        return _default_images(capture_id)
 
 
 class Spool:
@@ -141,7 +146,7 @@ class Spool:
         out = []
         with os.scandir(folder) as it:
             for entry in it:
-                if entry.name.endswith(_SIDECAR) and _visible(entry.name):
+                if entry.name.endswith(_SIDECAR) and visible(entry.name):
                     try:
                         if entry.is_file(follow_symlinks=False):
                             out.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
@@ -173,7 +178,7 @@ class Spool:
             os.rename(src, sidecar)
         except FileNotFoundError:
             return None
-        names: tuple[str, ...] = (f"{capture_id}.jpg", f"{capture_id}.jpeg")
+        names: tuple[str, ...] = ()  # _reject_files adds the default names
         try:
             capture = self._load(capture_id, sidecar, str(src))
             names = capture.images
@@ -209,7 +214,7 @@ class Spool:
                     os.rename(self.incoming / name, dest)
                 except FileNotFoundError:
                     raise CaptureRejected("missing_image", f"{source}: image {name} listed by the sidecar "
-                                          f"is not in incoming/. Fix: {_FIX_RADAR}") from None
+                                          f"is not in incoming/. Fix: {FIX_RADAR}") from None
             st = dest.lstat()
             if not stat.S_ISREG(st.st_mode):
                 raise CaptureRejected("not_a_file", f"{source}: image {name} is not a regular file "
@@ -251,11 +256,12 @@ class Spool:
     def _reject_files(self, capture_id: str, exc: CaptureRejected, source: str,
                       image_names: Iterable[str]) -> Path:
         moved = []
-        defaults = (f"{capture_id}.jpg", f"{capture_id}.jpeg")  # by convention this capture's too
-        names = dict.fromkeys((*image_names, *defaults, f"{capture_id}{_SIDECAR}"))
+        # The default names are by convention this capture's too.
+        names = dict.fromkeys((*image_names, *_default_images(capture_id), f"{capture_id}{_SIDECAR}"))
         for name in names:
             for folder in (self.processing, self.incoming):
-                if (folder / name).is_file():
+                # lexists, not is_file: a folder or link claimed as an image (not_a_file) goes too
+                if os.path.lexists(folder / name):
                     moved.append(_move(folder / name, self.rejected).name)
                     break
         return self._record(capture_id, exc, source, moved)
@@ -291,12 +297,12 @@ class Spool:
         count = 0
         for path in sorted(self.incoming.iterdir()):
             name = path.name
-            if (not _visible(name) or name.endswith(_SIDECAR) or name in referenced
+            if (not visible(name) or name.endswith(_SIDECAR) or name in referenced
                     or not path.is_file() or path.stat().st_mtime >= cutoff):
                 continue
             safe = name if CAPTURE_ID_RE.fullmatch(name) else _safe_name(name)
             exc = CaptureRejected("orphan_file", f"{path}: no sidecar claimed this file for "
-                                  f"{older_than_s:.0f} s. Fix: {_FIX_RADAR}")
+                                  f"{older_than_s:.0f} s. Fix: {FIX_RADAR}")
             moved = _move(path, self.rejected, None if safe == name else safe)
             self._record(safe, exc, str(path), [moved.name])
             count += 1
@@ -336,7 +342,7 @@ class Spool:
             _move(self.processing / name, self.incoming)
             requeued += 1
         for path in sorted(self.processing.iterdir()):
-            if _visible(path.name) and path.is_file():
+            if visible(path.name) and path.is_file():
                 _move(path, self.incoming)
         self._count("requeued", requeued)
         if finished or requeued:
@@ -356,7 +362,7 @@ class Spool:
             if mtime_ns / 1e9 >= cutoff or keep(capture_id.split("~")[0]):
                 continue
             # A "<id>~N" sidecar is a duplicate id renamed on arrival: its images carry the same ~N.
-            images = ((f"{capture_id}.jpg", f"{capture_id}.jpeg") if "~" in capture_id
+            images = (_default_images(capture_id) if "~" in capture_id
                       else _image_names(capture_id, self.done / name))
             for image in images:
                 (self.done / image).unlink(missing_ok=True)

@@ -168,7 +168,8 @@ def select_vehicle(
     edge must be; ``min_relative_score``: detections below this fraction of the best score are
     treated as weak and do not make the choice ambiguous.
     """
-    vehicles = [d for d in detections if d.cls in set(vehicle_classes) and d.area > 0]
+    wanted = set(vehicle_classes)
+    vehicles = [d for d in detections if d.cls in wanted and d.area > 0]
     sidecar, ignored = _sidecar(sidecar_box, image_size, len(vehicles))
     if sidecar is not None:
         return sidecar

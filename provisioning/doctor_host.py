@@ -15,6 +15,7 @@ from pathlib import Path
 from agent.config import Config
 from agent.errors import OutboxError
 from agent.outbox import Outbox
+from agent.spool import FIX_RADAR, visible
 from provisioning.doctor_base import (
     INCOMING_MAX_AGE_S,
     OUTBOX_MAX_AGE_S,
@@ -28,9 +29,8 @@ from provisioning.doctor_base import (
 )
 
 _LOGS = f"journalctl -u {UNIT} -n 50"
-_ORDER_FIX = "the radar must write its image(s) before the sidecar (or rename the sidecar into place)"
 _REJECT_FIXES = {
-    "orphan_file": _ORDER_FIX, "missing_image": _ORDER_FIX,
+    "orphan_file": FIX_RADAR, "missing_image": FIX_RADAR,
     "corrupt_image": "images arrive truncated or damaged: check the radar's export and its disk",
     "empty_image": "images arrive empty: check the radar's export and its disk",
     "not_a_file": "only capture files belong in spool/incoming: remove folders and links from it",
@@ -89,8 +89,7 @@ def check_spool_dirs(cfg: Config, user: str | None = SERVICE_USER) -> Check:
 def _files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return [p for p in folder.iterdir()
-            if not p.name.startswith(".") and not p.name.endswith((".tmp", ".part")) and p.is_file()]
+    return [p for p in folder.iterdir() if visible(p.name) and p.is_file()]
 
 
 def check_spool_queue(cfg: Config) -> Check:

@@ -173,6 +173,16 @@ def test_too_large_and_empty_images_are_rejected(spool: Spool) -> None:
         assert error_doc(spool, cid)["files"] == [f"{cid}.jpg", f"{cid}.json"]
 
 
+def test_a_folder_named_as_an_image_is_rejected_not_left_in_processing(spool: Spool) -> None:
+    (spool.incoming / "dir.jpg").mkdir()
+    (spool.incoming / "dir.json").write_text(json.dumps(sidecar("dir")))
+    with pytest.raises(CaptureRejected) as info:
+        spool.claim("dir")
+    assert info.value.reason == "not_a_file"
+    assert files(spool.processing) == set()
+    assert error_doc(spool, "dir")["files"] == ["dir.jpg", "dir.json"]
+
+
 def test_bad_sidecar_name_is_rejected_under_a_safe_name(spool: Spool) -> None:
     (spool.incoming / "bad name!.json").write_bytes(json.dumps(sidecar("x")).encode())
     (spool.incoming / "_x.json").write_bytes(b"{}")
