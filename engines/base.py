@@ -136,19 +136,15 @@ class Backend(abc.ABC):
                 f"input '{spec.name}': expected dtype {spec.dtype}, got {batch.dtype}; "
                 f"fix: convert with batch.astype(np.{spec.dtype})"
             )
-        expected = "[" + ", ".join(str(d) for d in spec.shape) + "]"
         if batch.ndim != len(spec.shape):
             raise InferenceError(
-                f"input '{spec.name}': expected {len(spec.shape)} dims {expected}, "
+                f"input '{spec.name}': expected {len(spec.shape)} dims {_dims(spec)}, "
                 f"got {batch.ndim} dims {list(batch.shape)}"
             )
-        bad = [
-            axis
-            for axis, want in enumerate(spec.shape[1:], start=1)
-            if isinstance(want, int) and batch.shape[axis] != want
-        ]
+        dims = zip(batch.shape[1:], spec.shape[1:], strict=True)
+        bad = any(isinstance(want, int) and have != want for have, want in dims)
         if bad or batch.shape[0] < 1:
-            raise InferenceError(f"input '{spec.name}': expected shape {expected}, got {list(batch.shape)}")
+            raise InferenceError(f"input '{spec.name}': expected shape {_dims(spec)}, got {list(batch.shape)}")
 
     def __enter__(self) -> Backend:
         return self
@@ -157,6 +153,11 @@ class Backend(abc.ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _dims(spec: TensorSpec) -> str:
+    """``spec.shape`` as ``[1, 3, 224, 224]`` (dynamic axes by name), for error messages only."""
+    return "[" + ", ".join(str(d) for d in spec.shape) + "]"
 
 
 def backend_availability(kind: str) -> tuple[bool, str]:

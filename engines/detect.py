@@ -187,9 +187,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 def _classwise_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
     """NMS within each class separately: overlapping boxes of different classes both survive."""
-    kept = [
-        np.flatnonzero(classes == c)[nms(boxes[classes == c], scores[classes == c], iou)] for c in np.unique(classes)
-    ]
+    members = [np.flatnonzero(classes == c) for c in np.unique(classes)]
+    kept = [idx[nms(boxes[idx], scores[idx], iou)] for idx in members]
     if not kept:
         return np.zeros(0, dtype=np.int64)
     merged = np.concatenate(kept)

@@ -8,6 +8,7 @@ only; its exceptions are mapped to ModelLoadError/InferenceError in :func:`_ort_
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 _TRT = "TensorrtExecutionProvider"
+_RUN_FIX = "check the batch against input_spec; if it matches, the model failed at run time"
 _ORT_DTYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
@@ -41,9 +43,12 @@ _ORT_DTYPES = {
 ProviderEntry = str | tuple[str, dict[str, Any]]
 
 
-@contextlib.contextmanager
-def _ort_errors(error: type[EngineError], where: str, fix: str) -> Iterator[None]:
-    """The one place where onnxruntime's exceptions become ours."""
+@functools.cache
+def _caught() -> tuple[type[Exception], ...]:
+    """What :func:`_ort_errors` maps: onnxruntime's native exceptions, RuntimeError, ValueError.
+
+    Looked up once: ``_ort_errors`` runs on every infer call.
+    """
     from onnxruntime.capi import onnxruntime_pybind11_state as state  # noqa: PLC0415  # native, lazy
 
     names = (
@@ -60,10 +65,16 @@ def _ort_errors(error: type[EngineError], where: str, fix: str) -> Iterator[None
         "EPFail",
         "NotFound",
     )
-    native = tuple(getattr(state, n) for n in names if hasattr(state, n))
+    return (*(getattr(state, n) for n in names if hasattr(state, n)), RuntimeError, ValueError)
+
+
+@contextlib.contextmanager
+def _ort_errors(error: type[EngineError], where: str, fix: str) -> Iterator[None]:
+    """The one place where onnxruntime's exceptions become ours."""
+    caught = _caught()
     try:
         yield
-    except (*native, RuntimeError, ValueError) as exc:
+    except caught as exc:
         raise error(f"{where}: {exc}; fix: {fix}") from exc
 
 
@@ -161,6 +172,7 @@ class OnnxRuntimeBackend(Backend):
         self._input: TensorSpec | None = None
         self._output: TensorSpec | None = None
         self._info: BackendInfo | None = None
+        self._output_names: tuple[str, ...] = ()
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:
@@ -198,6 +210,7 @@ class OnnxRuntimeBackend(Backend):
             versions={"onnxruntime": ort.__version__, "numpy": np.__version__},
             engine_key=_engine_key(bundle.model_sha256, ort.__version__, used),
         )
+        self._output_names = tuple(o.name for o in session.get_outputs())
         self._session = session
         logger.info(
             "loaded %s %s with onnxruntime %s on %s (providers %s)",
@@ -257,8 +270,7 @@ class OnnxRuntimeBackend(Backend):
         if spec.shape[0] == 1 and batch.shape[0] > 1:
             # Fixed batch of one: run the rows one by one so callers can micro-batch regardless.
             return np.concatenate([self._run(batch[i : i + 1]) for i in range(batch.shape[0])], axis=0)
-        fix = "check the batch against input_spec; if it matches, the model failed at run time"
-        with _ort_errors(InferenceError, f"onnxruntime run of input {spec.name!r}", fix):
+        with _ort_errors(InferenceError, f"onnxruntime run of input {spec.name!r}", _RUN_FIX):
             result = session.run([out.name], {spec.name: batch})[0]
         return np.asarray(result)
 
@@ -266,16 +278,15 @@ class OnnxRuntimeBackend(Backend):
         """Every named output of the graph (multi-output detectors: boxes, scores, classes)."""
         self._check(batch)
         session, spec, _, _ = self._loaded()
-        fix = "check the batch against input_spec; if it matches, the model failed at run time"
-        with _ort_errors(InferenceError, f"onnxruntime run of input {spec.name!r}", fix):
+        with _ort_errors(InferenceError, f"onnxruntime run of input {spec.name!r}", _RUN_FIX):
             results = session.run(None, {spec.name: np.ascontiguousarray(batch)})
-        names = [o.name for o in session.get_outputs()]
-        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+        return {name: np.asarray(value) for name, value in zip(self._output_names, results, strict=True)}
 
     def close(self) -> None:
         self._session = None
         self._input = self._output = None
         self._info = None
+        self._output_names = ()
 
 
 def _engine_key(model_sha256: str, ort_version: str, providers: Sequence[str]) -> str:
