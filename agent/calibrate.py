@@ -83,10 +83,13 @@ def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return out
 
 
+def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    return float(-log_softmax(z, temperature)[np.arange(len(y)), y].mean())
+
+
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true labels under ``softmax(logits / T)``."""
-    z, y = _check(logits, labels)
-    return float(-log_softmax(z, temperature)[np.arange(len(y)), y].mean())
+    return _nll(*_check(logits, labels), temperature)
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[ReliabilityBin]:
@@ -127,7 +130,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tol: float = 1e-5
     z, y = _check(logits, labels)
 
     def loss(log_t: float) -> float:
-        return float(-log_softmax(z, math.exp(log_t))[np.arange(len(y)), y].mean())
+        return _nll(z, y, math.exp(log_t))
 
     lo, hi = math.log(T_MIN), math.log(T_MAX)
     a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)

@@ -50,7 +50,7 @@ def _operational(func: F) -> F:
 
 def _load(bundle_dir: Path, dataset: Path, batch_size: int, threads: int) -> tuple[Bundle, Inference]:
     """The bundle and its inference over the dataset; all heavy imports are here."""
-    from agent.evaluate import load_dataset, run_inference  # noqa: PLC0415  # keeps `--help` fast
+    from agent.evaluate import load_dataset, require_supported, run_inference  # noqa: PLC0415  # `--help` fast
     from engines.bundle import load_bundle  # noqa: PLC0415
 
     bundle = load_bundle(bundle_dir)
@@ -59,6 +59,7 @@ def _load(bundle_dir: Path, dataset: Path, batch_size: int, threads: int) -> tup
     samples = load_dataset(dataset)
     with progress_callback("classifying images") as progress:
         inference = run_inference(bundle, samples, batch_size=batch_size, threads=threads, progress=progress)
+    require_supported(inference, dataset)
     return bundle, inference
 
 
@@ -98,9 +99,6 @@ def calibrate(bundle_dir: Path, dataset: Path, out_dir: Path, batch_size: int, t
 
     bundle, inference = _load(bundle_dir, dataset, batch_size, threads)
     samples = len(inference.samples) + len(inference.unsupported)
-    if not inference.samples:
-        raise IaflashError(f"{dataset}: none of the {samples} samples has a label in the bundle's taxonomy; "
-                           "fix: check the make/model spellings against the bundle's labels.csv")
     temperature = fit_temperature(inference.logits, inference.labels)
     before = calibration_summary(inference.logits, inference.labels, bundle.manifest.temperature)
     after = calibration_summary(inference.logits, inference.labels, temperature)

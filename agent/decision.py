@@ -37,10 +37,8 @@ from agent.config import DecisionConfig
 from agent.registry import RegistryRecord
 from agent.taxonomy import Resolution, Taxonomy
 
-__all__ = ["DEFAULT_OTHER_THRESHOLD", "GENRE_CATEGORIES", "KNOWN_CATEGORIES", "Prediction", "Verdict", "decide",
+__all__ = ["GENRE_CATEGORIES", "KNOWN_CATEGORIES", "Prediction", "Verdict", "decide",
            "genre_evidence", "softmax", "thresholds_of", "top_k"]
-
-DEFAULT_OTHER_THRESHOLD = 0.3
 
 # Registry genre (J.1) → label categories a vehicle of that genre may plausibly be shown as.
 # Car and van overlap (a VP Kangoo, a CTTE "Clio Société"); a large van may look like a truck.
@@ -177,11 +175,11 @@ def decide(
 ) -> Verdict:
     """Return the verdict for one capture. ``plate_problem``/``image_problem`` say why an input is unusable.
 
-    ``other_threshold`` defaults to ``cfg.other_threshold`` when the config has it, else 0.3.
+    ``other_threshold`` defaults to ``cfg.other_threshold``.
     ``label_categories`` (one per label: car, van, truck, bus, motorcycle) enables genre evidence.
     """
     if other_threshold is None:
-        other_threshold = float(getattr(cfg, "other_threshold", DEFAULT_OTHER_THRESHOLD))
+        other_threshold = cfg.other_threshold
     base: dict[str, Any] = {
         "registry_stale": registry_stale,
         "registry": record,

@@ -64,6 +64,7 @@ __all__ = [
     "outcome_rates",
     "pair_outcomes",
     "recommend",
+    "require_supported",
     "run_inference",
     "simulate_pairs",
     "sweep_config",
@@ -239,6 +240,14 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, k: int 
     }
 
 
+def require_supported(inference: Inference, dataset: Path | None = None) -> None:
+    """Refuse an inference in which no sample has a label of the bundle's taxonomy."""
+    if not inference.samples:
+        where = f"{dataset}: " if dataset is not None else ""
+        raise DatasetError(f"{where}none of the {len(inference.unsupported)} samples has a label in the bundle's "
+                           "taxonomy; fix: check the make/model spellings against the bundle's labels.csv")
+
+
 def as_probs(inference: Inference, temperature: float) -> np.ndarray:
     """The calibrated probabilities the daemon would compute."""
     out: np.ndarray = softmax(inference.logits, temperature)
@@ -291,9 +300,7 @@ def evaluate(bundle: Bundle, inference: Inference, cfg: DecisionConfig, *,
              target: float = 0.001, clones_per_image: int = 5, seed: int = 0,
              thresholds: Sequence[float] = THRESHOLD_GRID, progress: Progress | None = None) -> dict[str, Any]:
     """The evaluation document (schema ``iaflash.evaluation/1``): every figure of the report."""
-    if not inference.samples:
-        raise DatasetError(f"none of the {len(inference.unsupported)} samples has a label in the bundle's "
-                           "taxonomy; fix: check the make/model spellings against the bundle's labels.csv")
+    require_supported(inference)
     taxonomy, temperature = Taxonomy(bundle.labels), bundle.manifest.temperature
     probs = as_probs(inference, temperature)
     pairs = simulate_pairs(inference.labels, taxonomy, clones_per_image, seed)
