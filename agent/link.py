@@ -218,7 +218,10 @@ class MqttLink:
         self.acks.put((mid, code < _REFUSED, f"{code} {reason_code}"))
 
     def _subscribe_commands(self, client: mqtt.Client) -> None:
-        _, mid = client.subscribe(self.command_topic, qos=1)
+        rc, mid = client.subscribe(self.command_topic, qos=1)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:  # retried on the next connect
+            log.warning("MQTT %s: cannot subscribe to %s: %s", self._where, self.command_topic,
+                        mqtt.error_string(rc))
         self._command_sub_mid = mid
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,

@@ -163,22 +163,7 @@ class Outbox:
         Returns False, changing nothing, when the capture was already processed (a re-run after
         a crash never creates a second event).
         """
-        if (event is None) != (topic is None):
-            raise ValueError("event and topic go together: give both or neither")
-        event_id = str(event["event_id"]) if event is not None else None
-        now_iso = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        with self._errors(f"record capture {capture_id}"), self._transaction() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO processed (capture_id, outcome, event_id, processed_at) "
-                "VALUES (?, ?, ?, ?)", (capture_id, outcome, event_id, now_iso))
-            if cur.rowcount == 0:
-                return False
-            if event is not None:
-                payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-                db.execute(
-                    "INSERT INTO outbox (event_id, topic, payload, created_at, attempts, next_attempt_at) "
-                    "VALUES (?, ?, ?, ?, 0, 0)", (event_id, topic, payload, time.time()))
-        return True
+        return self.record_many([(capture_id, outcome, event, topic)])[0]
 
     def record_many(self, items: Sequence[Recorded]) -> list[bool]:
         """``record`` for several captures in ONE transaction (one fsync: group commit).
@@ -191,7 +176,8 @@ class Outbox:
                 raise ValueError("event and topic go together: give both or neither")
         now_iso = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         done: list[bool] = []
-        with self._errors(f"record {len(items)} captures"), self._transaction() as db:
+        what = f"capture {items[0][0]}" if len(items) == 1 else f"{len(items)} captures"
+        with self._errors(f"record {what}"), self._transaction() as db:
             for capture_id, outcome, event, topic in items:
                 event_id = str(event["event_id"]) if event is not None else None
                 cur = db.execute(

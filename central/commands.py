@@ -11,6 +11,7 @@ the response topic to the signature). See docs/MQTT.md#commands.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -27,6 +28,8 @@ from agent.commands import SCHEMA_ID, canonical_bytes, validate_response
 from engines.signing import load_private_key, sign_bytes
 
 __all__ = ["CommandClient"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "iaflash/v1"
 DEFAULT_VALIDITY_S = 300.0
@@ -51,7 +54,7 @@ class CommandClient:
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311)
         self._client.on_connect = self._on_connect
-        self._client.on_subscribe = lambda *_args: self._subscribed.set()
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
 
     # ----- connection -----------------------------------------------------------------------
@@ -83,13 +86,24 @@ class CommandClient:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
-        if not getattr(reason_code, "is_failure", False):
-            client.subscribe(f"{self.prefix}/+/+/response/{self.client_id}", qos=1)
+        if getattr(reason_code, "is_failure", False):
+            log.warning("broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
+            return
+        client.subscribe(f"{self.prefix}/+/+/response/{self.client_id}", qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        if any(getattr(rc, "is_failure", False) for rc in reason_codes):
+            log.error("broker %s:%s refused the subscription to the response topic: %s (fix: check its ACL)",
+                      self.host, self.port, reason_codes)
+            return
+        self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             doc = json.loads(message.payload)
-        except ValueError:
+        except ValueError as exc:
+            log.warning("response on %s is not JSON, ignored: %s", message.topic, str(exc)[:200])
             return
         corr = getattr(getattr(message, "properties", None), "CorrelationData", None)
         key = bytes(corr).decode("utf-8", "replace") if corr else None
