@@ -161,6 +161,20 @@ class SwappingBackend(Backend):
         with self._lock:  # the swap waits for the call in flight
             return self._current()._run(batch)
 
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every named output, when the active backend can give them (multi-output NMS detectors)."""
+        self._check(batch)
+        with self._lock:
+            active = self._current()
+            method = getattr(active, "infer_outputs", None)
+            if method is None:
+                raise InferenceError(
+                    f"the active {active.kind} backend returns only the manifest's output; fix: export the "
+                    "detector with one packed output (see docs/DETECTOR.md)"
+                )
+            result: dict[str, np.ndarray] = method(batch)
+            return result
+
     def close(self) -> None:
         self._stop.set()
         builder, self._builder = self._builder, None

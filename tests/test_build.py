@@ -33,7 +33,7 @@ from engines.build import (
 from engines.bundle import Bundle
 from engines.cli import main
 from engines.cli_build import NO_TENSORRT
-from engines.errors import ModelLoadError
+from engines.errors import InferenceError, ModelLoadError
 from engines.trt import TensorRTBackend
 
 ENV = BuildEnv(
@@ -379,3 +379,19 @@ def test_build_of_a_broken_bundle_exits_1_with_the_reason(fake: State, tmp_path:
     result = CliRunner().invoke(main, ["build", str(folder), "--cache-dir", str(tmp_path / "c")])
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ") and "manifest.json" in result.stderr
+
+
+def test_auto_gives_every_named_output_while_onnxruntime_serves_and_says_why_not_after_the_swap(
+    fake: State, bundle: Bundle, cache: Path
+) -> None:
+    """Multi-output detectors work through "auto" on ONNX Runtime; on TensorRT the refusal names the fix."""
+    fake.build_gate = threading.Event()
+    backend = _swapping(cache)
+    backend.load(bundle)
+    outputs = backend.infer_outputs(_batch(2))
+    np.testing.assert_allclose(outputs[bundle.manifest.output_name], classifier_reference(_batch(2)), atol=1e-5)
+    fake.build_gate.set()
+    assert backend.swapped.wait(10)
+    with pytest.raises(InferenceError, match="export the detector with one packed output"):
+        backend.infer_outputs(_batch(2))
+    backend.close()
