@@ -255,7 +255,8 @@ class Pipeline:
             plate = normalise_plate(capture.plate)
         except PlateError as exc:
             return str(exc), None, None
-        return None, plate_key(self.hmac_key, plate), self.registry.lookup(plate)
+        key = plate_key(self.hmac_key, plate)
+        return None, key, self.registry.lookup_key(key)
 
     def _process(self, work: Work, probs: np.ndarray | None, image_problem: str | None) -> None:
         capture = work.claimed.capture

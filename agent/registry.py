@@ -333,7 +333,10 @@ class Registry:
 
         A cache hashed with another key matches nothing: that is logged once (see ``key_id``).
         """
-        key = plate_key(self._hmac_key, plate)
+        return self.lookup_key(plate_key(self._hmac_key, plate))
+
+    def lookup_key(self, key: bytes) -> RegistryRecord | None:
+        """The record for an HMAC plate key already computed by the caller (see ``plates.plate_key``)."""
         self._current()
         with _db_errors("registry lookup", self._path):
             row = self._conn.execute("SELECT make, model, genre, body FROM vehicles WHERE plate_key = ?",

@@ -490,3 +490,20 @@ def test_import_subset_parses_data_when_given_and_names_the_file(db: Path, tmp_p
     assert (state.seq, state.count) == (4, 1)
     with pytest.raises(RegistryFileError, match=r"absent\.gz: unreadable after line 0"):
         import_subset(db, tmp_path / "absent.gz", expected_key_id=KID, data=b"not gzip")
+
+
+def test_lookup_key_finds_the_same_record_as_lookup_by_plate(tmp_path: Path) -> None:
+    """The pipeline hashes the plate once and looks up by key: same answer as lookup(plate)."""
+    from agent.plates import plate_key as _plate_key
+    from agent.registry import Registry, import_subset, records_from_plates, write_subset
+
+    key = bytes(range(32))
+    subset = tmp_path / "s.jsonl.gz"
+    write_subset(subset, dataset_id="d", seq=1, key_id=key_id(key),
+                 records=records_from_plates(key, [("AB-123-CD", "RENAULT", "CLIO", "VP", "CI")]))
+    import_subset(tmp_path / "r.db", subset, expected_key_id=key_id(key))
+    with Registry(tmp_path / "r.db", key) as reg:
+        found = reg.lookup_key(_plate_key(key, "ab 123 cd"))
+        assert found is not None and (found.make, found.model) == ("RENAULT", "CLIO")
+        assert found == reg.lookup("AB-123-CD")
+        assert reg.lookup_key(_plate_key(key, "ZZ-999-ZZ")) is None
