@@ -29,6 +29,7 @@ from jsonschema import (  # type: ignore[import-untyped]  # jsonschema ships no 
 )
 
 from agent.errors import CaptureRejected
+from agent.strictjson import loads_strict
 
 __all__ = [
     "CAPTURE_ID_RE",
@@ -236,25 +237,10 @@ def _to_capture(doc: dict[str, Any], *, source: str, ts_label: str = "captured_a
     )
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` for json.loads: a key given twice is an error, not "the last one wins"."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key[:40]!r}")
-        out[key] = value
-    return out
-
-
 def parse_sidecar(data: bytes, *, source: str) -> Capture:
     """Parse and validate a JSON sidecar; ``source`` (its file path) is named in every error."""
     try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constants,
-                         object_pairs_hook=reject_duplicate_keys)
+        doc = loads_strict(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise CaptureRejected("sidecar_not_json", f"{source}: not UTF-8 text (byte {exc.start}). "
                               f"Fix: {_FIX_SIDECAR}") from exc

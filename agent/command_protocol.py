@@ -18,8 +18,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]  # no stubs installed
 
-from agent.capture import reject_duplicate_keys
 from agent.errors import IaflashError
+from agent.strictjson import loads_strict
 
 SCHEMA_ID = "iaflash.command/1"
 RESPONSE_SCHEMA_ID = "iaflash.response/1"
@@ -72,16 +72,12 @@ def validate_response(doc: Any) -> None:
     _validate(doc, "response.v1.json", "response")
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: they cannot be signed canonically
-
-
 def parse_command(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise CommandError("invalid", f"command is {len(payload)} bytes, the limit is {MAX_PAYLOAD_BYTES}; "
                            f"fix: registry files over {MAX_FILE_BYTES} bytes must be copied on site")
     try:
-        doc = json.loads(payload, object_pairs_hook=reject_duplicate_keys, parse_constant=_no_constant)
+        doc = loads_strict(payload)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CommandError("invalid", f"command is not UTF-8 JSON: {str(exc)[:200]}; fix: {FIX_SIGN}") from exc
     if not isinstance(doc, dict):
