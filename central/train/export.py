@@ -7,6 +7,7 @@ versions of JetPack 5/6 parse; the dynamo exporter would write opset 18 with ext
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,15 @@ def export_onnx(model: torch.nn.Module, path: Path, size: tuple[int, int]) -> Pa
     model = model.cpu().eval()
     dummy = torch.zeros(1, 3, *size)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # dynamo=False is chosen on purpose (one opset-17 file for JetPack's TensorRT); the TorchScript
+        # exporter and its helpers warn that they are deprecated, which is known and not actionable here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _export(model, dummy, path)
+    return path
+
+
+def _export(model: torch.nn.Module, dummy: torch.Tensor, path: Path) -> None:
     torch.onnx.export(
         model,
         (dummy,),
@@ -39,7 +49,6 @@ def export_onnx(model: torch.nn.Module, path: Path, size: tuple[int, int]) -> Pa
         dynamo=False,
         do_constant_folding=True,
     )
-    return path
 
 
 def check_export(

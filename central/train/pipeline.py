@@ -66,12 +66,13 @@ def fit(
     progress: Progress | None = None,
     workers: int = 0,
     drop_duplicates: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train and export; returns the report (also written to ``out/report.json``)."""
     samples = read_samples(source, root, drop_duplicates)
     tax = build_taxonomy(samples, min_count, fold_rare)
     progress = progress or Progress(cfg.epochs)
-    result = train(samples, tax, cfg, workdir, progress, workers)
+    result = train(samples, tax, cfg, workdir, progress, workers, stop_after)
     out.mkdir(parents=True, exist_ok=True)
     size = (cfg.size, cfg.size)
     onnx_path = export_onnx(result.model, out / "model.onnx", size)

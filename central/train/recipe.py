@@ -25,7 +25,7 @@ from torch import nn
 
 from .cache import cache_key, feature_cache
 from .data import Augment, Sample, Taxonomy, augment, load_image, plain, to_input
-from .lite0 import LiteNet, tiny
+from .lite0 import LiteNet, lite0, tiny
 from .metrics import make_top1, top1
 from .progress import Progress
 from .weights import LITE0_SHA256, pretrained_lite0
@@ -234,11 +234,11 @@ def _train_cached(
     tax: Taxonomy,
     workdir: Path,
     progress: Progress,
+    stop: int,
 ) -> tuple[_Run, np.ndarray]:
     size = (cfg.size, cfg.size)
     steps = math.ceil(len(train_s) / cfg.batch_size)
-    probe = build_model(cfg, len(tax))
-    freeze = cfg.resolved_freeze(probe)
+    freeze = cfg.resolved_freeze(tiny(2) if cfg.backbone == "tiny" else lite0(2))
     run = _Run(cfg, tax, workdir, progress, steps, freeze)
     run.resume()
     weights = cfg.weights or (LITE0_SHA256 if cfg.backbone == "lite0" else "random")
@@ -250,9 +250,7 @@ def _train_cached(
         "aug": asdict(cfg.augment),
         "backbone": cfg.backbone,
     }
-    frozen_model = build_model(cfg, len(tax)) if cfg.backbone == "lite0" else run.model
-    if cfg.backbone == "tiny":  # a random backbone: the frozen part must be the run's own
-        frozen_model = run.model
+    frozen_model = run.model  # its blocks below ``freeze`` never change (no gradient, batch norm in eval)
     kw: dict[str, Any] = {
         "size": size,
         "mean": IMAGENET_MEAN,
@@ -275,7 +273,7 @@ def _train_cached(
     )[:, 0]
     y_tr, y_va = torch.from_numpy(_targets(train_s, tax)), _targets(val_s, tax)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    for epoch in range(run.start_epoch, cfg.epochs):
+    for epoch in range(run.start_epoch, stop):
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1000 + epoch)
         run.train_mode()
@@ -329,6 +327,7 @@ def _train_full(
     workdir: Path,
     progress: Progress,
     workers: int,
+    stop: int,
 ) -> tuple[_Run, np.ndarray]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = math.ceil(len(train_s) / cfg.batch_size)
@@ -340,7 +339,7 @@ def _train_full(
     val_data = _Photos(val_s, y_va, cfg.size, None, cfg.seed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    for epoch in range(run.start_epoch, cfg.epochs):
+    for epoch in range(run.start_epoch, stop):
         torch.manual_seed(cfg.seed * 1000 + epoch)
         train_data.epoch = epoch
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -373,8 +372,14 @@ def train(
     workdir: Path,
     progress: Progress | None = None,
     workers: int = 0,
+    stop_after: int | None = None,
 ) -> TrainResult:
-    """Train on the ``train`` samples, report on ``val``; checkpoints and caches go in ``workdir``."""
+    """Train on the ``train`` samples, report on ``val``; checkpoints and caches go in ``workdir``.
+
+    ``stop_after`` ends this call after that many epochs in all (the schedule stays the one of
+    ``cfg.epochs``); a later call with the same ``workdir`` resumes from the checkpoint.
+    """
+    stop = cfg.epochs if stop_after is None else max(0, min(cfg.epochs, stop_after))
     t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     progress = progress or Progress(cfg.epochs)
@@ -386,8 +391,8 @@ def train(
         f"backbone {cfg.backbone}, {cfg.epochs} epoch(s)"
     )
     if recipe == "cached":
-        run, logits = _train_cached(cfg, train_s, val_s, tax, workdir, progress)
+        run, logits = _train_cached(cfg, train_s, val_s, tax, workdir, progress, stop)
     else:
-        run, logits = _train_full(cfg, train_s, val_s, tax, workdir, progress, workers)
+        run, logits = _train_full(cfg, train_s, val_s, tax, workdir, progress, workers, stop)
     run.model.eval()
     return TrainResult(run.model, logits, _targets(val_s, tax), run.history, time.monotonic() - t0)
