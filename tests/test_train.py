@@ -96,7 +96,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("recipe", ["cached", "full"])
 def test_training_runs_end_to_end_and_exports_an_equal_onnx(dataset: Path, tmp_path: Path, recipe: str) -> None:
     """Both recipes learn three drawn vehicle kinds and the ONNX file equals PyTorch within 1e-4."""
-    report = fit(dataset, tmp_path / "out", tmp_path / "work", tiny_config(recipe=recipe, epochs=6))
+    report, _ = fit(dataset, tmp_path / "out", tmp_path / "work", tiny_config(recipe=recipe, epochs=6))
     assert report["classes"] == 3
     assert report["val_top1"] >= 0.6  # chance is 1/3
     assert report["onnx_max_abs_diff"] <= 1e-4
@@ -231,3 +231,77 @@ def test_augmentation_is_seeded_and_keeps_the_size() -> None:
     b = augment(img, (48, 64), np.random.default_rng(5))
     assert a.shape == (48, 64, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
+
+
+def test_the_train_command_writes_a_signed_bundle_the_daemon_runs(dataset: Path, tmp_path: Path) -> None:
+    """CSV in, signed bundle out: it verifies against the trust store and runs in the ONNX Runtime backend."""
+    from click.testing import CliRunner
+
+    from iaflash.central.train.cli import train_command
+    from iaflash.engines.onnxrt import OnnxRuntimeBackend
+    from iaflash.engines.signing import generate_keypair, load_trusted_bundle
+
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    key, _pub = generate_keypair(trust / "publisher")
+    out = tmp_path / "bundle"
+    args = [
+        str(dataset),
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--key",
+        str(key),
+        "--trust-dir",
+        str(trust),
+        "--backbone",
+        "tiny",
+        "--size",
+        "48",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--freeze-blocks",
+        "2",
+        "--cache-views",
+        "2",
+        "--min-count",
+        "2",
+        "--json",
+    ]
+    result = CliRunner().invoke(train_command, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["signed"] is True and report["smoke_output_shape"] == [2, 3]
+    bundle = load_trusted_bundle(out, trust, allow_unsigned=False)
+    assert [label.name for label in bundle.labels] == ["PEUGEOT 208", "RENAULT CLIO", "RENAULT TRAFIC"]
+    assert bundle.manifest.temperature == pytest.approx(report["calibration"]["temperature"])
+    backend = OnnxRuntimeBackend(threads=2, providers=["CPUExecutionProvider"])
+    backend.load(bundle)
+    rng = np.random.default_rng(3)
+    photos = [cv2.resize(draw_vehicle(k, rng), (48, 48))[:, :, ::-1] for k in (0, 1, 2)]
+    from iaflash.central.train.data import to_input
+    from iaflash.central.train.recipe import IMAGENET_MEAN, IMAGENET_STD
+
+    scores = backend.infer(to_input(photos, IMAGENET_MEAN, IMAGENET_STD))
+    backend.close()
+    assert scores.shape == (3, 3)
+    assert (out / "manifest.sig").is_file()
+
+
+def test_the_train_command_reports_bad_labels_with_exit_code_1(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from iaflash.central.train.cli import train_command
+
+    bad = tmp_path / "labels.csv"
+    bad.write_text("image,make\nx.jpg,RENAULT\n")
+    result = CliRunner().invoke(
+        train_command, [str(bad), "--out", str(tmp_path / "b"), "--workdir", str(tmp_path / "w")]
+    )
+    assert result.exit_code == 1
+    assert "missing column(s) ['model']" in result.output and "fix:" in result.output

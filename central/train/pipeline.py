@@ -67,8 +67,8 @@ def fit(
     workers: int = 0,
     drop_duplicates: bool = False,
     stop_after: int | None = None,
-) -> dict[str, Any]:
-    """Train and export; returns the report (also written to ``out/report.json``)."""
+) -> tuple[dict[str, Any], Taxonomy]:
+    """Train and export; returns the report (also written to ``out/report.json``) and the taxonomy."""
     samples = read_samples(source, root, drop_duplicates)
     tax = build_taxonomy(samples, min_count, fold_rare)
     progress = progress or Progress(cfg.epochs)
@@ -100,4 +100,4 @@ def fit(
         f"wrote {onnx_path} (max |onnx - torch| {diff:.1e}), val top-1 {report['val_top1']:.4f}, "
         f"make top-1 {report['val_make_top1']:.4f}, ECE {report['val_ece']:.4f}"
     )
-    return report
+    return report, tax
