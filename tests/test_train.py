@@ -313,3 +313,18 @@ def test_the_train_command_reports_bad_labels_with_exit_code_1(tmp_path: Path) -
     )
     assert result.exit_code == 1
     assert "missing column(s) ['model']" in result.output and "fix:" in result.output
+
+
+def test_progress_writes_whole_plain_lines_when_not_a_terminal() -> None:
+    import io
+
+    from iaflash.central.train.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(3, stream)
+    progress.batch(0, 1, 10, 2.5)  # no in-place updates off a terminal
+    progress.epoch(0, 2.25, 0.5, 0.75)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("epoch 1/3 loss 2.2500 val top-1 0.5000 make top-1 0.7500 elapsed ")
+    assert " ETA " in lines[0] and "\r" not in stream.getvalue()
