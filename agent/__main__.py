@@ -1,5 +1,5 @@
-"""``python -m agent`` is ``iaflash-agent``."""
+"""``python -m iaflash.agent`` is ``iaflash-agent``."""
 
-from agent.cli import main
+from iaflash.agent.cli.main import main
 
 main()

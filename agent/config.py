@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.errors import ConfigError, ConfigIssue
+from iaflash.agent.errors import ConfigError, ConfigIssue
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,8 +22,14 @@ else:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 Outcome = Literal["match", "mismatch", "inconclusive", "unknown_plate", "unreadable_plate", "unsupported"]
-OUTCOMES: tuple[Outcome, ...] = ("match", "mismatch", "inconclusive", "unknown_plate", "unreadable_plate",
-                                 "unsupported")
+OUTCOMES: tuple[Outcome, ...] = (
+    "match",
+    "mismatch",
+    "inconclusive",
+    "unknown_plate",
+    "unreadable_plate",
+    "unsupported",
+)
 
 
 def _default_publish() -> list[Outcome]:
@@ -35,15 +41,22 @@ class _Section(BaseModel):
 
 
 class SiteConfig(_Section):
-    site_id: str = Field("site-000", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
-                         description="Radar site identifier; part of every MQTT topic.")
-    device_id: str = Field("box-00", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
-                           description="This box's identifier; part of every MQTT topic.")
+    site_id: str = Field(
+        "site-000",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Radar site identifier; part of every MQTT topic.",
+    )
+    device_id: str = Field(
+        "box-00",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="This box's identifier; part of every MQTT topic.",
+    )
 
 
 class SpoolConfig(_Section):
-    dir: Path = Field(Path("/var/lib/iaflash/spool"),
-                      description="Spool root; radars write into <dir>/incoming.")
+    dir: Path = Field(Path("/var/lib/iaflash/spool"), description="Spool root; radars write into <dir>/incoming.")
     poll_interval_s: float = Field(0.2, gt=0, le=60, description="How often incoming/ is scanned.")
     max_image_bytes: int = Field(30_000_000, gt=0, description="Larger image files are rejected.")
     max_image_pixels: int = Field(60_000_000, gt=0, description="Images with more pixels are rejected.")
@@ -51,37 +64,48 @@ class SpoolConfig(_Section):
     max_sidecar_bytes: int = Field(65_536, gt=0, description="Larger sidecars are rejected.")
     retention_days: float = Field(30, ge=0, description="Processed captures are kept this long in done/.")
     min_free_mb: int = Field(500, ge=0, description="Disk guard: intake pauses below this much free space.")
-    intake_threads: int = Field(2, ge=1, le=8,
-                                description="Parallel decode/detect workers feeding the classifier "
-                                            "(OpenCV releases the GIL; see benchmarks/pipeline_bench.py).")
-    orphan_after_s: float = Field(3600, gt=0,
-                                  description="Files in incoming/ with no sidecar this long are rejected.")
+    intake_threads: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Parallel decode/detect workers feeding the classifier "
+        "(OpenCV releases the GIL; see benchmarks/pipeline_bench.py).",
+    )
+    orphan_after_s: float = Field(3600, gt=0, description="Files in incoming/ with no sidecar this long are rejected.")
 
 
 class ModelConfig(_Section):
-    bundle: Path = Field(Path("/var/lib/iaflash/models/classifier"),
-                         description="Classifier model bundle directory (manifest.json, model.onnx, labels.csv).")
+    bundle: Path = Field(
+        Path("/var/lib/iaflash/models/classifier"),
+        description="Classifier model bundle directory (manifest.json, model.onnx, labels.csv).",
+    )
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
-        "auto", description="Inference backend; auto tries TensorRT then falls back to ONNX Runtime.")
+        "auto", description="Inference backend; auto tries TensorRT then falls back to ONNX Runtime."
+    )
     threads: int = Field(0, ge=0, le=64, description="Intra-op threads for ONNX Runtime; 0 = number of cores.")
     detector_bundle: Path | None = Field(
-        None, description="Vehicle detector bundle; unset = use the sidecar's vehicle box or the whole frame.")
+        None, description="Vehicle detector bundle; unset = use the sidecar's vehicle box or the whole frame."
+    )
     precision: Literal["fp16", "fp32", "int8"] = Field(
-        "fp16", description="TensorRT engine precision (int8 only after an accuracy check).")
-    engine_cache_dir: Path = Field(Path("/var/lib/iaflash/engines"),
-                                   description="Where built TensorRT plans are cached, keyed by staleness key.")
+        "fp16", description="TensorRT engine precision (int8 only after an accuracy check)."
+    )
+    engine_cache_dir: Path = Field(
+        Path("/var/lib/iaflash/engines"), description="Where built TensorRT plans are cached, keyed by staleness key."
+    )
     workspace_mb: int = Field(1024, ge=64, description="TensorRT builder workspace.")
     max_batch: int = Field(4, ge=1, le=64, description="Micro-batching: most captures classified in one call.")
-    max_wait_ms: float = Field(5.0, ge=0, le=1000,
-                               description="Micro-batching: longest wait for a batch to fill.")
+    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Micro-batching: longest wait for a batch to fill.")
 
 
 class SecurityConfig(_Section):
-    trust_dir: Path = Field(Path("/etc/iaflash/trust"),
-                            description="Directory of trusted Ed25519 publisher keys (*.pub) for bundles, "
-                                        "registry files and commands.")
-    allow_unsigned: bool = Field(False, description="Accept unsigned bundles and registry files "
-                                                    "(development only; each one is logged and counted).")
+    trust_dir: Path = Field(
+        Path("/etc/iaflash/trust"),
+        description="Directory of trusted Ed25519 publisher keys (*.pub) for bundles, registry files and commands.",
+    )
+    allow_unsigned: bool = Field(
+        False,
+        description="Accept unsigned bundles and registry files (development only; each one is logged and counted).",
+    )
 
 
 class RegistryConfig(_Section):
@@ -89,40 +113,51 @@ class RegistryConfig(_Section):
     hmac_key_file: Path = Field(
         Path("/etc/iaflash/hmac.key"),
         description="Deployment HMAC key (hex, >= 32 bytes), mode 0600. "
-                    "$CREDENTIALS_DIRECTORY/hmac-key takes precedence when set by systemd.")
+        "$CREDENTIALS_DIRECTORY/hmac-key takes precedence when set by systemd.",
+    )
     max_age_hours: float = Field(72, gt=0, description="Past this age verdicts are marked registry_stale.")
-    fuzzy_min_score: float = Field(88, ge=0, le=100,
-                                   description="Registry make/model text maps onto the taxonomy only at or "
-                                               "above this fuzzy score; below it the verdict is unsupported.")
+    fuzzy_min_score: float = Field(
+        88,
+        ge=0,
+        le=100,
+        description="Registry make/model text maps onto the taxonomy only at or "
+        "above this fuzzy score; below it the verdict is unsupported.",
+    )
 
 
 class DecisionConfig(_Section):
-    min_plate_confidence: float = Field(0.5, ge=0, le=1,
-                                        description="Radar plate reads below this are unreadable_plate.")
-    min_top1: float = Field(0.6, ge=0, le=1,
-                            description="The classifier's top-1 probability must reach this for any flag.")
-    make_threshold: float = Field(0.05, ge=0, le=1,
-                                  description="mismatch/make when P(registered make) is below this.")
-    model_threshold: float = Field(0.05, ge=0, le=1,
-                                   description="mismatch/model when P(registered model) is below this.")
-    match_threshold: float = Field(0.3, ge=0, le=1,
-                                   description="match when P(registered model) reaches this.")
+    min_plate_confidence: float = Field(
+        0.5, ge=0, le=1, description="Radar plate reads below this are unreadable_plate."
+    )
+    min_top1: float = Field(
+        0.6, ge=0, le=1, description="The classifier's top-1 probability must reach this for any flag."
+    )
+    make_threshold: float = Field(0.05, ge=0, le=1, description="mismatch/make when P(registered make) is below this.")
+    model_threshold: float = Field(
+        0.05, ge=0, le=1, description="mismatch/model when P(registered model) is below this."
+    )
+    match_threshold: float = Field(0.3, ge=0, le=1, description="match when P(registered model) reaches this.")
     top_k: int = Field(5, ge=1, le=50, description="How many predictions the verdict's evidence keeps.")
-    other_threshold: float = Field(0.3, ge=0, le=1,
-                                   description="Abstain when the bundle's other/unknown classes hold this much "
-                                               "probability, even below the top-1.")
+    other_threshold: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Abstain when the bundle's other/unknown classes hold this much probability, even below the top-1.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> DecisionConfig:
         if self.model_threshold > self.match_threshold:
-            raise ValueError("model_threshold must not exceed match_threshold "
-                             "(a vehicle cannot be both a mismatch and a match)")
+            raise ValueError(
+                "model_threshold must not exceed match_threshold (a vehicle cannot be both a mismatch and a match)"
+            )
         return self
 
 
 class OutboxConfig(_Section):
-    db: Path = Field(Path("/var/lib/iaflash/state.db"),
-                     description="SQLite (WAL) file holding processed captures and unsent events.")
+    db: Path = Field(
+        Path("/var/lib/iaflash/state.db"), description="SQLite (WAL) file holding processed captures and unsent events."
+    )
 
 
 class MqttConfig(_Section):
@@ -228,13 +263,22 @@ def load_config(path: Path | str | None) -> Config:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError([ConfigIssue(str(path), "(file)", f"cannot read: {exc.strerror}",
-                                       "check the path and that the service user may read it")]) from exc
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    str(path),
+                    "(file)",
+                    f"cannot read: {exc.strerror}",
+                    "check the path and that the service user may read it",
+                )
+            ]
+        ) from exc
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError([ConfigIssue(str(path), "(syntax)", f"not valid TOML: {exc}",
-                                       "fix the TOML syntax at the position given")]) from exc
+        raise ConfigError(
+            [ConfigIssue(str(path), "(syntax)", f"not valid TOML: {exc}", "fix the TOML syntax at the position given")]
+        ) from exc
     return parse_config(data, str(path))
 
 
@@ -247,18 +291,40 @@ def read_secret(name: str, fallback: Path | None, *, what: str, config_key: str)
     if creds and (Path(creds) / name).is_file():
         return (Path(creds) / name).read_bytes().strip()
     if fallback is None:
-        raise ConfigError([ConfigIssue("(config)", config_key, f"no {what} configured",
-                                       f"set {config_key} or provide the systemd credential {name!r}")])
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "(config)",
+                    config_key,
+                    f"no {what} configured",
+                    f"set {config_key} or provide the systemd credential {name!r}",
+                )
+            ]
+        )
     try:
         st = fallback.stat()
     except OSError as exc:
-        raise ConfigError([ConfigIssue("(config)", config_key, f"{what} file {fallback}: {exc.strerror}",
-                                       f"create it (mode 0600) or set LoadCredential={name}:...")]) from exc
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "(config)",
+                    config_key,
+                    f"{what} file {fallback}: {exc.strerror}",
+                    f"create it (mode 0600) or set LoadCredential={name}:...",
+                )
+            ]
+        ) from exc
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError([ConfigIssue("(config)", config_key,
-                                       f"{what} file {fallback} is readable by group/others "
-                                       f"(mode {stat.S_IMODE(st.st_mode):o})",
-                                       f"chmod 600 {fallback}")])
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "(config)",
+                    config_key,
+                    f"{what} file {fallback} is readable by group/others (mode {stat.S_IMODE(st.st_mode):o})",
+                    f"chmod 600 {fallback}",
+                )
+            ]
+        )
     return fallback.read_bytes().strip()
 
 

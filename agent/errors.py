@@ -10,7 +10,7 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     │   └── RegistryFileError  a subset file is malformed (line number given)
     ├── OutboxError            the SQLite outbox could not be written or read
     ├── LinkError              the MQTT link is misconfigured (paho errors are mapped here)
-    └── engines.errors.EngineError  (re-exported: BackendUnavailable, BundleError → SignatureError →
+    └── iaflash.engines.errors.EngineError  (re-exported: BackendUnavailable, BundleError → SignatureError →
                                      UntrustedKey, ModelLoadError, InferenceError)
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engines.errors import (
+from iaflash.engines.errors import (
     BackendUnavailable,
     BundleError,
     EngineError,

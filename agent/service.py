@@ -14,22 +14,23 @@ import threading
 import time
 from typing import Any
 
-from agent.commands import CommandWorker
-from agent.committer import VerdictCallback
-from agent.config import Config, read_secret
-from agent.health import sd_notify, watchdog_interval_s
-from agent.link import MqttLink
-from agent.outbox import Outbox
-from agent.pipeline import Pipeline
-from agent.plates import key_id, load_hmac_key
-from agent.publisher import Publisher
-from agent.registry import Registry
-from agent.spool import Spool
-from engines.base import Backend, create_backend
-from engines.build import BuildOptions
-from engines.bundle import Bundle
-from engines.errors import BundleError
-from engines.signing import load_trusted_bundle
+from iaflash.agent.capture.spool import Spool
+from iaflash.agent.commands.handlers import CommandWorker
+from iaflash.agent.config import Config, read_secret
+from iaflash.agent.health import sd_notify, watchdog_interval_s
+from iaflash.agent.link.mqtt import MqttLink
+from iaflash.agent.link.publisher import Publisher
+from iaflash.agent.outbox.store import Outbox
+from iaflash.agent.pipeline.committer import VerdictCallback
+from iaflash.agent.pipeline.pipeline import Pipeline
+from iaflash.agent.registry.cache import Registry
+from iaflash.agent.registry.plates import key_id, load_hmac_key
+from iaflash.engines.base import Backend
+from iaflash.engines.bundle import Bundle
+from iaflash.engines.errors import BundleError
+from iaflash.engines.factory import create_backend
+from iaflash.engines.options import BuildOptions
+from iaflash.engines.signing import load_trusted_bundle
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ class Service:
         for path in (cfg.outbox.db.parent, cfg.registry.db.parent):
             path.mkdir(parents=True, exist_ok=True)
         self.spool.ensure_layout()
-        hmac_key = load_hmac_key(read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key",
-                                             config_key="registry.hmac_key_file"))
+        hmac_key = load_hmac_key(
+            read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file")
+        )
         self.registry = Registry(cfg.registry.db, hmac_key)
         self._check_registry(key_id(hmac_key))
         bundle = load_trusted_bundle(cfg.model.bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
@@ -73,32 +75,53 @@ class Service:
             pending = outbox.depth()
         finally:
             outbox.close()
-        log.info("recovery: %d captures finished, %d requeued, %d events to (re)send",
-                 finished, requeued, pending)
+        log.info("recovery: %d captures finished, %d requeued, %d events to (re)send", finished, requeued, pending)
         self.link = MqttLink(cfg)
         self._start_commands(hmac_key)
         self.link.start()
-        self.publisher = Publisher(cfg.outbox.db, self.link, cfg.mqtt, heartbeat=self.heartbeat,
-                                   heartbeat_topic=f"{cfg.topic_root}/heartbeat")
+        self.publisher = Publisher(
+            cfg.outbox.db, self.link, cfg.mqtt, heartbeat=self.heartbeat, heartbeat_topic=f"{cfg.topic_root}/heartbeat"
+        )
         self.publisher.start()
-        self.pipeline = Pipeline(cfg, self.spool, self.backend, bundle, self.registry, hmac_key,
-                                 on_verdict=self.on_verdict, detector=detector)
+        self.pipeline = Pipeline(
+            cfg,
+            self.spool,
+            self.backend,
+            bundle,
+            self.registry,
+            hmac_key,
+            on_verdict=self.on_verdict,
+            detector=detector,
+        )
         self.pipeline.start()
         sd_notify("READY=1")
-        log.info("agent started: site %s device %s, model %s %s on %s", cfg.site.site_id,
-                 cfg.site.device_id, bundle.manifest.name, bundle.manifest.version, self.backend.info.kind)
+        log.info(
+            "agent started: site %s device %s, model %s %s on %s",
+            cfg.site.site_id,
+            cfg.site.device_id,
+            bundle.manifest.name,
+            bundle.manifest.version,
+            self.backend.info.kind,
+        )
 
     def _start_commands(self, hmac_key: bytes) -> None:
         """Signed commands from central (agent/commands.py): subscribed before the link connects."""
         assert self.link is not None
-        self.commands = CommandWorker(self.cfg, self.link, heartbeat=self.heartbeat, hmac_key=hmac_key,
-                                      version=AGENT_VERSION, done_dir=self.spool.done)
+        self.commands = CommandWorker(
+            self.cfg,
+            self.link,
+            heartbeat=self.heartbeat,
+            hmac_key=hmac_key,
+            version=AGENT_VERSION,
+            done_dir=self.spool.done,
+        )
         self.commands.start()
 
     def _build_options(self) -> BuildOptions:
         m = self.cfg.model
-        return BuildOptions(precision=m.precision, workspace_mb=m.workspace_mb, max_batch=m.max_batch,
-                            cache_dir=m.engine_cache_dir)
+        return BuildOptions(
+            precision=m.precision, workspace_mb=m.workspace_mb, max_batch=m.max_batch, cache_dir=m.engine_cache_dir
+        )
 
     def _load_detector(self) -> tuple[Backend, Bundle] | None:
         """The vehicle detector, when configured: a signed bundle of task "detector", warmed up."""
@@ -107,10 +130,13 @@ class Service:
             return None
         bundle = load_trusted_bundle(cfg.model.detector_bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
         if bundle.manifest.task != "detector" or bundle.manifest.detector is None:
-            raise BundleError(f"{cfg.model.detector_bundle}: model.detector_bundle points at a "
-                              f"{bundle.manifest.task} bundle; fix: give a bundle packed with --task detector")
-        self.detector_backend = create_backend(cfg.model.backend, threads=cfg.model.threads,
-                                               build=self._build_options())
+            raise BundleError(
+                f"{cfg.model.detector_bundle}: model.detector_bundle points at a "
+                f"{bundle.manifest.task} bundle; fix: give a bundle packed with --task detector"
+            )
+        self.detector_backend = create_backend(
+            cfg.model.backend, threads=cfg.model.threads, build=self._build_options()
+        )
         self.detector_backend.load(bundle)
         self.detector_backend.warmup()
         return self.detector_backend, bundle
@@ -119,11 +145,18 @@ class Service:
         assert self.registry is not None
         state = self.registry.state()
         if state is None:
-            log.warning("registry cache %s is empty: every plate will be unknown_plate; "
-                        "import a snapshot with 'iaflash-provision registry import FILE'", self.cfg.registry.db)
+            log.warning(
+                "registry cache %s is empty: every plate will be unknown_plate; "
+                "import a snapshot with 'iaflash-provision registry import FILE'",
+                self.cfg.registry.db,
+            )
         elif state.key_id != expected_key_id:
-            log.error("registry cache was hashed with key %s but this box's key is %s: no plate will match; "
-                      "import a snapshot made for this key", state.key_id, expected_key_id)
+            log.error(
+                "registry cache was hashed with key %s but this box's key is %s: no plate will match; "
+                "import a snapshot made for this key",
+                state.key_id,
+                expected_key_id,
+            )
 
     def run(self, stop: threading.Event) -> int:
         """Supervise until ``stop`` is set or a worker dies. Returns the process exit code."""
@@ -133,8 +166,7 @@ class Service:
         assert self.pipeline is not None
         while not stop.wait(tick):
             if self.pipeline.fatal is not None or not self.pipeline.alive():
-                log.error("a pipeline thread stopped (%s); exiting so systemd restarts the agent",
-                          self.pipeline.fatal)
+                log.error("a pipeline thread stopped (%s); exiting so systemd restarts the agent", self.pipeline.fatal)
                 self.stop()
                 return 1
             if wd and self.pipeline.healthy():
@@ -157,8 +189,9 @@ class Service:
             log.info("purged %d captures older than %s days from done/", removed, self.cfg.spool.retention_days)
         orphans = self.spool.reject_orphans(older_than_s=self.cfg.spool.orphan_after_s)
         if orphans:
-            log.warning("moved %d orphan files (no sidecar after %.0f s) to rejected/", orphans,
-                        self.cfg.spool.orphan_after_s)
+            log.warning(
+                "moved %d orphan files (no sidecar after %.0f s) to rejected/", orphans, self.cfg.spool.orphan_after_s
+            )
 
     def stop(self) -> None:
         if self.pipeline is not None:
@@ -191,8 +224,11 @@ class Service:
             "spool": self.spool.counters(),
             "queue_depth": p.queue_depth() if p else 0,
             "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
-            "versions": {"agent": AGENT_VERSION, "python": platform.python_version(),
-                         "backend": self.backend.info.to_dict() if self.backend else None},
+            "versions": {
+                "agent": AGENT_VERSION,
+                "python": platform.python_version(),
+                "backend": self.backend.info.to_dict() if self.backend else None,
+            },
             # "auto" serves with ONNX Runtime while a TensorRT plan builds: idle/building/swapped/failed
             "engine_build": getattr(self.backend, "build_state", None),
             "disk_paused": p.disk_paused if p else False,

@@ -28,16 +28,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.capture import Capture
-from agent.config import parse_config
-from agent.decision import Verdict
-from agent.demo.fleet import CLASSES, encode_jpeg, render_scene
-from agent.demo.runner import demo_config, local_broker, prepare_workdir
-from agent.demo.scenario import build_scenario
-from agent.preprocess import crop, decode_jpeg, preprocess
-from agent.service import Service
-from engines.base import create_backend
-from engines.bundle import load_bundle
+from iaflash.agent.capture.preprocess import crop, decode_jpeg, preprocess
+from iaflash.agent.capture.sidecar import Capture
+from iaflash.agent.config import parse_config
+from iaflash.agent.decision.verdict import Verdict
+from iaflash.agent.demo.fleet import CLASSES, encode_jpeg, render_scene
+from iaflash.agent.demo.runner import demo_config, local_broker, prepare_workdir
+from iaflash.agent.demo.scenario import build_scenario
+from iaflash.agent.service import Service
+from iaflash.engines.bundle import load_bundle
+from iaflash.engines.factory import create_backend
 
 W, H = 2448, 2048
 
@@ -74,9 +74,15 @@ class Clock:
 
 def drop(incoming: Path, cid: str, jpeg: bytes, box: list[int], plate: str) -> None:
     (incoming / f"{cid}.jpg").write_bytes(jpeg)
-    side = {"schema_version": 1, "capture_id": cid, "site_id": "bench", "plate": plate,
-            "captured_at": datetime.now(timezone.utc).isoformat(), "plate_confidence": 0.95,
-            "vehicle_box": box}
+    side = {
+        "schema_version": 1,
+        "capture_id": cid,
+        "site_id": "bench",
+        "plate": plate,
+        "captured_at": datetime.now(timezone.utc).isoformat(),
+        "plate_confidence": 0.95,
+        "vehicle_box": box,
+    }
     tmp = incoming / f".{cid}.tmp"
     tmp.write_text(json.dumps(side))
     tmp.rename(incoming / f"{cid}.json")
@@ -104,8 +110,12 @@ def stage_alone(frames: list[tuple[bytes, list[int]]], bundle_dir: Path) -> dict
         backend.infer(tensor)
         infer.append((time.perf_counter() - t) * 1e3)
     backend.close()
-    return {"decode full (alone)": statistics.median(full), "decode 1/4 (alone)": statistics.median(reduced),
-            "crop+preprocess (alone)": statistics.median(prep), "classify (alone)": statistics.median(infer)}
+    return {
+        "decode full (alone)": statistics.median(full),
+        "decode 1/4 (alone)": statistics.median(reduced),
+        "crop+preprocess (alone)": statistics.median(prep),
+        "classify (alone)": statistics.median(infer),
+    }
 
 
 def run(n: int, workdir: Path) -> None:
@@ -151,19 +161,28 @@ def run(n: int, workdir: Path) -> None:
             service.stop()
     lat = [(clock.done[k] - clock.arrived[k]) * 1e3 for k in clock.arrived]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    slowest_name, slowest_ms = max(((k, v) for k, v in alone.items() if k != "decode full (alone)"),
-                                   key=lambda kv: kv[1])
-    print_table(n, alone, stages, throughput, slowest_name, slowest_ms, lat, pipeline_lat, rss_mb,
-                (written - t0))
+    slowest_name, slowest_ms = max(
+        ((k, v) for k, v in alone.items() if k != "decode full (alone)"), key=lambda kv: kv[1]
+    )
+    print_table(n, alone, stages, throughput, slowest_name, slowest_ms, lat, pipeline_lat, rss_mb, (written - t0))
 
 
 def _stage_samples(service: Service) -> dict[str, list[float]]:
     return getattr(service.pipeline, "stage_samples", {})
 
 
-def print_table(n: int, alone: dict[str, float], stages: dict[str, list[float]], throughput: float,
-                slowest_name: str, slowest_ms: float, lat: list[float], pipeline_lat: list[float],
-                rss_mb: float, write_s: float) -> None:
+def print_table(
+    n: int,
+    alone: dict[str, float],
+    stages: dict[str, list[float]],
+    throughput: float,
+    slowest_name: str,
+    slowest_ms: float,
+    lat: list[float],
+    pipeline_lat: list[float],
+    rss_mb: float,
+    write_s: float,
+) -> None:
     rows = [("frames", f"{W}x{H} JPEG q90, demo classifier 64x64, {n} captures per phase")]
     rows += [(k, f"{v:.2f} ms") for k, v in alone.items()]
     rows += [(f"{k} (in pipeline, median)", f"{statistics.median(v):.2f} ms") for k, v in stages.items() if v]
@@ -172,8 +191,8 @@ def print_table(n: int, alone: dict[str, float], stages: dict[str, list[float]],
         ("burst throughput", f"{throughput:.1f} captures/s (writing the burst took {write_s:.2f} s)"),
         ("slowest stage alone", f"{slowest_name} {slowest_ms:.2f} ms -> {1000 / slowest_ms:.1f}/s"),
         ("throughput / slowest stage", f"{ratio:.0%}"),
-        ("paced latency claim->durable p50/p99", f"{pct(pipeline_lat, .5):.1f} / {pct(pipeline_lat, .99):.1f} ms"),
-        ("paced latency arrival->durable p50/p99", f"{pct(lat, .5):.1f} / {pct(lat, .99):.1f} ms"),
+        ("paced latency claim->durable p50/p99", f"{pct(pipeline_lat, 0.5):.1f} / {pct(pipeline_lat, 0.99):.1f} ms"),
+        ("paced latency arrival->durable p50/p99", f"{pct(lat, 0.5):.1f} / {pct(lat, 0.99):.1f} ms"),
         ("peak RSS", f"{rss_mb:.0f} MB"),
     ]
     width = max(len(k) for k, _ in rows)

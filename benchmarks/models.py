@@ -34,9 +34,17 @@ class Graph:
         fan_in = cin // groups * k * k
         w = self.rng.normal(0, (2.0 / fan_in) ** 0.5, size=(cout, cin // groups, k, k))
         out = self._name("conv")
-        self.nodes.append(helper.make_node(
-            "Conv", [x, self._const(w), self._const(np.zeros(cout))], [out],
-            kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=groups))
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, self._const(w), self._const(np.zeros(cout))],
+                [out],
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[k // 2] * 4,
+                group=groups,
+            )
+        )
         return out
 
     def op(self, kind: str, *inputs: str, **attrs: object) -> str:
@@ -54,10 +62,13 @@ class Graph:
     def model(self, x_shape: list[int | str], out: str, out_shape: list[int | str], name: str) -> ModelProto:
         self.nodes[-1].output[0] = "output"
         del out
-        graph = helper.make_graph(self.nodes, name,
-                                  [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
-                                  [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
-                                  initializer=self.inits)
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
+            initializer=self.inits,
+        )
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="iaflash-bench")
         m.ir_version = 8
         return m
@@ -97,9 +108,15 @@ def efficientnet_b0(classes: int = 1000) -> ModelProto:
     g = Graph(2)
     x = g.silu(g.conv("input", 3, 32, 3, 2))
     cin = 32
-    for expand, k, stride, cout, repeats in ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2),
-                                             (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4),
-                                             (6, 3, 1, 320, 1)):
+    for expand, k, stride, cout, repeats in (
+        (1, 3, 1, 16, 1),
+        (6, 3, 2, 24, 2),
+        (6, 5, 2, 40, 2),
+        (6, 3, 2, 80, 3),
+        (6, 5, 1, 112, 3),
+        (6, 5, 2, 192, 4),
+        (6, 3, 1, 320, 1),
+    ):
         for r in range(repeats):
             x = _mbconv(g, x, cin, cout, expand, k, stride if r == 0 else 1)
             cin = cout

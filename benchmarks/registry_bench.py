@@ -3,7 +3,7 @@
 Usage: .venv/bin/python benchmarks/registry_bench.py [--n 1000000] [--lookups 10000] [--compare-sqlite-utils]
 
 Generates N synthetic SIV plates, writes a hashed snapshot file, imports it with
-agent.registry.import_subset (one transaction, raw executemany) into an empty cache and over the
+iaflash.agent.registry.cache.import_subset (one transaction, raw executemany) into an empty cache and over the
 full cache, then signs it and imports it again with import_signed_subset (verify + parse the
 verified bytes from memory). Then times 10k lookups through Registry.lookup (normalise + HMAC + raw
 sqlite3 SELECT) and raw primary-key SELECTs, half hits and half misses. --compare-sqlite-utils also
@@ -23,13 +23,27 @@ from pathlib import Path
 
 import sqlite_utils
 
-from agent.plates import key_id, plate_key
-from agent.registry import Registry, import_signed_subset, import_subset, records_from_plates, write_subset
-from engines.signing import generate_keypair, sign_file
+from iaflash.agent.registry.cache import (
+    Registry,
+    import_signed_subset,
+    import_subset,
+    records_from_plates,
+    write_subset,
+)
+from iaflash.agent.registry.plates import key_id, plate_key
+from iaflash.engines.signing import generate_keypair, sign_file
 
 LETTERS = "ABCDEFGHJKLMNPQRTVWXYZ"  # SIV letters without I, O, U; no S so no SS block
-MAKES = [("RENAULT", "CLIO"), ("PEUGEOT", "208"), ("CITROEN", "C3"), ("DACIA", "SANDERO"),
-         ("VOLKSWAGEN", "GOLF"), ("TOYOTA", "YARIS"), ("FORD", "FIESTA"), ("BMW", "SERIE 3")]
+MAKES = [
+    ("RENAULT", "CLIO"),
+    ("PEUGEOT", "208"),
+    ("CITROEN", "C3"),
+    ("DACIA", "SANDERO"),
+    ("VOLKSWAGEN", "GOLF"),
+    ("TOYOTA", "YARIS"),
+    ("FORD", "FIESTA"),
+    ("BMW", "SERIE 3"),
+]
 
 
 def siv(i: int) -> str:
@@ -76,18 +90,31 @@ def time_lookups(db: Path, key: bytes, n: int, lookups: int) -> dict[str, float]
         conn.execute("SELECT make, model, genre, body FROM vehicles WHERE plate_key = ?", (k,)).fetchone()
         raw.append(time.perf_counter() - t0)
     conn.close()
-    return {"raw_p50": percentile(raw, 0.5), "raw_p99": percentile(raw, 0.99),
-            "api_p50": percentile(api, 0.5), "api_p99": percentile(api, 0.99)}
+    return {
+        "raw_p50": percentile(raw, 0.5),
+        "raw_p99": percentile(raw, 0.99),
+        "api_p50": percentile(api, 0.5),
+        "api_p99": percentile(api, 0.99),
+    }
 
 
 def time_sqlite_utils(n: int, key: bytes, work: Path) -> float:
     db = sqlite_utils.Database(work / "su.db")
     conn = db.conn
-    conn.execute('CREATE TABLE vehicles (plate_key BLOB PRIMARY KEY, make TEXT, model TEXT, genre TEXT, '
-                 'body TEXT) WITHOUT ROWID')
+    conn.execute(
+        "CREATE TABLE vehicles (plate_key BLOB PRIMARY KEY, make TEXT, model TEXT, genre TEXT, body TEXT) WITHOUT ROWID"
+    )
     db.enable_wal()
-    recs = ({"plate_key": bytes.fromhex(r["plate_key"]), "make": r["make"], "model": r["model"],
-             "genre": r["genre"], "body": r["body"]} for r in records_from_plates(key, rows(n)))
+    recs = (
+        {
+            "plate_key": bytes.fromhex(r["plate_key"]),
+            "make": r["make"],
+            "model": r["model"],
+            "genre": r["genre"],
+            "body": r["body"],
+        }
+        for r in records_from_plates(key, rows(n))
+    )
     t0 = time.perf_counter()
     with db.atomic():
         db.table("vehicles").insert_all(recs, batch_size=10_000)
@@ -102,8 +129,9 @@ def time_signed_import(db: Path, file: Path, key: bytes, work: Path) -> float:
     (work / "trust" / "publisher.pub").write_bytes(public.read_bytes())
     sign_file(file, private)
     t0 = time.perf_counter()
-    _, signer = import_signed_subset(db, file, trust_dir=work / "trust", allow_unsigned=False,
-                                     expected_key_id=key_id(key))
+    _, signer = import_signed_subset(
+        db, file, trust_dir=work / "trust", allow_unsigned=False, expected_key_id=key_id(key)
+    )
     assert signer == "publisher", signer
     return time.perf_counter() - t0
 
@@ -119,8 +147,9 @@ def main() -> None:
         work = Path(tmp)
         file, db = work / "snap.jsonl.gz", work / "registry.db"
         t0 = time.perf_counter()
-        write_subset(file, dataset_id="bench", seq=1, key_id=key_id(key),
-                     records=records_from_plates(key, rows(args.n)))
+        write_subset(
+            file, dataset_id="bench", seq=1, key_id=key_id(key), records=records_from_plates(key, rows(args.n))
+        )
         t_write = time.perf_counter() - t0
         t0 = time.perf_counter()
         import_subset(db, file, expected_key_id=key_id(key))

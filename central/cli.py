@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from central.commands import CommandClient
-from central.subscriber import DEFAULT_FILTER, Subscriber
-from central.subsets import registry_group
-from engines.errors import EngineError
+from iaflash.central.commands import CommandClient
+from iaflash.central.subscriber import DEFAULT_FILTER, Subscriber
+from iaflash.central.subsets import registry_group
+from iaflash.engines.errors import EngineError
 
 __all__ = ["main"]
 
@@ -43,24 +43,40 @@ def _line(event: dict[str, Any]) -> str:
     level = f"/{v['level']}" if v.get("level") else ""
     probs = " ".join(f"{k}={v[k]:.3f}" for k in ("p_make", "p_model") if v.get(k) is not None)
     stale = " registry_stale" if v.get("registry_stale") else ""
-    return (f"{event['captured_at']} {event['site_id']}/{event['device_id']} {v['outcome']}{level} "
-            f"capture={event['capture_id']} event={event['event_id']} {probs}{stale}").rstrip()
+    return (
+        f"{event['captured_at']} {event['site_id']}/{event['device_id']} {v['outcome']}{level} "
+        f"capture={event['capture_id']} event={event['event_id']} {probs}{stale}"
+    ).rstrip()
 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Broker host.")
 @click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="Broker port.")
-@click.option("--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True,
-              help="MQTT protocol version.")
+@click.option(
+    "--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True, help="MQTT protocol version."
+)
 @click.option("--topic", default=DEFAULT_FILTER, show_default=True, help="Topic filter to subscribe to.")
-@click.option("--client-id", default=None,
-              help="Fixed client id: use a persistent session so events sent while away are kept.")
+@click.option(
+    "--client-id", default=None, help="Fixed client id: use a persistent session so events sent while away are kept."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print each event as one JSON line.")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Exit after N distinct events.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Give up after S seconds (exit 1 if --count was not reached).")
-def listen(host: str, port: int, protocol: str, topic: str, client_id: str | None, as_json: bool,
-           count: int | None, timeout: float | None) -> None:
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Give up after S seconds (exit 1 if --count was not reached).",
+)
+def listen(
+    host: str,
+    port: int,
+    protocol: str,
+    topic: str,
+    client_id: str | None,
+    as_json: bool,
+    count: int | None,
+    timeout: float | None,
+) -> None:
     """Print each new event (deduplicated on event_id) as it arrives.
 
     Invalid messages are reported on stderr and do not stop the listener.
@@ -79,8 +95,9 @@ def listen(host: str, port: int, protocol: str, topic: str, client_id: str | Non
         if count is not None and printed >= count:
             done.set()
 
-    sub = Subscriber(host, port, protocol="5" if protocol == "5" else "3.1.1", topic=topic,
-                     client_id=client_id, on_event=show)
+    sub = Subscriber(
+        host, port, protocol="5" if protocol == "5" else "3.1.1", topic=topic, client_id=client_id, on_event=show
+    )
     try:
         sub.start(timeout=timeout if timeout is not None else 10.0)
     except TimeoutError as exc:
@@ -108,8 +125,10 @@ def _args(pairs: tuple[str, ...], file: Path | None) -> dict[str, Any]:
     if file is not None:
         sig = file.with_name(file.name + ".sig")
         if not sig.is_file():
-            raise click.UsageError(f"--file {file}: its signature {sig} is missing; sign it with "
-                                   f"`iaflash-engines sign {file} --key PUBLISHER.key`")
+            raise click.UsageError(
+                f"--file {file}: its signature {sig} is missing; sign it with "
+                f"`iaflash-engines sign {file} --key PUBLISHER.key`"
+            )
         args["file_b64"] = base64.b64encode(file.read_bytes()).decode("ascii")
         args["signature"] = json.loads(sig.read_text(encoding="utf-8"))
     return args
@@ -140,21 +159,53 @@ def _save_evidence(response: dict[str, Any], out: Path) -> None:
 @click.argument("device")
 @click.argument("command")
 @click.option("--arg", "pairs", multiple=True, metavar="KEY=VALUE", help="A command argument (repeatable).")
-@click.option("--file", "file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-              help="registry_sync: the subset file (.jsonl.gz); its FILE.sig is sent with it.")
-@click.option("--key", "key", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="Central's Ed25519 private key (PEM); its .pub must be in the sites' trust store.")
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="registry_sync: the subset file (.jsonl.gz); its FILE.sig is sent with it.",
+)
+@click.option(
+    "--key",
+    "key",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Central's Ed25519 private key (PEM); its .pub must be in the sites' trust store.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Broker host.")
 @click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="Broker port.")
-@click.option("--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True,
-              help="MQTT protocol version.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
-              help="Seconds to wait for the response.")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="send_evidence: write the images and the sidecar into this directory.")
+@click.option(
+    "--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True, help="MQTT protocol version."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the response.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="send_evidence: write the images and the sidecar into this directory.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the response document as JSON.")
-def cmd(site: str, device: str, command: str, pairs: tuple[str, ...], file: Path | None, key: Path, host: str,
-        port: int, protocol: str, timeout: float, out: Path | None, as_json: bool) -> None:
+def cmd(
+    site: str,
+    device: str,
+    command: str,
+    pairs: tuple[str, ...],
+    file: Path | None,
+    key: Path,
+    host: str,
+    port: int,
+    protocol: str,
+    timeout: float,
+    out: Path | None,
+    as_json: bool,
+) -> None:
     """Send a signed COMMAND (ping, status, send_evidence, registry_sync) to one box; print its response.
 
     Exit 0 when the box answers ok, 1 when it refuses or does not answer in time.

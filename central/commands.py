@@ -24,8 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.commands import SCHEMA_ID, canonical_bytes, validate_response
-from engines.signing import load_private_key, sign_bytes
+from iaflash.agent.commands.protocol import SCHEMA_ID, canonical_bytes, validate_response
+from iaflash.engines.signing import load_private_key, sign_bytes
 
 __all__ = ["CommandClient"]
 
@@ -38,9 +38,17 @@ DEFAULT_VALIDITY_S = 300.0
 class CommandClient:
     """Sends signed commands to sites and returns their responses. Use as a context manager."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, protocol: Literal["5", "3.1.1"] = "5",
-                 private_key_path: Path | None, signer: str | None = None, topic_prefix: str = DEFAULT_PREFIX,
-                 validity_s: float = DEFAULT_VALIDITY_S) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        protocol: Literal["5", "3.1.1"] = "5",
+        private_key_path: Path | None,
+        signer: str | None = None,
+        topic_prefix: str = DEFAULT_PREFIX,
+        validity_s: float = DEFAULT_VALIDITY_S,
+    ) -> None:
         self.host, self.port, self.protocol, self.prefix = host, port, protocol, topic_prefix
         self.validity_s = validity_s
         self._key = load_private_key(private_key_path) if private_key_path is not None else None
@@ -51,8 +59,10 @@ class CommandClient:
         self._subscribed = threading.Event()
         self._started = False
         self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311)
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311,
+        )
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -66,8 +76,10 @@ class CommandClient:
             self._started = True
         if not self._subscribed.wait(timeout):
             self.close()
-            raise TimeoutError(f"no answer from the broker {self.host}:{self.port} after {timeout:.0f} s "
-                               "(is it running? check --host and --port)")
+            raise TimeoutError(
+                f"no answer from the broker {self.host}:{self.port} after {timeout:.0f} s "
+                "(is it running? check --host and --port)"
+            )
         return self
 
     def close(self) -> None:
@@ -80,22 +92,23 @@ class CommandClient:
     def __enter__(self) -> CommandClient:
         return self.connect()
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
-                    properties: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if getattr(reason_code, "is_failure", False):
             log.warning("broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
             return
         client.subscribe(f"{self.prefix}/+/+/response/{self.client_id}", qos=1)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
-                      properties: Any) -> None:
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if any(getattr(rc, "is_failure", False) for rc in reason_codes):
-            log.error("broker %s:%s refused the subscription to the response topic: %s (fix: check its ACL)",
-                      self.host, self.port, reason_codes)
+            log.error(
+                "broker %s:%s refused the subscription to the response topic: %s (fix: check its ACL)",
+                self.host,
+                self.port,
+                reason_codes,
+            )
             return
         self._subscribed.set()
 
@@ -117,16 +130,29 @@ class CommandClient:
     def response_topic(self, site: str, device: str) -> str:
         return f"{self.prefix}/{site}/{device}/response/{self.client_id}"
 
-    def build(self, site: str, device: str, command: str, args: dict[str, Any] | None = None, *,
-              issued_at: datetime | None = None, validity_s: float | None = None) -> dict[str, Any]:
+    def build(
+        self,
+        site: str,
+        device: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        issued_at: datetime | None = None,
+        validity_s: float | None = None,
+    ) -> dict[str, Any]:
         """A signed ``iaflash.command/1`` document (unsigned when the client has no key)."""
         issued = issued_at or datetime.now(timezone.utc)
         doc: dict[str, Any] = {
-            "schema": SCHEMA_ID, "command_id": str(uuid.uuid4()), "command": command, "args": args or {},
+            "schema": SCHEMA_ID,
+            "command_id": str(uuid.uuid4()),
+            "command": command,
+            "args": args or {},
             "issued_at": issued.isoformat(timespec="milliseconds"),
             "expires_at": (issued + timedelta(seconds=validity_s or self.validity_s)).isoformat(
-                timespec="milliseconds"),
-            "reply_to": self.response_topic(site, device), "correlation_id": str(uuid.uuid4()),
+                timespec="milliseconds"
+            ),
+            "reply_to": self.response_topic(site, device),
+            "correlation_id": str(uuid.uuid4()),
         }
         return self.sign(doc)
 
@@ -136,13 +162,21 @@ class CommandClient:
             return {k: v for k, v in doc.items() if k != "signature"}
         return {**doc, "signature": sign_bytes(canonical_bytes(doc), self._key, self.signer)}
 
-    def send(self, site: str, device: str, command: str, args: dict[str, Any] | None = None,
-             timeout: float = 30.0) -> dict[str, Any]:
+    def send(
+        self, site: str, device: str, command: str, args: dict[str, Any] | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
         """Sign and send one command; the site's response document. TimeoutError if none came."""
         return self.send_document(site, device, self.build(site, device, command, args), timeout)
 
-    def send_document(self, site: str, device: str, doc: dict[str, Any] | bytes, timeout: float = 30.0,
-                      *, correlation_id: str | None = None) -> dict[str, Any]:
+    def send_document(
+        self,
+        site: str,
+        device: str,
+        doc: dict[str, Any] | bytes,
+        timeout: float = 30.0,
+        *,
+        correlation_id: str | None = None,
+    ) -> dict[str, Any]:
         """Publish a prepared request (a document, or raw bytes with ``correlation_id``) and wait."""
         if isinstance(doc, dict):
             correlation_id = correlation_id or doc.get("correlation_id")
@@ -163,8 +197,10 @@ class CommandClient:
         self._client.publish(f"{self.prefix}/{site}/{device}/cmd", payload, qos=1, properties=props)
         with self._cond:
             if not self._cond.wait_for(lambda: correlation_id in self._responses, timeout):
-                raise TimeoutError(f"no response from {site}/{device} within {timeout:.0f} s (is the agent "
-                                   "online? see its retained status topic)")
+                raise TimeoutError(
+                    f"no response from {site}/{device} within {timeout:.0f} s (is the agent "
+                    "online? see its retained status topic)"
+                )
             response = self._responses.pop(correlation_id)
         validate_response(response)
         return response

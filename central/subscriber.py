@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.events import validate_event
+from iaflash.agent.outbox.events import validate_event
 
 __all__ = ["DEFAULT_FILTER", "InvalidMessage", "Subscriber"]
 
@@ -47,10 +47,16 @@ class InvalidMessage:
 class Subscriber:
     """Subscribe to event topics with QoS 1; ``events`` holds each distinct event once, in order."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *,
-                 protocol: Literal["5", "3.1.1"] = "5", topic: str = DEFAULT_FILTER,
-                 client_id: str | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        protocol: Literal["5", "3.1.1"] = "5",
+        topic: str = DEFAULT_FILTER,
+        client_id: str | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.host, self.port, self.protocol, self.topic = host, port, protocol, topic
         self.persistent = client_id is not None
         self.client_id = client_id or f"iaflash-central-{uuid.uuid4().hex[:12]}"
@@ -98,13 +104,14 @@ class Subscriber:
         clean_start: mqtt.CleanStartOption = mqtt.MQTT_CLEAN_START_FIRST_ONLY  # 3.1.1: clean_session
         if self.protocol == "5":
             clean_start = not self.persistent
-        self._client.connect_async(self.host, self.port, keepalive=30, clean_start=clean_start,
-                                   properties=props)
+        self._client.connect_async(self.host, self.port, keepalive=30, clean_start=clean_start, properties=props)
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             self.stop()
-            raise TimeoutError(f"no subscription to {self.topic} on {self.host}:{self.port} "
-                               f"after {timeout:.0f} s (is the broker running?)")
+            raise TimeoutError(
+                f"no subscription to {self.topic} on {self.host}:{self.port} "
+                f"after {timeout:.0f} s (is the broker running?)"
+            )
         return self
 
     def stop(self) -> None:
@@ -117,15 +124,13 @@ class Subscriber:
             return self._cond.wait_for(lambda: len(self._events) >= n, timeout)
 
     # ----- paho callbacks -----------------------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
-                    properties: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if getattr(reason_code, "is_failure", False):
             log.warning("broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
             return
         client.subscribe(self.topic, qos=1)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
-                      properties: Any) -> None:
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if all(not getattr(rc, "is_failure", False) for rc in reason_codes):
             self._subscribed.set()
         else:

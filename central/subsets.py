@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from agent.errors import IaflashError, PlateError, RegistryError
-from agent.plates import key_id, load_hmac_key, plate_key
-from agent.registry import records_from_plates, write_subset
+from iaflash.agent.errors import IaflashError, PlateError, RegistryError
+from iaflash.agent.registry.cache import records_from_plates, write_subset
+from iaflash.agent.registry.plates import key_id, load_hmac_key, plate_key
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _REQUIRED = ("plate", "make", "model", "genre", "body")
@@ -29,8 +29,9 @@ def _rows_from_csv(path: Path, hmac_key: bytes) -> Iterator[dict[str, Any]]:
         reader = csv.DictReader(fh)
         missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
-            raise RegistryError(f"{path}: CSV lacks columns {missing}; fix: the header row must be "
-                                "plate,make,model,genre,body[,op]")
+            raise RegistryError(
+                f"{path}: CSV lacks columns {missing}; fix: the header row must be plate,make,model,genre,body[,op]"
+            )
         for raw in reader:
             line = reader.line_num
             row = {k: (v or "").strip() for k, v in raw.items() if isinstance(k, str)}
@@ -43,8 +44,9 @@ def _rows_from_csv(path: Path, hmac_key: bytes) -> Iterator[dict[str, Any]]:
                     raise RegistryError(f"{path}:{line}: op must be upsert or delete; fix: correct the op column")
                 if not (row["make"] and row["model"]):
                     raise RegistryError(f"{path}:{line}: make and model are required; fix: fill them in")
-                yield from records_from_plates(hmac_key, [(row["plate"], row["make"], row["model"],
-                                                           row["genre"] or None, row["body"] or None)])
+                yield from records_from_plates(
+                    hmac_key, [(row["plate"], row["make"], row["model"], row["genre"] or None, row["body"] or None)]
+                )
             except PlateError as exc:
                 raise PlateError(f"{path}:{line}: {exc}; fix: correct or remove that row") from exc
 
@@ -61,20 +63,40 @@ def registry_group() -> None:
 
 
 @registry_group.command("build", context_settings=CONTEXT)
-@click.option("--csv", "csv_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="CSV with columns plate,make,model,genre,body[,op] (clear plates).")
-@click.option("--key-file", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Deployment HMAC key (hex, >= 64 characters).")
+@click.option(
+    "--csv",
+    "csv_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="CSV with columns plate,make,model,genre,body[,op] (clear plates).",
+)
+@click.option(
+    "--key-file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Deployment HMAC key (hex, >= 64 characters).",
+)
 @click.option("--dataset-id", required=True, help="Identifier of the dataset this file belongs to.")
 @click.option("--seq", required=True, type=click.IntRange(min=0), help="Sequence number of this file.")
-@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Output file (.jsonl.gz), written atomically.")
-@click.option("--kind", type=click.Choice(["snapshot", "delta"]), default="snapshot", show_default=True,
-              help="A snapshot replaces the cache; a delta applies on top of --base-seq.")
-@click.option("--base-seq", type=click.IntRange(min=0), default=None,
-              help="For a delta: the seq the box's cache must be at.")
-def build(csv_path: Path, key_file: Path, dataset_id: str, seq: int, out: Path, kind: str,
-          base_seq: int | None) -> None:
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Output file (.jsonl.gz), written atomically.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["snapshot", "delta"]),
+    default="snapshot",
+    show_default=True,
+    help="A snapshot replaces the cache; a delta applies on top of --base-seq.",
+)
+@click.option(
+    "--base-seq", type=click.IntRange(min=0), default=None, help="For a delta: the seq the box's cache must be at."
+)
+def build(
+    csv_path: Path, key_file: Path, dataset_id: str, seq: int, out: Path, kind: str, base_seq: int | None
+) -> None:
     """Hash the plates of a CSV into a subset file for the edge boxes.
 
     \b
@@ -86,8 +108,15 @@ def build(csv_path: Path, key_file: Path, dataset_id: str, seq: int, out: Path, 
         raise click.UsageError("--base-seq is required with --kind delta and refused with a snapshot")
     try:
         hmac_key = load_hmac_key(key_file.read_bytes())
-        count = write_subset(out, kind=kind, dataset_id=dataset_id, seq=seq, key_id=key_id(hmac_key),
-                             records=_rows_from_csv(csv_path, hmac_key), base_seq=base_seq)
+        count = write_subset(
+            out,
+            kind=kind,
+            dataset_id=dataset_id,
+            seq=seq,
+            key_id=key_id(hmac_key),
+            records=_rows_from_csv(csv_path, hmac_key),
+            base_seq=base_seq,
+        )
     except OSError as exc:
         click.echo(f"error: {exc.filename}: {exc.strerror}; fix: check the path", err=True)
         sys.exit(1)

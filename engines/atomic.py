@@ -1,7 +1,7 @@
 """Atomic file writes: readers see the old file or the whole new one, never a torn one.
 
 The bytes go to a temporary file in the target's directory (``.<name>.<random>.tmp``, so the
-rename never crosses a filesystem and :mod:`agent.spool`-style scanners skip it), which is
+rename never crosses a filesystem and :mod:`iaflash.agent.capture.spool`-style scanners skip it), which is
 flushed and fsync'd, then ``os.replace``'d onto the target; the directory is fsync'd last so the
 rename itself survives a power cut. On any error the temporary file is removed, the target is
 left as it was, and the exception propagates.

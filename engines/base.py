@@ -11,23 +11,18 @@ import abc
 import logging
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from engines.bundle import Bundle
-from engines.errors import BackendUnavailable, InferenceError
-
-if TYPE_CHECKING:
-    from engines.build import BuildOptions
+from iaflash.engines.bundle import Bundle
+from iaflash.engines.errors import InferenceError
 
 __all__ = [
     "BACKEND_KINDS",
     "Backend",
     "BackendInfo",
     "TensorSpec",
-    "backend_availability",
-    "create_backend",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,45 +153,3 @@ class Backend(abc.ABC):
 def _dims(spec: TensorSpec) -> str:
     """``spec.shape`` as ``[1, 3, 224, 224]`` (dynamic axes by name), for error messages only."""
     return "[" + ", ".join(str(d) for d in spec.shape) + "]"
-
-
-def backend_availability(kind: str) -> tuple[bool, str]:
-    """``(available, reason)`` for one of :data:`BACKEND_KINDS`."""
-    if kind == "onnxruntime":
-        from engines.onnxrt import OnnxRuntimeBackend  # noqa: PLC0415  # keeps import order one-way
-
-        return OnnxRuntimeBackend.is_available()
-    if kind == "tensorrt":
-        from engines.trt import TensorRTBackend  # noqa: PLC0415  # trt imports this module; tensorrt stays lazy
-
-        return TensorRTBackend.is_available()
-    raise BackendUnavailable(f"unknown backend {kind!r}: choose one of auto, {', '.join(BACKEND_KINDS)}")
-
-
-def create_backend(kind: str = "auto", *, threads: int = 0, build: BuildOptions | None = None) -> Backend:
-    """A new, unloaded backend of ``kind``: "onnxruntime", "tensorrt" or "auto".
-
-    "auto" is a SwappingBackend when TensorRT can run here (ONNX Runtime on the CPU while the
-    TensorRT plan builds, then TensorRT), else plain ONNX Runtime. ``threads`` is the intra-op
-    thread count (0 = one per core); ``build`` the TensorRT precision, workspace, max batch
-    and plan cache. Raises BackendUnavailable, with the reason, when the named backend cannot run here.
-    """
-    if kind == "auto":
-        ok, reason = backend_availability("tensorrt")
-        if ok:
-            from engines.swap import SwappingBackend  # noqa: PLC0415  # swap imports this module
-
-            return SwappingBackend(threads=threads, options=build)
-        logger.info("TensorRT backend not available (%s); falling back to ONNX Runtime", reason)
-        return create_backend("onnxruntime", threads=threads)
-    ok, reason = backend_availability(kind)
-    if not ok:
-        label = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}[kind]
-        raise BackendUnavailable(f"{label} backend not available: {reason}")
-    if kind == "onnxruntime":
-        from engines.onnxrt import OnnxRuntimeBackend  # noqa: PLC0415  # onnxrt imports this module
-
-        return OnnxRuntimeBackend(threads=threads)
-    from engines.trt import TensorRTBackend  # noqa: PLC0415  # trt imports this module
-
-    return TensorRTBackend(options=build)

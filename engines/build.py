@@ -11,9 +11,9 @@ profiles and :data:`RECIPE_VERSION`. Cache layout (see docs/JETSON.md)::
     <cache_dir>/timing-<env[:16]>.cache             TensorRT timing cache (speeds up rebuilds)
     <cache_dir>/calib-<onnx[:16]>-<set[:16]>.cache  INT8 calibration cache, per calibration set
 
-The TensorRT side of a build (parser, builder config, INT8 calibrator) is :mod:`engines.trt_build`;
-the serve-while-building swap is :mod:`engines.swap` (:class:`SwappingBackend` is re-exported
-here). ``tensorrt`` is imported inside the functions that need it, never at import time.
+The TensorRT side of a build (parser, builder config, INT8 calibrator) is :mod:`iaflash.engines.trt_build`;
+the serve-while-building swap is :mod:`iaflash.engines.swap`; build options are the leaf
+:mod:`iaflash.engines.options`. ``tensorrt`` is imported inside the functions that need it, never at import time.
 """
 
 from __future__ import annotations
@@ -28,29 +28,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from engines.atomic import write_atomic as atomic_write  # public here too (tests and older callers use it)
-from engines.bundle import Bundle, sha256_file
-from engines.cuda import CudaError, open_cuda
-from engines.errors import BackendUnavailable, ModelLoadError
-from engines.trt_build import compile_plan
-
-if TYPE_CHECKING:
-    from engines.swap import SwappingBackend  # re-exported lazily by __getattr__ below
+from iaflash.engines.atomic import write_atomic
+from iaflash.engines.bundle import Bundle, sha256_file
+from iaflash.engines.cuda import CudaError, open_cuda
+from iaflash.engines.errors import BackendUnavailable, ModelLoadError
+from iaflash.engines.options import DEFAULT_CACHE_DIR, BuildOptions, Progress
+from iaflash.engines.trt_build import compile_plan
 
 __all__ = [
-    "DEFAULT_CACHE_DIR",
-    "PRECISIONS",
     "RECIPE_VERSION",
     "BuildEnv",
-    "BuildOptions",
-    "Progress",
-    "SwappingBackend",
     "UnusablePlan",
-    "atomic_write",
     "build_engine",
     "cached_plan",
     "load_or_build",
@@ -65,43 +57,14 @@ logger = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
 """Bump when the way engines are built changes (flags, profiles), so every cached plan is rebuilt."""
-DEFAULT_CACHE_DIR = Path("/var/lib/iaflash/engines")
-"""Same default as the agent's ``[model] engine_cache_dir``."""
-PRECISIONS = ("fp16", "fp32", "int8")
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 
-Progress = Callable[[str, float], None]
-"""``progress(stage, fraction)``: stage is parse, configure, build, write or done; fraction 0..1."""
 Profiles = dict[str, list[list[int]]]
 T = TypeVar("T")
 
 
 class UnusablePlan(ModelLoadError):
     """TensorRT refused a cached plan (deserialisation returned None): it is discarded and rebuilt."""
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How engines are built and where plans are cached (the agent's ``[model]`` keys).
-
-    ``cache_dir`` None keeps plans beside the bundle, in ``<bundle dir>.engines``; the agent
-    passes its ``engine_cache_dir`` (default :data:`DEFAULT_CACHE_DIR`).
-    """
-
-    precision: str = "fp16"
-    workspace_mb: int = 1024
-    max_batch: int = 4
-    cache_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.max_batch < 1 or self.workspace_mb < 1:
-            raise ValueError(f"max_batch and workspace_mb must be >= 1, got {self.max_batch}, {self.workspace_mb}")
-
-    def cache_for(self, bundle: Bundle) -> Path:
-        """The plan cache directory for ``bundle``."""
-        return self.cache_dir or bundle.path.with_name(bundle.path.name + ".engines")
 
 
 @dataclass(frozen=True)
@@ -263,7 +226,7 @@ def _store(
     bundle: Bundle, plan: bytes, key: str, inputs: Mapping[str, Any], cache_dir: Path, extra: dict[str, Any]
 ) -> Path:
     path = plan_path(bundle, key, cache_dir)
-    atomic_write(path, plan)
+    write_atomic(path, plan)
     meta = {
         "key": key,
         "inputs": dict(inputs),
@@ -272,7 +235,7 @@ def _store(
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
-    atomic_write(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     for old in cache_dir.glob(path.name[: -len(key[:16]) - len(".plan")] + "*.plan"):
         if old != path:  # same bundle version, other key: stale for good on this box
             logger.info("removing stale plan %s", old)
@@ -385,12 +348,3 @@ def _no_plan(bundle: Bundle, cache_dir: Path) -> ModelLoadError:
         f"no valid TensorRT plan for {bundle.manifest.name} {bundle.manifest.version} in "
         f"{cache_dir}; fix: iaflash-engines build {bundle.path} --cache-dir {cache_dir}"
     )
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy re-export of :class:`engines.swap.SwappingBackend` (engines.swap imports this module)."""
-    if name == "SwappingBackend":
-        from engines.swap import SwappingBackend  # noqa: PLC0415  # swap imports this module: no cycle at import
-
-        return SwappingBackend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,9 +12,9 @@ raises :class:`BundleError` to refuse the bundle; the bytes it checked are the b
 Because the manifest lists the sha256 of every other file, checked right after, a valid
 signature over the manifest covers the whole bundle. The detached signature lives in
 ``manifest.sig`` (:data:`SIGNATURE_FILE`), which ``manifest.files`` may not list.
-:mod:`engines.signing` provides the verifier (``bundle_verifier``, ``load_trusted_bundle``).
+:mod:`iaflash.engines.signing` provides the verifier (``bundle_verifier``, ``load_trusted_bundle``).
 
-The manifest's dataclasses and field validation live in :mod:`engines.manifest` and are
+The manifest's dataclasses and field validation live in :mod:`iaflash.engines.manifest` and are
 re-exported here; this module owns the files of a bundle: sha256s, ``labels.csv``, reading, writing.
 """
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from engines.atomic import write_atomic
-from engines.errors import BundleError
-from engines.manifest import (
+from iaflash.engines.atomic import write_atomic
+from iaflash.engines.errors import BundleError
+from iaflash.engines.manifest import (
     LABELS_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
@@ -66,7 +66,7 @@ __all__ = [
 LABELS_HEADER = ("index", "make", "model", "aliases")
 LABELS_HEADER_WITH_CATEGORY = (*LABELS_HEADER, "category")
 LABEL_CATEGORIES = ("car", "van", "truck", "bus", "motorcycle")
-"""Values of labels.csv's optional ``category`` column (agent.decision compares them with the genre)."""
+"""Values of labels.csv's optional ``category`` column (iaflash.agent.decision.verdict compares them with the genre)."""
 _CHUNK = 1 << 20
 
 ManifestVerifier = Callable[[bytes, Path], None]
@@ -169,9 +169,7 @@ def _parse_label_row(row: list[str], line: int, where: str, header: tuple[str, .
     try:
         index = int(row[0])
     except ValueError as exc:
-        raise BundleError(
-            f"{where}:{line}: index {row[0]!r} is not an integer; fix: number rows 0..n-1"
-        ) from exc
+        raise BundleError(f"{where}:{line}: index {row[0]!r} is not an integer; fix: number rows 0..n-1") from exc
     make, model = row[1].strip(), row[2].strip()
     if not make or not model:
         raise BundleError(f"{where}:{line}: make and model must not be empty; fix: fill both columns")
@@ -186,9 +184,7 @@ def _by_index(labels: Sequence[Label], where: str) -> tuple[Label, ...]:
     names: set[str] = set()
     for label in labels:
         if label.index in by_index:
-            raise BundleError(
-                f"{where}: index {label.index} appears twice; fix: number rows 0..n-1 once each"
-            )
+            raise BundleError(f"{where}: index {label.index} appears twice; fix: number rows 0..n-1 once each")
         if label.name in names:
             raise BundleError(f"{where}: label {label.name!r} appears twice; fix: merge the rows")
         by_index[label.index] = label
@@ -238,8 +234,7 @@ def _read_manifest(root: Path, verify: ManifestVerifier | None) -> Manifest:
         raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise BundleError(
-            f"{path}: missing; fix: point at a bundle directory (manifest.json, model.onnx, "
-            "labels.csv) or re-pack it"
+            f"{path}: missing; fix: point at a bundle directory (manifest.json, model.onnx, labels.csv) or re-pack it"
         ) from exc
     except OSError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror}); fix: check its permissions") from exc
@@ -260,8 +255,7 @@ def load_bundle(path: Path, *, verify: ManifestVerifier | None = None) -> Bundle
     root = Path(path)
     if not root.is_dir():
         raise BundleError(
-            f"{root}: is not a directory; fix: set the model bundle path to the directory "
-            "holding manifest.json"
+            f"{root}: is not a directory; fix: set the model bundle path to the directory holding manifest.json"
         )
     manifest = _read_manifest(root, verify)
     _verify_files(root, manifest.files)

@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 # (module, attribute) of each command or group attached to `main`.
 _COMMANDS = (
-    ("engines.cli_bundle", "commands"),
-    ("engines.cli_pack", "commands"),
-    ("engines.cli_build", "commands"),
+    ("iaflash.engines.cli_bundle", "commands"),
+    ("iaflash.engines.cli_pack", "commands"),
+    ("iaflash.engines.cli_build", "commands"),
 )
 
 

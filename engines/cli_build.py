@@ -18,19 +18,16 @@ from typing import Any, NoReturn
 import click
 import numpy as np
 
-from engines.build import (
-    DEFAULT_CACHE_DIR,
-    PRECISIONS,
+from iaflash.engines.build import (
     BuildEnv,
-    BuildOptions,
-    Progress,
     build_engine,
     cached_plan,
     plan_key,
     read_plan_meta,
 )
-from engines.bundle import Bundle, load_bundle
-from engines.errors import EngineError
+from iaflash.engines.bundle import Bundle, load_bundle
+from iaflash.engines.errors import EngineError
+from iaflash.engines.options import DEFAULT_CACHE_DIR, PRECISIONS, BuildOptions, Progress
 
 __all__ = ["commands"]
 

@@ -1,7 +1,7 @@
 """``iaflash-engines keygen | sign | verify``: the model publisher's key and signature tools.
 
-``pack`` lives in :mod:`engines.cli_pack` (re-exported here) and shares this module's helpers
-(:func:`fail`, :func:`emit`, :data:`json_option`, :func:`public_key_id`).
+``pack`` lives in :mod:`iaflash.engines.cli_pack`; both use the shared CLI helpers of
+:mod:`iaflash.engines.cli_common`.
 
 Exit codes: 0 ok, 1 operational error, 2 usage error, 3 check found problems (``verify``).
 With ``--json`` each command prints one JSON document on stdout; diagnostics go to stderr.
@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from engines.bundle import MANIFEST_FILE, SIGNATURE_FILE
-from engines.errors import BundleError, EngineError, SignatureError
-from engines.signing import (
+from iaflash.engines.bundle import MANIFEST_FILE, SIGNATURE_FILE
+from iaflash.engines.cli_common import CONTEXT, EXIT_PROBLEMS, emit, fail, json_option, public_key_id
+from iaflash.engines.errors import BundleError, EngineError, SignatureError
+from iaflash.engines.signing import (
     TrustStore,
     generate_keypair,
-    key_id,
-    load_private_key,
-    public_key_bytes,
     read_verified_file,
     sign_bundle,
     sign_file,
@@ -33,31 +30,6 @@ from engines.signing import (
 )
 
 __all__ = ["commands"]
-
-CONTEXT = {"help_option_names": ["-h", "--help"]}
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
-json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
-
-
-def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    """``error: <message>`` on stderr, then exit ``code``."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def emit(as_json: bool, doc: dict[str, Any], lines: list[str]) -> None:
-    """``doc`` as JSON on stdout with ``--json``, else the human ``lines``."""
-    if as_json:
-        click.echo(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        for line in lines:
-            click.echo(line)
-
-
-def public_key_id(private_key_path: Path) -> str:
-    """The key id of the public half of a private key file."""
-    return key_id(public_key_bytes(load_private_key(private_key_path).public_key()))
-
 
 # ---------------------------------------------------------------- keygen
 
@@ -202,13 +174,4 @@ def verify(target: Path, trust_dir: Path, as_json: bool) -> None:
     )
 
 
-commands = [keygen, sign, verify]  # pack: engines.cli_pack.commands
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy re-export of :func:`engines.cli_pack.pack` (engines.cli_pack imports this module)."""
-    if name == "pack":
-        from engines.cli_pack import pack  # noqa: PLC0415  # cli_pack imports this module: no cycle at import
-
-        return pack
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+commands = [keygen, sign, verify]  # pack: iaflash.engines.cli_pack.commands

@@ -1,7 +1,7 @@
 """``iaflash-engines pack``: an ONNX model and its labels into a model bundle.
 
 Exit codes: 0 ok, 1 operational error, 2 usage error. With ``--json`` it prints one JSON
-document on stdout; diagnostics go to stderr. Shares its helpers with :mod:`engines.cli_bundle`.
+document on stdout; diagnostics go to stderr. Shares its helpers with :mod:`iaflash.engines.cli_bundle`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,18 @@ from typing import Any, Literal
 
 import click
 
-from engines.bundle import SIGNATURE_FILE, Bundle, DetectorSpec, Label, Preprocessing, parse_labels, write_bundle
-from engines.cli_bundle import CONTEXT, EXIT_USAGE, emit, fail, json_option, public_key_id
-from engines.errors import BundleError, EngineError, SignatureError
-from engines.signing import sign_bundle
+from iaflash.engines.bundle import (
+    SIGNATURE_FILE,
+    Bundle,
+    DetectorSpec,
+    Label,
+    Preprocessing,
+    parse_labels,
+    write_bundle,
+)
+from iaflash.engines.cli_common import CONTEXT, EXIT_USAGE, emit, fail, json_option, public_key_id
+from iaflash.engines.errors import BundleError, EngineError, SignatureError
+from iaflash.engines.signing import sign_bundle
 
 __all__ = ["commands", "pack"]
 

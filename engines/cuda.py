@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.errors import EngineError
+from iaflash.engines.errors import EngineError
 
 __all__ = ["Cuda", "CudaError", "available", "format_cuda_version", "open_cuda"]
 

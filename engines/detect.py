@@ -1,6 +1,6 @@
 """Object-detector outputs → :class:`Detection` boxes in the original image's pixels. Pure numpy.
 
-Two output contracts, chosen by the bundle's :class:`~engines.bundle.DetectorSpec`:
+Two output contracts, chosen by the bundle's :class:`~iaflash.engines.bundle.DetectorSpec`:
 
 * ``"nms"``: the graph did NMS itself. Outputs are boxes ``[1,N,4]``, scores ``[1,N]``, classes
   ``[1,N]`` and optionally num_detections ``[1]`` (named in ``spec.outputs`` in that order), or one
@@ -8,12 +8,12 @@ Two output contracts, chosen by the bundle's :class:`~engines.bundle.DetectorSpe
 * ``"yolo"``: one raw ``[1,4+C,N]`` (or ``[1,N,4+C]``) tensor of cxcywh boxes and per-class
   scores, no objectness; thresholding and class-wise NMS run here. See :func:`decode_yolo`.
 
-The seam with preprocessing: this module never resizes an image (that is ``agent.preprocess``,
+The seam with preprocessing: this module never resizes an image (that is ``iaflash.agent.capture.preprocess``,
 OpenCV, and ``engines`` must not import the agent). It only needs the *geometry* of the resize,
 which :func:`input_geometry` computes from the image size and the bundle's
-:class:`~engines.bundle.Preprocessing` with exactly the arithmetic ``agent.preprocess`` uses::
+:class:`~iaflash.engines.bundle.Preprocessing` with exactly the arithmetic ``iaflash.agent.capture.preprocess`` uses::
 
-    tensor = agent.preprocess.preprocess(image, bundle.manifest.preprocessing)
+    tensor = iaflash.agent.capture.preprocess.preprocess(image, bundle.manifest.preprocessing)
     geometry = input_geometry((image.shape[1], image.shape[0]), bundle.manifest.preprocessing)
     detections = run_detector(backend, bundle, tensor, geometry)
 """
@@ -26,9 +26,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engines.base import Backend
-from engines.bundle import Bundle, DetectorSpec, Preprocessing
-from engines.errors import BundleError, InferenceError
+from iaflash.engines.base import Backend
+from iaflash.engines.bundle import Bundle, DetectorSpec, Preprocessing
+from iaflash.engines.errors import BundleError, InferenceError
 
 __all__ = [
     "Detection",
@@ -124,7 +124,7 @@ class InputGeometry:
 
 
 def input_geometry(image_size: tuple[int, int], pp: Preprocessing) -> InputGeometry:
-    """The geometry of ``agent.preprocess.preprocess`` for a ``(width, height)`` image (same rounding)."""
+    """The geometry of ``preprocess`` (agent.capture.preprocess) for a ``(width, height)`` image (same rounding)."""
     src_w, src_h = image_size
     if src_w <= 0 or src_h <= 0:
         raise ValueError(f"image size must be positive, got {image_size}")

@@ -1,6 +1,6 @@
 """Errors raised by the inference layer.
 
-``engines`` knows nothing of the agent, so its errors live here; ``agent.errors``
+``engines`` knows nothing of the agent, so its errors live here; ``iaflash.agent.errors``
 re-exports them into the one tree the rest of the project documents::
 
     EngineError
@@ -28,7 +28,7 @@ class BundleError(EngineError):
 
 
 class SignatureError(BundleError):
-    """A signature is missing, malformed, or does not match the signed bytes (see engines.signing)."""
+    """A signature is missing, malformed, or does not match the signed bytes (see iaflash.engines.signing)."""
 
 
 class UntrustedKey(SignatureError):

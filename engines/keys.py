@@ -4,7 +4,7 @@
 - public key: ``<name>.pub``, the raw 32-byte key as 64 hex characters on one line, optionally
   followed by a ``# comment``. A key's id (:func:`key_id`) is the first 16 hex of sha256(raw key).
 
-:mod:`engines.signing` re-exports everything public here.
+:mod:`iaflash.engines.signing` re-exports everything public here.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from engines.atomic import write_atomic
-from engines.errors import SignatureError
+from iaflash.engines.atomic import write_atomic
+from iaflash.engines.errors import SignatureError
 
 __all__ = ["generate_keypair", "key_id", "load_private_key", "load_public_key", "public_key_bytes"]
 

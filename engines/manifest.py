@@ -1,8 +1,8 @@
 """The ``manifest.json`` of a model bundle: its dataclasses and their validation (schema version 1).
 
 :meth:`Manifest.from_dict` turns a decoded manifest into a :class:`Manifest`, or raises
-:class:`~engines.errors.BundleError` naming the bad field and the fix. Every name here is also
-importable from :mod:`engines.bundle`, which reads and writes whole bundles; checks that need the
+:class:`~iaflash.engines.errors.BundleError` naming the bad field and the fix. Every name here is also
+importable from :mod:`iaflash.engines.bundle`, which reads and writes whole bundles; checks that need the
 labels too (``full_range_makes``) live there.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from engines.errors import BundleError
+from iaflash.engines.errors import BundleError
 
 __all__ = [
     "LABELS_FILE",
@@ -31,7 +31,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.csv"
-SIGNATURE_FILE = "manifest.sig"  # detached Ed25519 signature over manifest.json (engines.signing)
+SIGNATURE_FILE = "manifest.sig"  # detached Ed25519 signature over manifest.json (iaflash.engines.signing)
 
 
 def _jsonable(value: Any) -> Any:
@@ -137,9 +137,7 @@ def _bad(key: str, problem: str, fix: str) -> BundleError:
     return BundleError(f"{MANIFEST_FILE}: field '{key}' {problem}; fix: {fix}")
 
 
-def _get(
-    data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], fix: str, default: Any = ...
-) -> Any:
+def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], fix: str, default: Any = ...) -> Any:
     if key not in data:
         if default is ...:
             raise _bad(key, "is missing", fix)
@@ -175,9 +173,7 @@ def _number(data: Mapping[str, Any], key: str, fix: str, default: Any = ...) -> 
     return value
 
 
-def _triple(
-    pp: Mapping[str, Any], key: str, default: tuple[float, float, float]
-) -> tuple[float, float, float]:
+def _triple(pp: Mapping[str, Any], key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
     fix = "give three numbers, one per channel in the model's color_order"
     value = _get(pp, key, list, fix, list(default))
     if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
@@ -205,14 +201,10 @@ def _parse_preprocessing(data: Mapping[str, Any]) -> Preprocessing:
     for key in ("height", "width"):
         sizes[key] = _get(pp, key, int, "give the model's input size in pixels")
         if sizes[key] <= 0:
-            raise _bad(
-                f"preprocessing.{key}", f"must be > 0, got {sizes[key]}", "give the input size in pixels"
-            )
+            raise _bad(f"preprocessing.{key}", f"must be > 0, got {sizes[key]}", "give the input size in pixels")
     std = _triple(pp, "std", Preprocessing.std)
     if any(s <= 0 for s in std):
-        raise _bad(
-            "preprocessing.std", f"must be > 0 for every channel, got {list(std)}", "use positive values"
-        )
+        raise _bad("preprocessing.std", f"must be > 0 for every channel, got {list(std)}", "use positive values")
     scale = _number(pp, "scale", "usually 1/255 = 0.00392156862745098", Preprocessing.scale)
     if scale <= 0:
         raise _bad("preprocessing.scale", f"must be > 0, got {scale}", "usually 1/255")
@@ -233,9 +225,7 @@ def _parse_preprocessing(data: Mapping[str, Any]) -> Preprocessing:
 def _parse_shape(data: Mapping[str, Any], pp: Preprocessing) -> tuple[int | str, ...]:
     fix = f'give [batch, 3, {pp.height}, {pp.width}] (NCHW); a dynamic batch is a name such as "N"'
     raw = _get(data, "input_shape", list, fix)
-    ok = all(
-        (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d) for d in raw
-    )
+    ok = all((isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d) for d in raw)
     if len(raw) != 4 or not ok:
         raise _bad("input_shape", f"must be 4 positive ints or dimension names, got {raw!r}", fix)
     for axis, want in ((1, 3), (2, pp.height), (3, pp.width)):
@@ -250,11 +240,7 @@ def _parse_files(data: Mapping[str, Any]) -> dict[str, str]:
     for name, digest in files.items():
         if not name or Path(name).name != name or name in (".", "..", MANIFEST_FILE, SIGNATURE_FILE):
             raise _bad("files", f"lists {name!r}, which is not a plain file name of the bundle", fix)
-        if (
-            not isinstance(digest, str)
-            or len(digest) != 64
-            or not all(c in "0123456789abcdef" for c in digest)
-        ):
+        if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
             raise _bad(f"files.{name}", f"must be a lowercase sha256 hex digest, got {digest!r}", fix)
     for name in _REQUIRED_FILES:
         if name not in files:
@@ -263,7 +249,7 @@ def _parse_files(data: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _parse_full_range_makes(data: Mapping[str, Any]) -> tuple[str, ...]:
-    """Distinct non-empty make names (checked against the labels by engines.bundle); classifier only."""
+    """Distinct non-empty make names (checked against the labels by iaflash.engines.bundle); classifier only."""
     fix = 'list makes spelt as in labels.csv\'s make column, e.g. ["RENAULT", "PEUGEOT"]'
     value = _get(data, "full_range_makes", list, fix, [])
     if value and data.get("task") != "classifier":
@@ -334,9 +320,7 @@ def _parse_detector(data: Mapping[str, Any]) -> DetectorSpec | None:
 def _check_envelope(data: Mapping[str, Any]) -> int:
     """The manifest is an object with known keys only, in the schema version this agent reads."""
     if not isinstance(data, Mapping):
-        raise BundleError(
-            f"{MANIFEST_FILE}: must hold a JSON object, got {type(data).__name__}; fix: re-pack it"
-        )
+        raise BundleError(f"{MANIFEST_FILE}: must hold a JSON object, got {type(data).__name__}; fix: re-pack it")
     _refuse_unknown(data, _TOP_KEYS)
     version = _get(data, "schema_version", int, f"set it to {SCHEMA_VERSION}")
     if version != SCHEMA_VERSION:

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import Backend, BackendInfo, TensorSpec
-from engines.bundle import Bundle
-from engines.errors import EngineError, InferenceError, ModelLoadError
+from iaflash.engines.base import Backend, BackendInfo, TensorSpec
+from iaflash.engines.bundle import Bundle
+from iaflash.engines.errors import EngineError, InferenceError, ModelLoadError
 
 __all__ = ["OnnxRuntimeBackend"]
 

@@ -1,6 +1,6 @@
 """Ed25519 signatures on model bundles and registry subset files.
 
-Keys are files (:mod:`engines.keys`, re-exported here): ``<name>.key`` (PEM PKCS#8, 0600) signs,
+Keys are files (:mod:`iaflash.engines.keys`, re-exported here): ``<name>.key`` (PEM PKCS#8, 0600) signs,
 ``<name>.pub`` (64 hex characters) verifies. The trust store is a directory of ``.pub`` files; a
 key's name is the file's stem and its id (:func:`key_id`) the first 16 hex of sha256(raw key).
 
@@ -14,7 +14,7 @@ Only ``signature`` is authenticated: it is pure Ed25519 over the exact bytes of 
 and the name reported on success is the trust store's, never the document's.
 
 A bundle's signature covers ``manifest.json``; the manifest pins the sha256 of every other file,
-which :func:`engines.bundle.load_bundle` checks after the signature, so one signature covers it all.
+which :func:`iaflash.engines.bundle.load_bundle` checks after the signature, so one signature covers it all.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from engines.atomic import write_atomic
-from engines.bundle import MANIFEST_FILE, SIGNATURE_FILE, Bundle, load_bundle
-from engines.errors import SignatureError, UntrustedKey
-from engines.keys import (
+from iaflash.engines.atomic import write_atomic
+from iaflash.engines.bundle import MANIFEST_FILE, SIGNATURE_FILE, Bundle, load_bundle
+from iaflash.engines.errors import SignatureError, UntrustedKey
+from iaflash.engines.keys import (
     generate_keypair,
     key_id,
     load_private_key,

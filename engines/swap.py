@@ -1,7 +1,7 @@
 """``auto``: serve with ONNX Runtime while the TensorRT plan builds in the background, then swap.
 
-:class:`SwappingBackend` is what :func:`engines.base.create_backend` returns for ``auto`` when
-TensorRT can run here. The build itself (key, cache, compile) is :mod:`engines.build`'s;
+:class:`SwappingBackend` is what :func:`iaflash.engines.base.create_backend` returns for ``auto`` when
+TensorRT can run here. The build itself (key, cache, compile) is :mod:`iaflash.engines.build`'s;
 this module only owns the background thread and the swap between two infer calls.
 ``tensorrt`` and ``onnxruntime`` are imported by the backends' ``load()``, never at import time.
 """
@@ -15,18 +15,19 @@ import threading
 
 import numpy as np
 
-from engines.base import Backend, BackendInfo, TensorSpec
-from engines.build import BuildEnv, BuildOptions
-from engines.bundle import Bundle
-from engines.errors import EngineError, InferenceError
-from engines.onnxrt import OnnxRuntimeBackend
-from engines.trt import TensorRTBackend
+from iaflash.engines.base import Backend, BackendInfo, TensorSpec
+from iaflash.engines.build import BuildEnv
+from iaflash.engines.bundle import Bundle
+from iaflash.engines.errors import EngineError, InferenceError
+from iaflash.engines.onnxrt import OnnxRuntimeBackend
+from iaflash.engines.options import BuildOptions
+from iaflash.engines.trt import TensorRTBackend
 
 __all__ = ["SwappingBackend"]
 
 # The swap is reported as part of engine building: its lines keep the logger name they had before
-# this module was split out of engines.build, so journald filters on "engines.build" still see them.
-logger = logging.getLogger("engines.build")
+# this module was split out of iaflash.engines.build, so journald filters on "iaflash.engines.build" still see them.
+logger = logging.getLogger("iaflash.engines.build")
 
 
 def _lower_priority() -> None:

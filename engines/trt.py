@@ -9,10 +9,10 @@ TensorRT 10 and is never used.
 A runner allocates pinned host and device buffers once, for the largest batch of the
 optimisation profile, and owns one CUDA stream; ``infer`` copies in, executes, copies out
 and synchronises. Batches below the maximum set the input shape; bigger ones run in chunks.
-Every call pushes the CUDA primary context (see :mod:`engines.cuda`), so the runner can be
+Every call pushes the CUDA primary context (see :mod:`iaflash.engines.cuda`), so the runner can be
 used from the agent's inference worker thread. ``tensorrt`` is imported inside functions only.
 
-Building the plan is :mod:`engines.trt_build` (:func:`compile_plan`, re-exported here).
+Building the plan is :mod:`iaflash.engines.trt_build` (:func:`compile_plan`, re-exported here).
 """
 
 from __future__ import annotations
@@ -26,13 +26,21 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import Backend, BackendInfo, TensorSpec
-from engines.build import BuildEnv, BuildOptions, Progress, UnusablePlan, load_or_build, read_plan_meta
-from engines.bundle import Bundle
-from engines.cuda import CudaError
-from engines.cuda import available as cuda_available
-from engines.errors import InferenceError, ModelLoadError
-from engines.trt_build import compile_plan, enum_name, import_tensorrt, native_errors, open_device, tensorrt_logger
+from iaflash.engines.base import Backend, BackendInfo, TensorSpec
+from iaflash.engines.build import BuildEnv, UnusablePlan, load_or_build, read_plan_meta
+from iaflash.engines.bundle import Bundle
+from iaflash.engines.cuda import CudaError
+from iaflash.engines.cuda import available as cuda_available
+from iaflash.engines.errors import InferenceError, ModelLoadError
+from iaflash.engines.options import BuildOptions, Progress
+from iaflash.engines.trt_build import (
+    compile_plan,
+    enum_name,
+    import_tensorrt,
+    native_errors,
+    open_device,
+    tensorrt_logger,
+)
 
 __all__ = ["TensorRTBackend", "compile_plan"]
 

@@ -3,9 +3,9 @@
 Parses the bundle's ONNX model, configures the builder (workspace, the optimisation profile,
 precision flags, the INT8 entropy calibrator, the timing cache), reports progress through
 TensorRT 10's IProgressMonitor and serialises the engine. The staleness key and the plan
-cache around it are :mod:`engines.build`'s. This module is also where ``tensorrt`` is imported
+cache around it are :mod:`iaflash.engines.build`'s. This module is also where ``tensorrt`` is imported
 (:func:`import_tensorrt`), its ILogger bridged to :mod:`logging` (:func:`tensorrt_logger`) and
-its and CUDA's exceptions mapped to ours (:func:`native_errors`); :mod:`engines.trt` shares them.
+its and CUDA's exceptions mapped to ours (:func:`native_errors`); :mod:`iaflash.engines.trt` shares them.
 ``tensorrt`` is imported inside functions only.
 """
 
@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engines.atomic import write_atomic as atomic_write
-from engines.bundle import Bundle
-from engines.cuda import Cuda, CudaError, open_cuda
-from engines.errors import EngineError, ModelLoadError
+from iaflash.engines.atomic import write_atomic
+from iaflash.engines.bundle import Bundle
+from iaflash.engines.cuda import Cuda, CudaError, open_cuda
+from iaflash.engines.errors import EngineError, ModelLoadError
 
-if TYPE_CHECKING:  # annotations only: engines.build imports this module
-    from engines.build import BuildOptions, Progress
+if TYPE_CHECKING:  # annotations only
+    from iaflash.engines.options import BuildOptions, Progress
 
 __all__ = ["compile_plan", "enum_name", "import_tensorrt", "native_errors", "open_device", "tensorrt_logger"]
 
-# Split out of engines.trt: TensorRT's own messages (build and runtime) keep that logger name.
-logger = logging.getLogger("engines.trt")
+# Split out of iaflash.engines.trt: TensorRT's own messages (build and runtime) keep that logger name.
+logger = logging.getLogger("iaflash.engines.trt")
 
 _LEVELS = {"INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING}
 _trt_log_lock = threading.Lock()
@@ -77,7 +77,7 @@ def native_errors(error: type[EngineError], where: str) -> Iterator[None]:
 
 
 def open_device(error: type[EngineError]) -> Cuda:
-    """The CUDA device (see :func:`engines.cuda.open_cuda`); a CudaError becomes ``error``."""
+    """The CUDA device (see :func:`iaflash.engines.cuda.open_cuda`); a CudaError becomes ``error``."""
     try:
         return open_cuda()
     except CudaError as exc:
@@ -155,7 +155,7 @@ def _calibrator(trt: Any, cuda: Cuda, batches: Sequence[np.ndarray], cache: Path
             return cache.read_bytes() if cache.is_file() else None
 
         def write_calibration_cache(self, blob: Any) -> None:
-            atomic_write(cache, bytes(blob))
+            write_atomic(cache, bytes(blob))
 
         def release(self) -> None:
             cuda.device_free(self.ptr)
@@ -262,7 +262,7 @@ def compile_plan(
             progress("build", 0.15)
             plan = _serialize(builder, network, config, calibrator, bundle)
             with contextlib.suppress(OSError):
-                atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+                write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
             return plan, effective
     finally:
         cuda.close()

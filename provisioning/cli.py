@@ -19,13 +19,14 @@ from typing import Any, TypeVar
 
 import click
 
-from agent.config import load_config, read_secret
-from agent.errors import IaflashError, RegistryError
-from agent.plates import key_id, load_hmac_key
-from agent.progress import progress_callback
-from agent.registry import RegistryState, import_signed_subset, read_state
-from engines.errors import EngineError
-from provisioning.doctor import DEFAULT_CONFIG, Report, run_doctor
+from iaflash.agent.cli.progress import progress_callback
+from iaflash.agent.config import load_config, read_secret
+from iaflash.agent.errors import IaflashError, RegistryError
+from iaflash.agent.registry.cache import import_signed_subset, read_state
+from iaflash.agent.registry.plates import key_id, load_hmac_key
+from iaflash.agent.registry.record import RegistryState
+from iaflash.engines.errors import EngineError
+from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_doctor
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _operational(func: F) -> F:
     """Print our errors as ``error: ...`` on stderr and exit 1 (Click keeps exit 2 for usage errors)."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (IaflashError, EngineError) as exc:  # EngineError: signature refusals (engines.signing)
+        except (IaflashError, EngineError) as exc:  # EngineError: signature refusals (iaflash.engines.signing)
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_ERROR)
+
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
 
 
@@ -61,8 +64,9 @@ def _read_key_file(path: Path) -> bytes:
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read the HMAC key ({exc.strerror}); fix: check --key-file") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise RegistryError(f"{path}: HMAC key file is readable by group/others (mode {stat.S_IMODE(mode):o}); "
-                            f"fix: chmod 600 {path}")
+        raise RegistryError(
+            f"{path}: HMAC key file is readable by group/others (mode {stat.S_IMODE(mode):o}); fix: chmod 600 {path}"
+        )
     return raw
 
 
@@ -86,10 +90,17 @@ def registry() -> None:
     """
 
 
-_config_option = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-                              help="Agent config file (TOML); default: built-in defaults.")
-_db_option = click.option("--db", type=click.Path(path_type=Path, dir_okay=False),
-                          help="Registry cache file; default: [registry] db from the config.")
+_config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Agent config file (TOML); default: built-in defaults.",
+)
+_db_option = click.option(
+    "--db",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Registry cache file; default: [registry] db from the config.",
+)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
 
 
@@ -97,13 +108,14 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSO
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @_config_option
 @_db_option
-@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False),
-              help="HMAC key file (hex, mode 0600); default: systemd credential hmac-key or "
-                   "[registry] hmac_key_file.")
+@click.option(
+    "--key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="HMAC key file (hex, mode 0600); default: systemd credential hmac-key or [registry] hmac_key_file.",
+)
 @_json_option
 @_operational
-def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: Path | None,
-               as_json: bool) -> None:
+def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: Path | None, as_json: bool) -> None:
     """Import a registry subset FILE (snapshot or delta) into the cache, in one transaction.
 
     FILE must be signed (FILE.sig, written at central by `iaflash-engines sign FILE --key KEY`) by a
@@ -117,27 +129,47 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
     """
     cfg = load_config(config_path)
     db_path = db or cfg.registry.db
-    raw = _read_key_file(key_file) if key_file else read_secret(
-        "hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file")
+    raw = (
+        _read_key_file(key_file)
+        if key_file
+        else read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file")
+    )
     expected = key_id(load_hmac_key(raw))
     records = [0]
     start = time.perf_counter()
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with progress_callback(f"importing {file.name}", "records") as show:
+
         def progress(done: int, total: int) -> None:
             records[0] = done
             show(done, total)
 
         state, signer = import_signed_subset(
-            db_path, file, trust_dir=cfg.security.trust_dir, allow_unsigned=cfg.security.allow_unsigned,
-            expected_key_id=expected, progress=progress)
+            db_path,
+            file,
+            trust_dir=cfg.security.trust_dir,
+            allow_unsigned=cfg.security.allow_unsigned,
+            expected_key_id=expected,
+            progress=progress,
+        )
     seconds = time.perf_counter() - start
     rate = records[0] / seconds if seconds > 0 else 0.0
-    doc = {"command": "registry import", "file": str(file), "db": str(db_path), "records": records[0],
-           "seconds": round(seconds, 3), "records_per_s": round(rate), "state": state.to_dict(),
-           "signed_by": signer}
-    _emit(doc, as_json, f"imported {state.kind} {state.dataset_id} seq {state.seq}: {records[0]} records "
-                        f"in {seconds:.1f} s ({rate:,.0f} records/s); {state.count} vehicles in {db_path}")
+    doc = {
+        "command": "registry import",
+        "file": str(file),
+        "db": str(db_path),
+        "records": records[0],
+        "seconds": round(seconds, 3),
+        "records_per_s": round(rate),
+        "state": state.to_dict(),
+        "signed_by": signer,
+    }
+    _emit(
+        doc,
+        as_json,
+        f"imported {state.kind} {state.dataset_id} seq {state.seq}: {records[0]} records "
+        f"in {seconds:.1f} s ({rate:,.0f} records/s); {state.count} vehicles in {db_path}",
+    )
 
 
 def _status_text(db_path: Path, state: RegistryState | None, max_age: float) -> str:
@@ -145,9 +177,11 @@ def _status_text(db_path: Path, state: RegistryState | None, max_age: float) -> 
         return f"{db_path}: empty (never imported); import a snapshot"
     age = state.age_hours()
     stale = " (STALE)" if age > max_age else ""
-    return (f"{db_path}: dataset {state.dataset_id} seq {state.seq} ({state.kind}), key id {state.key_id}, "
-            f"{state.count} vehicles, age {age:.1f} h{stale} (max {max_age:g} h), "
-            f"imported {state.imported_at.isoformat(timespec='seconds')}")
+    return (
+        f"{db_path}: dataset {state.dataset_id} seq {state.seq} ({state.kind}), key id {state.key_id}, "
+        f"{state.count} vehicles, age {age:.1f} h{stale} (max {max_age:g} h), "
+        f"imported {state.imported_at.isoformat(timespec='seconds')}"
+    )
 
 
 @registry.command("status", context_settings=CONTEXT)
@@ -167,8 +201,14 @@ def status_cmd(config_path: Path | None, db: Path | None, as_json: bool) -> None
     state = read_state(db_path)
     max_age = cfg.registry.max_age_hours
     age = None if state is None else round(state.age_hours(), 3)
-    doc = {"command": "registry status", "db": str(db_path), "state": None if state is None else state.to_dict(),
-           "age_hours": age, "max_age_hours": max_age, "stale": age is None or age > max_age}
+    doc = {
+        "command": "registry status",
+        "db": str(db_path),
+        "state": None if state is None else state.to_dict(),
+        "age_hours": age,
+        "max_age_hours": max_age,
+        "stale": age is None or age > max_age,
+    }
     _emit(doc, as_json, _status_text(db_path, state, max_age))
 
 
@@ -181,7 +221,8 @@ def _print_report(report: Report) -> None:
     s, code = report.summary(), report.exit_code
     verdict = {0: "no problems", 3: "problems found"}.get(code, "doctor could not finish")
     total = f"doctor: {s['ok']} ok, {s['warn']} warn, {s['fail']} FAIL, {s['skip']} skipped" + (
-        f", {s['error']} errors" if s["error"] else "")
+        f", {s['error']} errors" if s["error"] else ""
+    )
     if not sys.stdout.isatty():
         for c in report.checks:
             fix = f"\n{'':<20}fix: {c.fix}" if c.fix and c.status != "ok" else ""
@@ -205,11 +246,24 @@ def _print_report(report: Report) -> None:
 
 
 @cli.command("doctor", context_settings=CONTEXT)
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_CONFIG,
-              show_default=True, help="Agent config file (TOML) to check the box against.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="Agent config file (TOML) to check the box against.",
+)
 @_json_option
-@click.option("--broker-timeout", "broker_timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
-              metavar="S", help="Seconds to wait for a TCP connection to the MQTT broker.")
+@click.option(
+    "--broker-timeout",
+    "broker_timeout",
+    type=click.FloatRange(0.1, 60),
+    default=3.0,
+    show_default=True,
+    metavar="S",
+    help="Seconds to wait for a TCP connection to the MQTT broker.",
+)
 def doctor_cmd(config_path: Path, as_json: bool, broker_timeout: float) -> None:
     """Check the whole box and say what to fix: one line per check, ok / warn / FAIL.
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.demo.broker import MosquittoBroker, find_mosquitto
+from iaflash.agent.demo.broker import MosquittoBroker, find_mosquitto
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, parse_config
-from agent.demo.runner import demo_config
-from agent.demo.scenario import DemoCapture, build_scenario, registry_rows, start_time, write_capture
-from agent.plates import key_id
-from agent.registry import import_subset, records_from_plates, write_subset
+from iaflash.agent.config import Config, parse_config
+from iaflash.agent.demo.runner import demo_config
+from iaflash.agent.demo.scenario import DemoCapture, build_scenario, registry_rows, start_time, write_capture
+from iaflash.agent.registry.cache import import_subset, records_from_plates, write_subset
+from iaflash.agent.registry.plates import key_id
 
 
 def toml_value(value: Any) -> str:
@@ -81,9 +81,9 @@ class Site:
 
 def build_models(out: Path) -> Path:
     """Signed demo classifier + demo detector and the trust store holding their publisher's key."""
-    from agent.demo.detector import build_demo_detector_bundle
-    from agent.demo.model import build_demo_bundle
-    from engines.signing import generate_keypair, sign_bundle
+    from iaflash.agent.demo.detector import build_demo_detector_bundle
+    from iaflash.agent.demo.model import build_demo_bundle
+    from iaflash.engines.signing import generate_keypair, sign_bundle
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "trust").mkdir()
@@ -97,8 +97,15 @@ def build_models(out: Path) -> Path:
     return out
 
 
-def make_site(root: Path, models: Path, port: int, *, n: int = 50, protocol: str = "5",
-              overrides: dict[str, dict[str, Any]] | None = None) -> Site:
+def make_site(
+    root: Path,
+    models: Path,
+    port: int,
+    *,
+    n: int = 50,
+    protocol: str = "5",
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Site:
     """A site whose registry matches the demo scenario of n captures (models from build_models)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "secrets").mkdir()
@@ -110,8 +117,14 @@ def make_site(root: Path, models: Path, port: int, *, n: int = 50, protocol: str
         shutil.copytree(models / sub, root / sub)
     scenario = build_scenario(n)
     subset = root / "snapshot.jsonl.gz"
-    write_subset(subset, kind="snapshot", dataset_id="test-siv", seq=1, key_id=key_id(key),
-                 records=records_from_plates(key, registry_rows(scenario)))
+    write_subset(
+        subset,
+        kind="snapshot",
+        dataset_id="test-siv",
+        seq=1,
+        key_id=key_id(key),
+        records=records_from_plates(key, registry_rows(scenario)),
+    )
     import_subset(root / "registry.db", subset, expected_key_id=key_id(key))
     doc = demo_config(root, port, protocol)
     doc["log"] = {"level": "INFO", "format": "json"}

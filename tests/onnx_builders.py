@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.bundle import Bundle, Label, Preprocessing, write_bundle
+from iaflash.engines.bundle import Bundle, Label, Preprocessing, write_bundle
 
 OPSET = 17
 IR_VERSION = 8  # opset 17 needs IR >= 8; every onnxruntime >= 1.17 reads it
@@ -64,9 +64,7 @@ def classifier_onnx(
         [y],
         initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="iaflash-tests"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="iaflash-tests")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return bytes(model.SerializeToString())

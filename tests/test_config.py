@@ -1,4 +1,4 @@
-"""agent.config: defaults, a full file, every kind of refusal (file, dotted key, fix), and read_secret."""
+"""iaflash.agent.config: defaults, a full file, every kind of refusal (file, dotted key, fix), and read_secret."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Config, load_config, parse_config, read_secret
-from agent.errors import ConfigError, ConfigIssue
+from iaflash.agent.config import Config, load_config, parse_config, read_secret
+from iaflash.agent.errors import ConfigError, ConfigIssue
 
 FULL_TOML = """\
 [site]
@@ -93,6 +93,7 @@ def _only_issue(tmp_path: Path, text: str) -> tuple[Path, ConfigIssue]:
 # Loading
 # ---------------------------------------------------------------------------------------------------
 
+
 def test_none_gives_the_embedded_defaults() -> None:
     """load_config(None) reads no file and returns the documented defaults."""
     cfg = load_config(None)
@@ -127,9 +128,15 @@ def test_a_full_valid_file_parses_every_key(tmp_path: Path) -> None:
     assert cfg.model.threads == 2
     assert cfg.registry.hmac_key_file == Path("/srv/hmac.key")
     assert cfg.registry.max_age_hours == 24
-    assert cfg.decision.model_dump() == {"min_plate_confidence": 0.7, "min_top1": 0.65, "make_threshold": 0.02,
-                                         "model_threshold": 0.03, "match_threshold": 0.4, "top_k": 3,
-                                         "other_threshold": 0.3}
+    assert cfg.decision.model_dump() == {
+        "min_plate_confidence": 0.7,
+        "min_top1": 0.65,
+        "make_threshold": 0.02,
+        "model_threshold": 0.03,
+        "match_threshold": 0.4,
+        "top_k": 3,
+        "other_threshold": 0.3,
+    }
     assert cfg.outbox.db == Path("/srv/state.db")
     assert cfg.mqtt.port == 8883
     assert cfg.mqtt.protocol == "3.1.1"
@@ -153,13 +160,16 @@ def test_config_is_frozen() -> None:
 # Refusals: file, dotted key, problem, fix
 # ---------------------------------------------------------------------------------------------------
 
+
 def test_unknown_key_is_refused_with_its_dotted_key_and_the_allowed_keys(tmp_path: Path) -> None:
     """A misspelt key names section.key, and the fix lists the allowed keys of that section."""
     _, issue = _only_issue(tmp_path, "[decision]\nmin_top_1 = 0.5\n")
     assert issue.key == "decision.min_top_1"
     assert "remove it or correct its spelling" in issue.fix
-    assert ("allowed keys here: make_threshold, match_threshold, min_plate_confidence, min_top1, "
-            "model_threshold, other_threshold, top_k") in issue.fix
+    assert (
+        "allowed keys here: make_threshold, match_threshold, min_plate_confidence, min_top1, "
+        "model_threshold, other_threshold, top_k"
+    ) in issue.fix
 
 
 def test_unknown_section_lists_the_allowed_sections(tmp_path: Path) -> None:
@@ -186,8 +196,9 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
         ("site = 'x'\n", "site", "dictionary"),
     ],
 )
-def test_wrong_type_names_the_key_and_asks_for_the_right_type(tmp_path: Path, toml: str, key: str,
-                                                              problem_part: str) -> None:
+def test_wrong_type_names_the_key_and_asks_for_the_right_type(
+    tmp_path: Path, toml: str, key: str, problem_part: str
+) -> None:
     """A value of the wrong type is refused with its key and a 'right type' fix."""
     _, issue = _only_issue(tmp_path, toml)
     assert issue.key == key
@@ -244,13 +255,15 @@ def test_bad_identifier_pattern_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("toml", "key", "problem_part"),
     [
-        ("[decision]\nmodel_threshold = 0.5\nmatch_threshold = 0.4\n", "decision",
-         "model_threshold must not exceed match_threshold"),
+        (
+            "[decision]\nmodel_threshold = 0.5\nmatch_threshold = 0.4\n",
+            "decision",
+            "model_threshold must not exceed match_threshold",
+        ),
         ("[mqtt]\ntls = true\ncert_file = '/c.pem'\n", "mqtt", "cert_file and key_file go together"),
         ("[mqtt]\ntls = true\nkey_file = '/c.key'\n", "mqtt", "cert_file and key_file go together"),
         ("[mqtt]\nca_file = '/ca.pem'\n", "mqtt", "tls = false: set tls = true"),
-        ("[mqtt]\ntls = false\ncert_file = '/c.pem'\nkey_file = '/c.key'\n", "mqtt",
-         "tls = false: set tls = true"),
+        ("[mqtt]\ntls = false\ncert_file = '/c.pem'\nkey_file = '/c.key'\n", "mqtt", "tls = false: set tls = true"),
     ],
 )
 def test_cross_field_rules(tmp_path: Path, toml: str, key: str, problem_part: str) -> None:
@@ -340,6 +353,7 @@ def test_parse_config_uses_the_given_file_name() -> None:
 # read_secret
 # ---------------------------------------------------------------------------------------------------
 
+
 def _secret_file(tmp_path: Path, content: bytes, mode: int, name: str = "hmac.key") -> Path:
     path = tmp_path / name
     path.write_bytes(content)
@@ -354,32 +368,29 @@ def test_read_secret_prefers_the_systemd_credential(tmp_path: Path, monkeypatch:
     (creds / "hmac-key").write_bytes(b"from-systemd\n")
     fallback = _secret_file(tmp_path, b"from-file", 0o600)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    assert read_secret("hmac-key", fallback, what="HMAC key", config_key="registry.hmac_key_file") \
-        == b"from-systemd"
+    assert read_secret("hmac-key", fallback, what="HMAC key", config_key="registry.hmac_key_file") == b"from-systemd"
 
 
-def test_read_secret_falls_back_when_the_credential_is_absent(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_secret_falls_back_when_the_credential_is_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A credentials directory without this credential falls back to the 0600 file."""
     creds = tmp_path / "creds"
     creds.mkdir()
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     fallback = _secret_file(tmp_path, b"  abcdef0123  \n", 0o600)
-    assert read_secret("hmac-key", fallback, what="HMAC key", config_key="registry.hmac_key_file") \
-        == b"abcdef0123"
+    assert read_secret("hmac-key", fallback, what="HMAC key", config_key="registry.hmac_key_file") == b"abcdef0123"
 
 
 def test_read_secret_reads_a_0600_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without systemd credentials, a 0600 (or 0400) file is read and stripped."""
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     assert read_secret("k", _secret_file(tmp_path, b"s3cret\n", 0o600), what="key", config_key="a.b") == b"s3cret"
-    assert read_secret("k", _secret_file(tmp_path, b"ro\n", 0o400, "ro.key"), what="key", config_key="a.b") \
-        == b"ro"
+    assert read_secret("k", _secret_file(tmp_path, b"ro\n", 0o400, "ro.key"), what="key", config_key="a.b") == b"ro"
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
-def test_read_secret_refuses_a_file_readable_by_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       mode: int) -> None:
+def test_read_secret_refuses_a_file_readable_by_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
     """A secret file readable by group or others is refused, with its mode and a 'chmod 600' fix."""
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     path = _secret_file(tmp_path, b"s3cret", mode)

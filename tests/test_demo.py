@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
-from agent.demo.runner import run_demo
+from iaflash.agent.cli.main import main
+from iaflash.agent.demo.runner import run_demo
 
 pytestmark = pytest.mark.slow
 
 
 # amqtt 0.12 leaves its side of client connections open when it shuts down (its own transports,
 # reported as ResourceWarnings by the garbage collector): tolerated for that broker only.
-AMQTT_LEAKS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning",
-                                         "ignore::ResourceWarning")
+AMQTT_LEAKS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning", "ignore::ResourceWarning")
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", pytest.param("amqtt", marks=AMQTT_LEAKS)])

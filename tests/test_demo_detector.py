@@ -1,4 +1,4 @@
-"""agent.demo.detector: the hand-built DEMO detector finds the demo fleet's vehicle in rendered scenes."""
+"""iaflash.agent.demo.detector: the hand-built DEMO detector finds the demo fleet's vehicle in rendered scenes."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from agent.demo.detector import SPEC, build_demo_detector_bundle
-from agent.demo.fleet import CLASSES, VehicleStyle, encode_jpeg, render_scene, road_background
-from agent.preprocess import decode_jpeg
-from agent.vehicle import detect_vehicles, select_vehicle
-from engines.bundle import Bundle
-from engines.detect import Detection, iou_matrix
-from engines.onnxrt import OnnxRuntimeBackend
+from iaflash.agent.capture.preprocess import decode_jpeg
+from iaflash.agent.capture.vehicle import detect_vehicles, select_vehicle
+from iaflash.agent.demo.detector import SPEC, build_demo_detector_bundle
+from iaflash.agent.demo.fleet import CLASSES, VehicleStyle, encode_jpeg, render_scene, road_background
+from iaflash.engines.bundle import Bundle
+from iaflash.engines.detect import Detection, iou_matrix
+from iaflash.engines.onnxrt import OnnxRuntimeBackend
 
 SCENES_PER_CLASS = 5
 

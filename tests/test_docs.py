@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agent.config import Config, load_config, reference_markdown
+from iaflash.agent.config import Config, load_config, reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from e2e_site import Site, build_models, make_site
 
-from agent.capture import Capture
-from agent.decision import Verdict
-from agent.demo.broker import MosquittoBroker
-from agent.events import validate_event
-from agent.outbox import Outbox
-from agent.service import Service
-from central.subscriber import Subscriber
+from iaflash.agent.capture.sidecar import Capture
+from iaflash.agent.decision.verdict import Verdict
+from iaflash.agent.demo.broker import MosquittoBroker
+from iaflash.agent.outbox.events import validate_event
+from iaflash.agent.outbox.store import Outbox
+from iaflash.agent.service import Service
+from iaflash.central.subscriber import Subscriber
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,13 @@ def running(tmp_path: Path, demo_bundle: Path, broker: MosquittoBroker) -> Itera
 def write_bad_inputs(incoming: Path) -> dict[str, str]:
     """Bad captures beside the good ones; returns capture_id -> expected rejection reason."""
     tiny = cv2.imencode(".jpg", np.full((10, 64, 3), 128, np.uint8))[1].tobytes()
-    base = {"schema_version": 1, "site_id": "demo-site", "captured_at": "2026-11-25T08:00:00+01:00",
-            "plate": "AB-123-CD", "plate_confidence": 0.9}
+    base = {
+        "schema_version": 1,
+        "site_id": "demo-site",
+        "captured_at": "2026-11-25T08:00:00+01:00",
+        "plate": "AB-123-CD",
+        "plate_confidence": 0.9,
+    }
     (incoming / "bad-noimage.json").write_text(json.dumps({**base, "capture_id": "bad-noimage"}))
     (incoming / "bad-tiny.jpg").write_bytes(tiny)
     (incoming / "bad-tiny.json").write_text(json.dumps({**base, "capture_id": "bad-tiny"}))
@@ -86,12 +91,17 @@ def write_bad_inputs(incoming: Path) -> dict[str, str]:
     (incoming / "bad-json.json").write_text("{not json")
     (incoming / "bad-speed.jpg").write_bytes(tiny)
     (incoming / "bad-speed.json").write_text(json.dumps({**base, "capture_id": "bad-speed", "speed_kmh": 9000}))
-    return {"bad-noimage": "missing_image", "bad-tiny": "image_too_small", "bad-json": "sidecar_not_json",
-            "bad-speed": "sidecar_invalid"}
+    return {
+        "bad-noimage": "missing_image",
+        "bad-tiny": "image_too_small",
+        "bad-json": "sidecar_not_json",
+        "bad-speed": "sidecar_invalid",
+    }
 
 
 def test_fifty_captures_give_exactly_the_expected_flags_and_bad_input_is_rejected_with_reasons(
-    running: tuple[Site, Service, Recorder], broker: MosquittoBroker,
+    running: tuple[Site, Service, Recorder],
+    broker: MosquittoBroker,
 ) -> None:
     site, service, recorder = running
     central = Subscriber("127.0.0.1", broker.port).start()
@@ -112,11 +122,16 @@ def test_fifty_captures_give_exactly_the_expected_flags_and_bad_input_is_rejecte
         assert f"mismatch/{level}" == expected[event["capture_id"]]
         assert event["plate_key"] and len(event["plate_key"]) == 64
     assert central.duplicates == 0 and central.invalid == []
-    wrong = {c.capture_id: (c.expect, recorder.verdicts.get(c.capture_id))
-             for c in site.scenario if c.expect != "rejected" and recorder.verdicts.get(c.capture_id) != c.expect}
+    wrong = {
+        c.capture_id: (c.expect, recorder.verdicts.get(c.capture_id))
+        for c in site.scenario
+        if c.expect != "rejected" and recorder.verdicts.get(c.capture_id) != c.expect
+    }
     assert wrong == {}
-    reasons = {p.name.removesuffix(".error.json"): json.loads(p.read_text())["reason"]
-               for p in site.files_in("rejected", "*.error.json")}
+    reasons = {
+        p.name.removesuffix(".error.json"): json.loads(p.read_text())["reason"]
+        for p in site.files_in("rejected", "*.error.json")
+    }
     demo_rejects = {c.capture_id for c in site.scenario if c.expect == "rejected"}
     assert {k: v for k, v in reasons.items() if k.startswith("bad-")} == bad
     assert set(reasons) == set(bad) | demo_rejects
@@ -164,16 +179,22 @@ def test_broker_killed_mid_run_loses_no_event(tmp_path: Path, demo_bundle: Path)
 
 def agent_proc(site: Site, log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(site.config_file)],
-                                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(
+            [sys.executable, "-m", "iaflash.agent", "run", "--config", str(site.config_file)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
 
 def test_agent_sigkilled_mid_run_loses_nothing_and_never_sends_two_events_for_one_capture(
-    tmp_path: Path, demo_bundle: Path, broker: MosquittoBroker,
+    tmp_path: Path,
+    demo_bundle: Path,
+    broker: MosquittoBroker,
 ) -> None:
     site = make_site(tmp_path / "site", demo_bundle, broker.port)
     central = Subscriber("127.0.0.1", broker.port, client_id="central-crash").start()
-    logs = tmp_path / "agent.log"
+    logs = tmp_path / "iaflash.agent.log"
     proc = agent_proc(site, logs)
     try:
         site.drop(site.scenario)

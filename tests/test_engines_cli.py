@@ -1,4 +1,4 @@
-"""iaflash-engines keygen | pack | sign | verify, through engines.cli.main and once as the installed script.
+"""iaflash-engines keygen | pack | sign | verify, through iaflash.engines.cli.main and once as the installed script.
 
 Exit codes: 0 ok, 1 operational error, 2 usage error, 3 check found problems.
 """
@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from onnx_builders import LABELS, classifier_onnx
 
-from engines.bundle import MODEL_FILE, SIGNATURE_FILE, labels_csv, load_bundle
-from engines.cli import main
+from iaflash.engines.bundle import MODEL_FILE, SIGNATURE_FILE, labels_csv, load_bundle
+from iaflash.engines.cli import main
 
 BUNDLE_COMMANDS = ["keygen", "pack", "sign", "verify"]
 
@@ -51,8 +51,20 @@ def _keys(runner: CliRunner, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _pack(runner: CliRunner, model: Path, out: Path, *extra: str) -> dict[str, object]:
-    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "tiny",
-            "--version", "1.0.0", "--out", str(out), "--json", *extra]
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "tiny",
+        "--version",
+        "1.0.0",
+        "--out",
+        str(out),
+        "--json",
+        *extra,
+    ]
     return dict(json.loads(_ok(runner, args)))
 
 
@@ -83,8 +95,21 @@ def test_keygen_refuses_to_overwrite_a_key_with_exit_1(runner: CliRunner, tmp_pa
 
 
 def test_pack_reads_names_and_shapes_from_the_model(runner: CliRunner, tmp_path: Path, model: Path) -> None:
-    doc = _pack(runner, model, tmp_path / "bundle", "--temperature", "1.5", "--color", "BGR",
-                "--mean", "0,0,0", "--std", "1,1,1", "--resize", "letterbox")
+    doc = _pack(
+        runner,
+        model,
+        tmp_path / "bundle",
+        "--temperature",
+        "1.5",
+        "--color",
+        "BGR",
+        "--mean",
+        "0,0,0",
+        "--std",
+        "1,1,1",
+        "--resize",
+        "letterbox",
+    )
     assert (doc["input_name"], doc["input_shape"], doc["output_name"]) == ("input", ["N", 3, 8, 8], "logits")
     assert doc["classes"] == len(LABELS) and doc["signature"] is None
     manifest = load_bundle(tmp_path / "bundle").manifest
@@ -96,8 +121,18 @@ def test_pack_of_a_dynamic_size_model_needs_input_size(runner: CliRunner, tmp_pa
     model = tmp_path / "model.onnx"
     model.write_bytes(classifier_onnx(num_classes=len(LABELS), spatial_dynamic=True))
     (tmp_path / "labels.csv").write_bytes(labels_csv(LABELS))
-    args = ["pack", str(model), "--labels", str(tmp_path / "labels.csv"), "--name", "t", "--version", "1",
-            "--out", str(tmp_path / "b")]
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--name",
+        "t",
+        "--version",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 2 and "give --input-size HxW" in result.stderr
     doc = _pack(runner, model, tmp_path / "b", "--input-size", "16x24")
@@ -106,10 +141,23 @@ def test_pack_of_a_dynamic_size_model_needs_input_size(runner: CliRunner, tmp_pa
 
 
 @pytest.mark.parametrize(("option", "value"), [("--mean", "1,2"), ("--input-size", "224"), ("--std", "a,b,c")])
-def test_pack_bad_option_values_are_usage_errors(runner: CliRunner, tmp_path: Path, model: Path, option: str,
-                                                 value: str) -> None:
-    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "t", "--version", "1",
-            "--out", str(tmp_path / "b"), option, value]
+def test_pack_bad_option_values_are_usage_errors(
+    runner: CliRunner, tmp_path: Path, model: Path, option: str, value: str
+) -> None:
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "t",
+        "--version",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+        option,
+        value,
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 2 and option in result.stderr
     assert not (tmp_path / "b").exists()
@@ -117,8 +165,18 @@ def test_pack_bad_option_values_are_usage_errors(runner: CliRunner, tmp_path: Pa
 
 def test_pack_refuses_labels_that_do_not_match_the_output(runner: CliRunner, tmp_path: Path, model: Path) -> None:
     (model.parent / "labels.csv").write_bytes(labels_csv(LABELS[:3]))
-    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "t", "--version", "1",
-            "--out", str(tmp_path / "b")]
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "t",
+        "--version",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 1 and "outputs 4 scores but" in result.stderr and "has 3 rows" in result.stderr
     assert not (tmp_path / "b").exists()
@@ -127,8 +185,18 @@ def test_pack_refuses_labels_that_do_not_match_the_output(runner: CliRunner, tmp
 def test_pack_refuses_a_non_empty_output_directory(runner: CliRunner, tmp_path: Path, model: Path) -> None:
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "old.txt").write_text("x")
-    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "t", "--version", "1",
-            "--out", str(tmp_path / "b")]
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "t",
+        "--version",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 1 and "is not empty" in result.stderr
 
@@ -154,8 +222,7 @@ def test_pack_with_sign_key_signs_the_bundle(runner: CliRunner, tmp_path: Path, 
     _ok(runner, ["verify", str(tmp_path / "bundle"), "--trust", str(trust)])
 
 
-def test_verify_of_a_tampered_bundle_exits_3_with_what_and_fix(runner: CliRunner, tmp_path: Path,
-                                                               model: Path) -> None:
+def test_verify_of_a_tampered_bundle_exits_3_with_what_and_fix(runner: CliRunner, tmp_path: Path, model: Path) -> None:
     key, trust = _keys(runner, tmp_path)
     bundle = tmp_path / "bundle"
     _pack(runner, model, bundle, "--sign-key", str(key))
@@ -174,8 +241,7 @@ def test_verify_of_an_unsigned_bundle_exits_3(runner: CliRunner, tmp_path: Path,
     assert result.exit_code == 3 and "is not signed" in result.stderr and "iaflash-engines sign" in result.stderr
 
 
-def test_verify_of_a_bundle_signed_by_an_untrusted_key_exits_3(runner: CliRunner, tmp_path: Path,
-                                                               model: Path) -> None:
+def test_verify_of_a_bundle_signed_by_an_untrusted_key_exits_3(runner: CliRunner, tmp_path: Path, model: Path) -> None:
     _, trust = _keys(runner, tmp_path)
     stranger = json.loads(_ok(runner, ["keygen", "--out", str(tmp_path / "stranger"), "--json"]))
     _pack(runner, model, tmp_path / "bundle", "--sign-key", stranger["private_key"])
@@ -184,8 +250,9 @@ def test_verify_of_a_bundle_signed_by_an_untrusted_key_exits_3(runner: CliRunner
     assert f"key id {stranger['key_id']} which is not in the trust store" in json.loads(result.stdout)["error"]
 
 
-def test_verify_with_a_broken_trust_store_is_an_operational_error(runner: CliRunner, tmp_path: Path,
-                                                                  model: Path) -> None:
+def test_verify_with_a_broken_trust_store_is_an_operational_error(
+    runner: CliRunner, tmp_path: Path, model: Path
+) -> None:
     _pack(runner, model, tmp_path / "bundle")
     result = runner.invoke(main, ["verify", str(tmp_path / "bundle"), "--trust", str(tmp_path / "none")])
     assert result.exit_code == 1 and "trust store" in result.stderr
@@ -196,8 +263,13 @@ def test_sign_and_verify_a_registry_file(runner: CliRunner, tmp_path: Path) -> N
     subset = tmp_path / "subset-000001.jsonl.gz"
     subset.write_bytes(b"\x1f\x8b fake gzip bytes")
     signed = json.loads(_ok(runner, ["sign", str(subset), "--key", str(key), "--json"]))
-    assert signed == {"target": str(subset), "kind": "file", "signature": f"{subset}.sig",
-                      "key_id": signed["key_id"], "signer": "publisher"}
+    assert signed == {
+        "target": str(subset),
+        "kind": "file",
+        "signature": f"{subset}.sig",
+        "key_id": signed["key_id"],
+        "signer": "publisher",
+    }
     doc = json.loads(_ok(runner, ["verify", str(subset), "--trust", str(trust), "--json"]))
     assert doc["ok"] is True and doc["kind"] == "file" and doc["bytes"] == subset.stat().st_size
     subset.write_bytes(b"\x1f\x8b other bytes")
@@ -216,20 +288,44 @@ def test_installed_entry_point_verifies_a_bundle(tmp_path: Path, model: Path) ->
     key, trust = _keys(runner, tmp_path)
     _pack(runner, model, tmp_path / "bundle", "--sign-key", str(key))
     script = Path(sys.executable).parent / "iaflash-engines"
-    proc = subprocess.run([str(script), "verify", str(tmp_path / "bundle"), "--trust", str(trust), "--json"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [str(script), "verify", str(tmp_path / "bundle"), "--trust", str(trust), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["name"] == "publisher"
 
 
 def test_pack_detector_needs_and_embeds_a_detector_spec(runner: CliRunner, tmp_path: Path, model: Path) -> None:
-    base = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "det", "--version", "1",
-            "--task", "detector"]
+    base = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "det",
+        "--version",
+        "1",
+        "--task",
+        "detector",
+    ]
     result = runner.invoke(main, [*base, "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "--task detector needs --detector-spec" in result.stderr
     spec = tmp_path / "detector.json"
-    spec.write_text(json.dumps({"format": "yolo", "box_format": "cxcywh", "normalized": False,
-                                "vehicle_classes": [0, 2], "outputs": ["logits"]}))
+    spec.write_text(
+        json.dumps(
+            {
+                "format": "yolo",
+                "box_format": "cxcywh",
+                "normalized": False,
+                "vehicle_classes": [0, 2],
+                "outputs": ["logits"],
+            }
+        )
+    )
     _ok(runner, [*base, "--out", str(tmp_path / "b"), "--detector-spec", str(spec)])
     manifest = load_bundle(tmp_path / "b").manifest
     assert manifest.task == "detector" and manifest.detector is not None
@@ -239,15 +335,28 @@ def test_pack_detector_needs_and_embeds_a_detector_spec(runner: CliRunner, tmp_p
 def test_pack_with_an_unprotected_sign_key_writes_nothing(runner: CliRunner, tmp_path: Path, model: Path) -> None:
     key, _ = _keys(runner, tmp_path)
     key.chmod(0o644)
-    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "t", "--version", "1",
-            "--out", str(tmp_path / "b"), "--sign-key", str(key)]
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "t",
+        "--version",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+        "--sign-key",
+        str(key),
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 1 and f"chmod 600 {key}" in result.stderr
     assert not (tmp_path / "b").exists()
 
 
-def test_pack_full_range_make_is_repeatable_and_recorded_in_the_manifest(runner: CliRunner, tmp_path: Path,
-                                                                          model: Path) -> None:
+def test_pack_full_range_make_is_repeatable_and_recorded_in_the_manifest(
+    runner: CliRunner, tmp_path: Path, model: Path
+) -> None:
     doc = _pack(runner, model, tmp_path / "b", "--full-range-make", "RENAULT", "--full-range-make", "PEUGEOT")
     assert doc["full_range_makes"] == ["RENAULT", "PEUGEOT"]
     manifest = load_bundle(tmp_path / "b").manifest
@@ -262,22 +371,57 @@ def test_pack_without_full_range_make_omits_the_field(runner: CliRunner, tmp_pat
 
 
 def test_pack_refuses_a_full_range_make_no_label_has(runner: CliRunner, tmp_path: Path, model: Path) -> None:
-    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "t", "--version", "1",
-            "--out", str(tmp_path / "b"), "--full-range-make", "TOYOTA"]
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "t",
+        "--version",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+        "--full-range-make",
+        "TOYOTA",
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 1
     assert "'full_range_makes' lists 'TOYOTA', the make of no label in labels.csv" in result.stderr
     assert not (tmp_path / "b").exists()
 
 
-def test_pack_full_range_make_with_a_detector_is_a_usage_error(runner: CliRunner, tmp_path: Path,
-                                                              model: Path) -> None:
+def test_pack_full_range_make_with_a_detector_is_a_usage_error(runner: CliRunner, tmp_path: Path, model: Path) -> None:
     spec = tmp_path / "detector.json"
-    spec.write_text(json.dumps({"format": "yolo", "box_format": "cxcywh", "normalized": False,
-                                "vehicle_classes": [0], "outputs": ["logits"]}))
-    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "det", "--version", "1",
-            "--out", str(tmp_path / "b"), "--task", "detector", "--detector-spec", str(spec),
-            "--full-range-make", "RENAULT"]
+    spec.write_text(
+        json.dumps(
+            {
+                "format": "yolo",
+                "box_format": "cxcywh",
+                "normalized": False,
+                "vehicle_classes": [0],
+                "outputs": ["logits"],
+            }
+        )
+    )
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "det",
+        "--version",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+        "--task",
+        "detector",
+        "--detector-spec",
+        str(spec),
+        "--full-range-make",
+        "RENAULT",
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 2 and "--full-range-make is only for --task classifier" in result.stderr
     assert not (tmp_path / "b").exists()
@@ -299,8 +443,18 @@ def test_pack_refuses_a_bad_label_category_with_its_line(runner: CliRunner, tmp_
         "index,make,model,aliases,category\n0,RENAULT,CLIO,,car\n1,RENAULT,MASTER,,minibus\n"
         "2,PEUGEOT,208,,\n3,MAN,TGX,,truck\n"
     )
-    args = ["pack", str(model), "--labels", str(model.parent / "labels.csv"), "--name", "t", "--version", "1",
-            "--out", str(tmp_path / "b")]
+    args = [
+        "pack",
+        str(model),
+        "--labels",
+        str(model.parent / "labels.csv"),
+        "--name",
+        "t",
+        "--version",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 1
     assert "labels.csv:3: category 'minibus' is not a known value" in result.stderr

@@ -1,4 +1,4 @@
-"""agent.health: sd_notify over a real AF_UNIX datagram socket, the watchdog interval, Liveness, JSON logs."""
+"""iaflash.agent.health: sd_notify over a real AF_UNIX datagram socket, the watchdog interval, Liveness, JSON logs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.health import JsonFormatter, Liveness, sd_notify, setup_logging, watchdog_interval_s
+from iaflash.agent.health import JsonFormatter, Liveness, sd_notify, setup_logging, watchdog_interval_s
 
 
 @pytest.fixture
@@ -58,11 +58,12 @@ def test_sd_notify_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -
         assert sock.recv(4096) == b"READY=1"
 
 
-def test_sd_notify_to_a_missing_socket_returns_false_and_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_sd_notify_to_a_missing_socket_returns_false_and_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A NOTIFY_SOCKET that nobody listens on is not fatal: False, and one warning naming the state."""
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
-    with caplog.at_level(logging.WARNING, logger="agent.health"):
+    with caplog.at_level(logging.WARNING, logger="iaflash.agent.health"):
         assert sd_notify("WATCHDOG=1") is False
     assert len(caplog.records) == 1
     assert "sd_notify(WATCHDOG) failed" in caplog.records[0].getMessage()
@@ -71,6 +72,7 @@ def test_sd_notify_to_a_missing_socket_returns_false_and_logs(tmp_path: Path, mo
 # ---------------------------------------------------------------------------------------------------
 # watchdog_interval_s
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch: pytest.MonkeyPatch) -> None:
     """WATCHDOG_USEC=30 s gives a ping every 15 s."""
@@ -108,6 +110,7 @@ def test_watchdog_absent_or_malformed_is_none(monkeypatch: pytest.MonkeyPatch, u
 # Liveness
 # ---------------------------------------------------------------------------------------------------
 
+
 def test_liveness_is_healthy_when_idle() -> None:
     """Not busy is healthy, however long ago the last progress was."""
     live = Liveness(stuck_after_s=0.01)
@@ -144,8 +147,10 @@ def test_liveness_begin_restarts_the_clock() -> None:
 # JsonFormatter and setup_logging
 # ---------------------------------------------------------------------------------------------------
 
-def _record(msg: str, *args: object, extra: dict[str, object] | None = None,
-            exc_info: bool = False) -> logging.LogRecord:
+
+def _record(
+    msg: str, *args: object, extra: dict[str, object] | None = None, exc_info: bool = False
+) -> logging.LogRecord:
     logger = logging.getLogger("iaflash.test")
     ei = None
     if exc_info:
@@ -159,8 +164,9 @@ def _record(msg: str, *args: object, extra: dict[str, object] | None = None,
 
 def test_json_formatter_emits_one_json_object_with_extras() -> None:
     """One line of JSON with ts, level, logger, the formatted msg and every extra field."""
-    line = JsonFormatter().format(_record("capture %s: %d ms", "c-1", 42,
-                                          extra={"capture_id": "c-1", "latency_ms": 42.5, "path": Path("/x")}))
+    line = JsonFormatter().format(
+        _record("capture %s: %d ms", "c-1", 42, extra={"capture_id": "c-1", "latency_ms": 42.5, "path": Path("/x")})
+    )
     assert "\n" not in line
     doc = json.loads(line)
     assert doc["level"] == "WARNING"

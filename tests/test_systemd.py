@@ -24,15 +24,23 @@ def unit_with_existing_binary(tmp_path: Path) -> Path:
 
 def test_unit_verifies_without_any_warning(tmp_path: Path) -> None:
     """Unknown keys only warn (rc 0), so stderr must be empty, not just the exit code."""
-    result = subprocess.run([ANALYZE, "verify", "--man=no", str(unit_with_existing_binary(tmp_path))],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [ANALYZE, "verify", "--man=no", str(unit_with_existing_binary(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0
     assert result.stderr.strip() == ""
 
 
 def test_unit_is_sandboxed_to_an_exposure_of_at_most_2(tmp_path: Path) -> None:
-    result = subprocess.run([ANALYZE, "security", "--offline=yes", str(unit_with_existing_binary(tmp_path))],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [ANALYZE, "security", "--offline=yes", str(unit_with_existing_binary(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout[-500:] + result.stderr[-500:]
     assert float(match.group(1)) <= 2.0
@@ -40,6 +48,11 @@ def test_unit_is_sandboxed_to_an_exposure_of_at_most_2(tmp_path: Path) -> None:
 
 def test_unit_is_a_notify_service_with_a_watchdog_and_the_key_as_a_credential() -> None:
     text = UNIT.read_text()
-    for line in ("Type=notify", "WatchdogSec=60", "Restart=on-failure", "LoadCredential=hmac-key:",
-                 "ExecStart=/opt/iaflash/.venv/bin/iaflash-agent run --config /etc/iaflash/agent.toml"):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=60",
+        "Restart=on-failure",
+        "LoadCredential=hmac-key:",
+        "ExecStart=/opt/iaflash/.venv/bin/iaflash-agent run --config /etc/iaflash/agent.toml",
+    ):
         assert line in text

@@ -46,8 +46,9 @@ def find_mosquitto() -> str | None:
 class MosquittoBroker:
     """A private mosquitto process: start, SIGKILL, restart on the same port."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None, extra_conf: str = "",
-                 persistence: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, workdir: Path | None = None, extra_conf: str = "", persistence: bool = False
+    ) -> None:
         binary = find_mosquitto()
         if binary is None:
             raise FileNotFoundError("mosquitto not found: install it with 'apt-get install -y mosquitto'")
@@ -68,8 +69,11 @@ class MosquittoBroker:
             "allow_anonymous true",
             # With persistence, sessions and queued QoS 1 messages survive a SIGKILL (saved every second),
             # as on a production broker.
-            *(["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
-              if self.persistence else ["persistence false"]),
+            *(
+                ["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
+                if self.persistence
+                else ["persistence false"]
+            ),
             "max_queued_messages 100000",
             f"log_dest file {self.log_path}",
         ]
@@ -80,8 +84,9 @@ class MosquittoBroker:
 
     def start(self) -> MosquittoBroker:
         conf = self._write_conf()
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             wait_port(self.port)
         except TimeoutError:

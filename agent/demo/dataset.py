@@ -5,7 +5,7 @@ way real captures are (dusk, motion blur, sensor noise, a partial occlusion), so
 demo classifier is imperfect and the evaluation report has something to show. A few
 vehicles outside the taxonomy are included. Usage:
 
-    python -m agent.demo.dataset OUT_DIR [--per-class N] [--seed S]
+    python -m iaflash.agent.demo.dataset OUT_DIR [--per-class N] [--seed S]
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.demo.fleet import CLASSES, VehicleStyle, encode_jpeg, render_scene
+from iaflash.agent.demo.fleet import CLASSES, VehicleStyle, encode_jpeg, render_scene
 
-OUTSIDE = (VehicleStyle("TESLA", "MODEL 3", (150, 150, 150), 0.40, 0.25, 0.60),
-           VehicleStyle("FIAT", "500", (60, 200, 120), 0.55, 0.30, 0.40))
+OUTSIDE = (
+    VehicleStyle("TESLA", "MODEL 3", (150, 150, 150), 0.40, 0.25, 0.60),
+    VehicleStyle("FIAT", "500", (60, 200, 120), 0.55, 0.30, 0.40),
+)
 
 
 def degrade(img: np.ndarray, box: tuple[int, int, int, int], rng: np.random.Generator, level: float) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The DEMO vehicle detector: a hand-built ONNX graph that finds the demo fleet's drawing in a scene.
 
 It is NOT a learned detector and finds nothing in real photos. It knows the synthetic scenes of
-``agent.demo.fleet``: grey road, a sky band over the top fifth, thin white dashed lane marks, and
+``iaflash.agent.demo.fleet``: grey road, a sky band over the top fifth, thin white dashed lane marks, and
 one vehicle that is strongly coloured, dark (wheels, windows, the dark-grey class) or bright white.
 
 The graph, on a ``[1, 3, 120, 160]`` RGB input in 0..1 (stretch resize):
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.demo.fleet import SCENE_H
-from engines.bundle import Bundle, DetectorSpec, Label, Preprocessing, write_bundle
+from iaflash.agent.demo.fleet import SCENE_H
+from iaflash.engines.bundle import Bundle, DetectorSpec, Label, Preprocessing, write_bundle
 
 __all__ = ["INPUT_H", "INPUT_W", "PREPROCESSING", "SPEC", "build_demo_detector_bundle", "detector_onnx"]
 

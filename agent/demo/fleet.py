@@ -1,7 +1,7 @@
 """A small deterministic demo fleet: synthetic radar scenes of eight "vehicle" classes.
 
 These are drawings, not photos: each class has its own body colour and silhouette,
-so the demo model (``agent.demo.model``) can genuinely learn to tell them apart.
+so the demo model (``iaflash.agent.demo.model``) can genuinely learn to tell them apart.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def _jitter_color(rng: np.random.Generator, color: tuple[int, int, int]) -> tupl
     return int(shifted[0]), int(shifted[1]), int(shifted[2])
 
 
-def draw_vehicle(img: np.ndarray, style: VehicleStyle, box: tuple[int, int, int, int],
-                 rng: np.random.Generator, plate_text: str = "") -> None:
+def draw_vehicle(
+    img: np.ndarray, style: VehicleStyle, box: tuple[int, int, int, int], rng: np.random.Generator, plate_text: str = ""
+) -> None:
     """Draw one vehicle of ``style`` filling ``box`` (x, y, w, h) on ``img`` in place."""
     x, y, w, h = box
     color = _jitter_color(rng, style.color_bgr)
@@ -52,14 +53,21 @@ def draw_vehicle(img: np.ndarray, style: VehicleStyle, box: tuple[int, int, int,
     cab_x0 = x + int(w * style.roof_start)
     cab_x1 = cab_x0 + int(w * style.roof_len)
     roof_y = y + int(h * 0.08)
-    cabin = np.array([[cab_x0 - w // 12, body_top], [cab_x0, roof_y], [cab_x1, roof_y],
-                      [cab_x1 + w // 12, body_top]], dtype=np.int32)
+    cabin = np.array(
+        [[cab_x0 - w // 12, body_top], [cab_x0, roof_y], [cab_x1, roof_y], [cab_x1 + w // 12, body_top]], dtype=np.int32
+    )
     cv2.fillPoly(img, [cabin], color)
     glass = (90, 70, 50)
     inset = max(3, w // 60)
-    window = np.array([[cab_x0 - w // 14 + inset, body_top - inset], [cab_x0 + inset, roof_y + inset],
-                       [cab_x1 - inset, roof_y + inset], [cab_x1 + w // 14 - inset, body_top - inset]],
-                      dtype=np.int32)
+    window = np.array(
+        [
+            [cab_x0 - w // 14 + inset, body_top - inset],
+            [cab_x0 + inset, roof_y + inset],
+            [cab_x1 - inset, roof_y + inset],
+            [cab_x1 + w // 14 - inset, body_top - inset],
+        ],
+        dtype=np.int32,
+    )
     cv2.fillPoly(img, [window], glass)
     wheel_r = max(4, int(h * 0.13))
     for wx in (x + int(w * 0.2), x + int(w * 0.8)):
@@ -68,8 +76,16 @@ def draw_vehicle(img: np.ndarray, style: VehicleStyle, box: tuple[int, int, int,
         pw, ph = int(w * 0.28), max(10, int(h * 0.09))
         px, py = x + (w - pw) // 2, body_bottom - ph - int(h * 0.05)
         cv2.rectangle(img, (px, py), (px + pw, py + ph), (245, 245, 245), thickness=-1)
-        cv2.putText(img, plate_text, (px + 4, py + ph - 4), cv2.FONT_HERSHEY_SIMPLEX,
-                    ph / 36, (10, 10, 10), max(1, ph // 12), cv2.LINE_AA)
+        cv2.putText(
+            img,
+            plate_text,
+            (px + 4, py + ph - 4),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            ph / 36,
+            (10, 10, 10),
+            max(1, ph // 12),
+            cv2.LINE_AA,
+        )
 
 
 def road_background(rng: np.random.Generator, width: int = SCENE_W, height: int = SCENE_H) -> np.ndarray:
@@ -94,8 +110,9 @@ def random_box(rng: np.random.Generator, width: int = SCENE_W, height: int = SCE
     return x, y, w, h
 
 
-def render_scene(style: VehicleStyle, rng: np.random.Generator, plate_text: str = "",
-                 night: bool = False) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def render_scene(
+    style: VehicleStyle, rng: np.random.Generator, plate_text: str = "", night: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """A full radar-like frame with one vehicle; returns (BGR image, vehicle box)."""
     img = road_background(rng)
     box = random_box(rng)

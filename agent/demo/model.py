@@ -11,14 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.demo.fleet import CLASSES, render_scene
-from agent.preprocess import crop, preprocess
-from engines.bundle import Bundle, Label, Preprocessing, write_bundle
+from iaflash.agent.capture.preprocess import crop, preprocess
+from iaflash.agent.demo.fleet import CLASSES, render_scene
+from iaflash.engines.bundle import Bundle, Label, Preprocessing, write_bundle
 
 INPUT = 64
 POOL = 8
-PREPROCESSING = Preprocessing(height=INPUT, width=INPUT, color_order="RGB", mean=(0.5, 0.5, 0.5),
-                              std=(0.25, 0.25, 0.25), scale=1 / 255, resize="stretch")
+PREPROCESSING = Preprocessing(
+    height=INPUT,
+    width=INPUT,
+    color_order="RGB",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    scale=1 / 255,
+    resize="stretch",
+)
 CROP_MARGIN = 0.1
 
 
@@ -42,8 +49,9 @@ def training_set(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.array(ys)
 
 
-def fit_softmax(x: np.ndarray, y: np.ndarray, classes: int, steps: int = 400,
-                lr: float = 0.5, l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+def fit_softmax(
+    x: np.ndarray, y: np.ndarray, classes: int, steps: int = 400, lr: float = 0.5, l2: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression by full-batch gradient descent."""
     n, d = x.shape
     weights = np.zeros((d, classes))
@@ -71,13 +79,13 @@ def onnx_bytes(weights: np.ndarray, bias: np.ndarray) -> bytes:
         helper.make_node("Gemm", ["flat", "W", "b"], ["logits"]),
     ]
     graph = helper.make_graph(
-        nodes, "iaflash_demo_classifier",
+        nodes,
+        "iaflash_demo_classifier",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, INPUT, INPUT])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
         initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="iaflash-demo")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="iaflash-demo")
     model.ir_version = 8
     return bytes(model.SerializeToString())
 
@@ -90,10 +98,19 @@ def build_demo_bundle(path: Path, *, per_class: int = 40, seed: int = 1234) -> t
     accuracy = float(((feats @ weights + bias).argmax(axis=1) == y).mean())
     labels = [Label(i, s.make, s.model) for i, s in enumerate(CLASSES)]
     bundle = write_bundle(
-        path, onnx_bytes=onnx_bytes(weights, bias), labels=labels,
-        name="iaflash-demo-classifier", version="1.0.0", task="classifier",
-        input_name="input", input_shape=("N", 3, INPUT, INPUT), preprocessing=PREPROCESSING,
-        output_name="logits", output_kind="logits", temperature=1.0, demo=True,
+        path,
+        onnx_bytes=onnx_bytes(weights, bias),
+        labels=labels,
+        name="iaflash-demo-classifier",
+        version="1.0.0",
+        task="classifier",
+        input_name="input",
+        input_shape=("N", 3, INPUT, INPUT),
+        preprocessing=PREPROCESSING,
+        output_name="logits",
+        output_kind="logits",
+        temperature=1.0,
+        demo=True,
         description="DEMO MODEL: recognises the synthetic demo fleet drawings only, not real vehicles.",
     )
     return bundle, accuracy

@@ -23,17 +23,17 @@ from typing import Any, Literal, Protocol
 
 import click
 
-from agent.capture import Capture
-from agent.config import parse_config
-from agent.decision import Verdict
-from agent.demo.broker import AmqttBroker, MosquittoBroker, find_mosquitto
-from agent.demo.detector import build_demo_detector_bundle
-from agent.demo.model import build_demo_bundle
-from agent.demo.scenario import DemoCapture, build_scenario, registry_rows, start_time, write_capture
-from agent.plates import key_id
-from agent.registry import import_signed_subset, records_from_plates, write_subset
-from agent.service import Service
-from engines.signing import generate_keypair, sign_bundle, sign_file
+from iaflash.agent.capture.sidecar import Capture
+from iaflash.agent.config import parse_config
+from iaflash.agent.decision.verdict import Verdict
+from iaflash.agent.demo.broker import AmqttBroker, MosquittoBroker, find_mosquitto
+from iaflash.agent.demo.detector import build_demo_detector_bundle
+from iaflash.agent.demo.model import build_demo_bundle
+from iaflash.agent.demo.scenario import DemoCapture, build_scenario, registry_rows, start_time, write_capture
+from iaflash.agent.registry.cache import import_signed_subset, records_from_plates, write_subset
+from iaflash.agent.registry.plates import key_id
+from iaflash.agent.service import Service
+from iaflash.engines.signing import generate_keypair, sign_bundle, sign_file
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,25 @@ def prepare_workdir(workdir: Path, scenario: list[DemoCapture], echo: Any) -> by
     sign_bundle(workdir / "model", private, signer="demo-publisher")
     build_demo_detector_bundle(workdir / "detector")
     sign_bundle(workdir / "detector", private, signer="demo-publisher")
-    echo(f"  demo classifier trained in {time.perf_counter() - t:.1f}s (training accuracy {accuracy:.0%}) and "
-         "demo vehicle detector built, both signed - DEMO models for the synthetic fleet only")
+    echo(
+        f"  demo classifier trained in {time.perf_counter() - t:.1f}s (training accuracy {accuracy:.0%}) and "
+        "demo vehicle detector built, both signed - DEMO models for the synthetic fleet only"
+    )
     subset = workdir / "registry-snapshot.jsonl.gz"
     rows = registry_rows(scenario)
-    write_subset(subset, kind="snapshot", dataset_id="demo-siv", seq=1, key_id=key_id(key),
-                 records=records_from_plates(key, rows))
+    write_subset(
+        subset,
+        kind="snapshot",
+        dataset_id="demo-siv",
+        seq=1,
+        key_id=key_id(key),
+        records=records_from_plates(key, rows),
+    )
     sign_file(subset, private, signer="demo-publisher")
-    state, signer = import_signed_subset(workdir / "registry.db", subset, trust_dir=workdir / "trust",
-                                         allow_unsigned=False, expected_key_id=key_id(key))
-    echo(f"  registry subset imported: {state.count} plates (stored as HMAC only), seq {state.seq}, "
-         f"signed by {signer}")
+    state, signer = import_signed_subset(
+        workdir / "registry.db", subset, trust_dir=workdir / "trust", allow_unsigned=False, expected_key_id=key_id(key)
+    )
+    echo(f"  registry subset imported: {state.count} plates (stored as HMAC only), seq {state.seq}, signed by {signer}")
     return key
 
 
@@ -111,8 +119,7 @@ def demo_config(workdir: Path, port: int, protocol: str, host: str = "127.0.0.1"
     return {
         "site": {"site_id": "demo-site", "device_id": "box-01"},
         "spool": {"dir": str(workdir / "spool"), "poll_interval_s": 0.05},
-        "model": {"bundle": str(workdir / "model"), "detector_bundle": str(workdir / "detector"),
-                  "backend": "auto"},
+        "model": {"bundle": str(workdir / "model"), "detector_bundle": str(workdir / "detector"), "backend": "auto"},
         "registry": {"db": str(workdir / "registry.db"), "hmac_key_file": str(workdir / "secrets" / "hmac.key")},
         "outbox": {"db": str(workdir / "state.db")},
         "security": {"trust_dir": str(workdir / "trust")},
@@ -131,10 +138,11 @@ def _verdict_line(capture: Capture, verdict: Verdict, expect: str) -> str:
     return f"  {capture.capture_id}  {label:<17} seen: {seen:<26} registered: {reg}{why}{mark}"
 
 
-def run_demo(workdir: Path, *, broker_kind: str = "auto", count: int = 40, echo: Any = click.echo,
-             timeout_s: float = 90.0) -> DemoResult:
+def run_demo(
+    workdir: Path, *, broker_kind: str = "auto", count: int = 40, echo: Any = click.echo, timeout_s: float = 90.0
+) -> DemoResult:
     """Run the demo end to end and return what happened."""
-    from central.subscriber import Subscriber  # noqa: PLC0415  # central is a sibling package, demo only
+    from iaflash.central.subscriber import Subscriber  # noqa: PLC0415  # central is a sibling package, demo only
 
     started = time.perf_counter()
     scenario = build_scenario(count)
@@ -160,10 +168,14 @@ def run_demo(workdir: Path, *, broker_kind: str = "auto", count: int = 40, echo:
     with local_broker(broker_kind) as (broker, protocol):
         echo(f"  broker: {type(broker).__name__} on 127.0.0.1:{broker.port} (MQTT {protocol})")
         cfg = parse_config(demo_config(workdir, broker.port, protocol), "<demo config>")
-        central = Subscriber("127.0.0.1", broker.port, protocol=protocol,
-                             on_event=lambda ev: echo(
-                                 f"  >> central received FLAG {ev['event_id'][:8]} for {ev['capture_id']}: "
-                                 f"{ev['verdict']['reason']}"))
+        central = Subscriber(
+            "127.0.0.1",
+            broker.port,
+            protocol=protocol,
+            on_event=lambda ev: echo(
+                f"  >> central received FLAG {ev['event_id'][:8]} for {ev['capture_id']}: {ev['verdict']['reason']}"
+            ),
+        )
         central.start()
         service = Service(cfg, on_verdict=on_verdict)
         service.start()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.demo.fleet import CLASSES, encode_jpeg, render_scene
+from iaflash.agent.demo.fleet import CLASSES, encode_jpeg, render_scene
 
 LETTERS = "ABCDEFGHJKLMNPQRSTVWXYZ"  # SIV letters: no I, O, U
 
@@ -54,9 +54,20 @@ def build_scenario(n: int = 40, seed: int = 7) -> list[DemoCapture]:
     """n captures (n ≥ 16) with a fixed mix of outcomes."""
     rng = np.random.default_rng(seed)
     out: list[DemoCapture] = []
-    special = {3: "mismatch/make", 9: "mismatch/model", 14: "mismatch/make", 18: "unknown_plate",
-               21: "mismatch/model", 24: "unreadable_plate", 27: "unsupported", 30: "inconclusive",
-               33: "mismatch/make", 12: "corrupt_jpeg", 36: "unknown_field", 38: "unknown_plate"}
+    special = {
+        3: "mismatch/make",
+        9: "mismatch/model",
+        14: "mismatch/make",
+        18: "unknown_plate",
+        21: "mismatch/model",
+        24: "unreadable_plate",
+        27: "unsupported",
+        30: "inconclusive",
+        33: "mismatch/make",
+        12: "corrupt_jpeg",
+        36: "unknown_field",
+        38: "unknown_plate",
+    }
     for i in range(n):
         shown = i % len(CLASSES)
         style = CLASSES[shown]
@@ -76,15 +87,28 @@ def build_scenario(n: int = 40, seed: int = 7) -> list[DemoCapture]:
             registered = ("MERCEDES-BENZ", "CLASSE G")
         bad = kind if kind in ("corrupt_jpeg", "unknown_field") else None
         expect = "rejected" if bad else kind
-        out.append(DemoCapture(f"demo-{i:04d}", shown, plate, registered, expect,
-                               night=kind == "inconclusive", bad=bad, radar_box=i % 4 == 1))
+        out.append(
+            DemoCapture(
+                f"demo-{i:04d}",
+                shown,
+                plate,
+                registered,
+                expect,
+                night=kind == "inconclusive",
+                bad=bad,
+                radar_box=i % 4 == 1,
+            )
+        )
     return out
 
 
 def registry_rows(scenario: list[DemoCapture]) -> list[tuple[str, str, str, str | None, str | None]]:
     """(plate, make, model, genre, body) for every registered demo plate."""
-    return [(c.plate, c.registered[0], c.registered[1], "VP", "CI")
-            for c in scenario if c.plate is not None and c.registered is not None]
+    return [
+        (c.plate, c.registered[0], c.registered[1], "VP", "CI")
+        for c in scenario
+        if c.plate is not None and c.registered is not None
+    ]
 
 
 def write_capture(c: DemoCapture, incoming: Path, captured_at: datetime, seed: int) -> None:
@@ -96,10 +120,17 @@ def write_capture(c: DemoCapture, incoming: Path, captured_at: datetime, seed: i
         jpeg = jpeg[:200] + bytes(len(jpeg) - 200)  # header kept, entropy data destroyed
     (incoming / f"{c.capture_id}.jpg").write_bytes(jpeg)
     sidecar = {
-        "schema_version": 1, "capture_id": c.capture_id, "site_id": "demo-site",
-        "captured_at": captured_at.isoformat(), "plate": c.plate,
-        "plate_confidence": 0.97 if c.plate else 0.0, "direction": "approaching", "lane": 1 + seed % 2,
-        "speed_kmh": 90 + seed % 40, "limit_kmh": 80, "equipment": "MESTA-FUSION",
+        "schema_version": 1,
+        "capture_id": c.capture_id,
+        "site_id": "demo-site",
+        "captured_at": captured_at.isoformat(),
+        "plate": c.plate,
+        "plate_confidence": 0.97 if c.plate else 0.0,
+        "direction": "approaching",
+        "lane": 1 + seed % 2,
+        "speed_kmh": 90 + seed % 40,
+        "limit_kmh": 80,
+        "equipment": "MESTA-FUSION",
     }
     if c.radar_box:
         sidecar["vehicle_box"] = list(box)

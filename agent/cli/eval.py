@@ -1,0 +1,243 @@
+"""``iaflash-agent calibrate`` and ``iaflash-agent evaluate``: fit a temperature, measure a bundle.
+
+Both read a labelled dataset (see docs/EVALUATION.md), run the bundle over it with ONNX Runtime
+and show progress on stderr (a rich bar on a terminal, plain lines otherwise). ``--json`` prints
+one stable document on stdout. Exit codes: 0 ok, 1 operational error, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from iaflash.agent.cli.progress import progress_callback
+from iaflash.agent.config import DecisionConfig, load_config
+from iaflash.agent.errors import ConfigError, EngineError, IaflashError
+
+if TYPE_CHECKING:
+    from iaflash.agent.evaluation.evaluate import Inference
+    from iaflash.engines.bundle import Bundle
+
+__all__ = ["calibrate", "commands", "evaluate"]
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+EXIT_OK, EXIT_ERROR = 0, 1
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _operational(func: F) -> F:
+    """Our errors become ``error: ...`` on stderr and exit 1; Click keeps exit 2 for usage errors."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                click.echo(f"error: {issue}", err=True)
+        except (IaflashError, EngineError) as exc:
+            click.echo(f"error: {exc}", err=True)
+        except OSError as exc:
+            click.echo(f"error: {exc.filename or ''}: {exc.strerror}; fix: check the path and permissions", err=True)
+        sys.exit(EXIT_ERROR)
+
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
+
+
+def _load(bundle_dir: Path, dataset: Path, batch_size: int, threads: int) -> tuple[Bundle, Inference]:
+    """The bundle and its inference over the dataset; all heavy imports are here."""
+    from iaflash.agent.evaluation.evaluate import load_dataset, require_supported, run_inference  # noqa: PLC0415  # `--help` fast
+    from iaflash.engines.bundle import load_bundle  # noqa: PLC0415
+
+    bundle = load_bundle(bundle_dir)
+    if bundle.manifest.task != "classifier":
+        raise IaflashError(f"{bundle_dir}: is a {bundle.manifest.task} bundle; fix: give a classifier bundle")
+    samples = load_dataset(dataset)
+    with progress_callback("classifying images") as progress:
+        inference = run_inference(bundle, samples, batch_size=batch_size, threads=threads, progress=progress)
+    require_supported(inference, dataset)
+    return bundle, inference
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
+_batch_option = click.option(
+    "--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="Images per inference call."
+)
+_threads_option = click.option(
+    "--threads",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="ONNX Runtime intra-op threads; 0 = one per core.",
+)
+_paths = (
+    click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(file_okay=False, path_type=Path)),
+    click.argument("dataset", type=click.Path(path_type=Path)),
+)
+
+
+def _with_paths(func: F) -> F:
+    return _paths[0](_paths[1](func))
+
+
+@click.command(context_settings=CONTEXT)
+@_with_paths
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory of the NEW calibrated bundle (must not exist, or be empty).",
+)
+@_batch_option
+@_threads_option
+@_json_option
+@_operational
+def calibrate(bundle_dir: Path, dataset: Path, out_dir: Path, batch_size: int, threads: int, as_json: bool) -> None:
+    """Fit the temperature of BUNDLE on the labelled DATASET; write a new bundle with it.
+
+    The new bundle has the same ONNX model and labels, the fitted temperature and the version
+    suffix "+cal"; it is unsigned (sign it before deploying). Reports NLL and expected calibration
+    error before and after. Use a held-out set, not the model's training images.
+
+    \b
+    Example:
+      iaflash-agent calibrate /models/classifier-1.4.0 val/labels.csv --out /models/classifier-1.4.0+cal
+    """
+    from iaflash.agent.evaluation.calibrate import calibration_summary, fit_temperature, write_calibrated_bundle  # noqa: PLC0415
+
+    bundle, inference = _load(bundle_dir, dataset, batch_size, threads)
+    samples = len(inference.samples) + len(inference.unsupported)
+    temperature = fit_temperature(inference.logits, inference.labels)
+    before = calibration_summary(inference.logits, inference.labels, bundle.manifest.temperature)
+    after = calibration_summary(inference.logits, inference.labels, temperature)
+    new = write_calibrated_bundle(bundle, temperature, out_dir)
+    doc = {
+        "schema": "iaflash.calibration/1",
+        "bundle": str(out_dir),
+        "version": new.manifest.version,
+        "samples": samples,
+        "evaluated": len(inference.samples),
+        "unsupported": len(inference.unsupported),
+        "temperature": {"before": bundle.manifest.temperature, "after": round(temperature, 6)},
+        "nll": {"before": round(before["nll"], 6), "after": round(after["nll"], 6)},
+        "ece": {"before": round(before["ece"], 6), "after": round(after["ece"], 6)},
+    }
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"temperature  {bundle.manifest.temperature:g} → {temperature:.4f}  "
+        f"({len(inference.samples)} images, {len(inference.unsupported)} unsupported)"
+    )
+    click.echo(f"NLL          {before['nll']:.4f} → {after['nll']:.4f}")
+    click.echo(f"ECE          {before['ece']:.4f} → {after['ece']:.4f}")
+    click.echo(f"wrote {out_dir} (version {new.manifest.version}, unsigned: sign it before deploying)")
+
+
+def _decision_config(config_path: Path | None) -> DecisionConfig:
+    return load_config(config_path).decision
+
+
+def _print_summary(doc: dict[str, Any], out: Path | None) -> None:
+    acc, cal, conf = doc["accuracy"], doc["calibration"], doc["configured"]
+    click.echo(f"accuracy     top-1 {acc['top1']:.2%}  top-5 {acc['top5']:.2%}  make {acc['make']:.2%}")
+    click.echo(
+        f"calibration  ECE {cal['ece']:.4f}  NLL {cal['nll']:.4f}  (temperature {doc['bundle']['temperature']:g})"
+    )
+    click.echo(
+        f"configured   false-flag rate {conf['false_flag_rate']:.2%}  clone detection {conf['detection_rate']:.2%}"
+    )
+    click.echo(doc["recommended"]["sentence"])
+    for note in doc["recommended"]["notes"]:
+        click.echo(f"note: {note}")
+    if out is not None:
+        click.echo(f"wrote {out}")
+
+
+@click.command(context_settings=CONTEXT)
+@_with_paths
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the HTML report here (self-contained, inline SVG).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Agent config (TOML) whose [decision] thresholds are evaluated; default: built-in defaults.",
+)
+@click.option(
+    "--target-false-flag-rate",
+    "target",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.001,
+    show_default=True,
+    help="Highest acceptable share of genuine vehicles flagged.",
+)
+@click.option(
+    "--clones-per-image",
+    type=click.IntRange(1, 100),
+    default=5,
+    show_default=True,
+    help="Simulated clone records (other makes/models) per image.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clone simulation.")
+@_batch_option
+@_threads_option
+@_json_option
+@_operational
+def evaluate(
+    bundle_dir: Path,
+    dataset: Path,
+    out: Path | None,
+    config_path: Path | None,
+    target: float,
+    clones_per_image: int,
+    seed: int,
+    batch_size: int,
+    threads: int,
+    as_json: bool,
+) -> None:
+    """Measure BUNDLE on the labelled DATASET: accuracy, calibration and the mismatch operating curve.
+
+    Each image is read against its own registry record and against K records of other
+    makes/models (simulated clones). Sweeping make_threshold = model_threshold gives the
+    genuine false-flag rate against the clone detection rate; the recommended point is the
+    threshold with the best detection whose false-flag rate meets the target.
+
+    \b
+    Example:
+      iaflash-agent evaluate /models/classifier test/labels.csv --out report.html
+      iaflash-agent evaluate /models/classifier test/ --config /etc/iaflash/agent.toml --json
+    """
+    from iaflash.agent.evaluation.evaluate import evaluate as run_evaluation  # noqa: PLC0415  # keeps `--help` fast
+    from iaflash.agent.evaluation.report import render_html  # noqa: PLC0415
+
+    cfg = _decision_config(config_path)
+    bundle, inference = _load(bundle_dir, dataset, batch_size, threads)
+    with progress_callback("sweeping thresholds") as progress:
+        doc = run_evaluation(
+            bundle, inference, cfg, target=target, clones_per_image=clones_per_image, seed=seed, progress=progress
+        )
+    doc = {
+        **doc,
+        "bundle": {**doc["bundle"], "path": str(bundle_dir)},
+        "dataset": {**doc["dataset"], "path": str(dataset)},
+    }
+    if out is not None:
+        out.write_text(render_html(doc), encoding="utf-8")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        _print_summary(doc, out)
+
+
+commands = [calibrate, evaluate]

@@ -1,0 +1,345 @@
+"""The MQTT link: the only module that imports paho-mqtt (2.x, callback API VERSION2).
+
+What the rest of the agent relies on:
+
+* :meth:`MqttLink.start` never raises because the broker is down: it uses ``connect_async`` and
+  paho's network thread, which retries forever (backoff 1 s doubling to 30 s).
+* Last will: ``<topic_root>/status`` = ``{"state": "offline", ...}``, retained, QoS 1. On every
+  connect the link publishes ``{"state": "online", ...}`` there, retained; :meth:`MqttLink.stop`
+  publishes a retained ``offline`` before a clean disconnect (which suppresses the will).
+* :meth:`MqttLink.publish` returns the message id (mid). When the link is NOT connected, paho
+  keeps a QoS 1 message in memory and sends it on the next connect; the mid stays valid and its
+  PUBACK arrives later. A QoS 0 message published while disconnected is lost (heartbeats only).
+* ``acks`` receives ``(mid, success, reason)`` for every PUBACK. ``success`` is False when the
+  MQTT 5 reason code is >= 128 (e.g. 135 "Not authorized"). MQTT 3.1.1 has no reason code: a
+  broker that refuses a publish (ACL) acknowledges it anyway and drops it, so ``success`` is
+  always True there. paho calls ``on_publish`` under its own lock, so the callback only enqueues.
+* paho keeps unacknowledged QoS 1 messages in memory and resends them (same mid) after a
+  reconnect; a process restart loses them, which is why the outbox exists.
+* Commands (docs/MQTT.md#commands): after :meth:`MqttLink.enable_commands` the link subscribes to
+  ``<topic_root>/cmd`` at QoS 1 (now if connected, and on every connect). ``on_message`` runs in
+  paho's network thread, so it only copies the message (payload, MQTT 5 response topic and
+  correlation data) onto a bounded queue; when that queue is full the message is dropped and
+  counted in ``commands_dropped``. :meth:`MqttLink.respond` publishes an answer at QoS 1 with the
+  correlation data echoed (MQTT 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from iaflash.agent.config import Config, read_secret
+from iaflash.agent.errors import LinkError
+
+__all__ = ["InboundMessage", "MqttLink"]
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
+_REFUSED = 128  # MQTT 5 reason codes at or above this are failures
+COMMAND_QUEUE_MAX = 100  # commands waiting for the worker; more are dropped and counted
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A message received on the command topic, copied out of paho's objects."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None
+    correlation_data: bytes | None
+
+
+@contextlib.contextmanager
+def _paho_errors(action: str, where: str) -> Iterator[None]:
+    """The one place where paho's (and its socket/TLS layer's) exceptions become LinkError."""
+    try:
+        yield
+    except ssl.SSLError as exc:
+        raise LinkError(
+            f"MQTT {where}: cannot {action}: TLS error {exc} "
+            "(fix: check mqtt.ca_file, mqtt.cert_file and mqtt.key_file)"
+        ) from exc
+    except OSError as exc:
+        if exc.filename is None:
+            raise LinkError(
+                f"MQTT {where}: cannot {action}: {exc} (fix: check mqtt.host, mqtt.port and the TLS files)"
+            ) from exc
+        raise LinkError(
+            f"MQTT {where}: cannot {action}: {exc.strerror}: {exc.filename} "
+            "(fix: check that the mqtt.*_file paths exist and the service user may read them)"
+        ) from exc
+    except (ValueError, RuntimeError) as exc:
+        raise LinkError(f"MQTT {where}: cannot {action}: {exc} (fix: check the [mqtt] section)") from exc
+
+
+def _agent_version() -> str:
+    try:
+        return metadata.version("iaflash-edge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _reason_value(reason_code: Any) -> int:
+    value = getattr(reason_code, "value", reason_code)
+    return int(value) if isinstance(value, int) else 0
+
+
+class MqttLink:
+    """One paho client with a retained online/offline status and a queue of PUBACKs."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.status_topic = f"{cfg.topic_root}/status"
+        self.command_topic = f"{cfg.topic_root}/cmd"  # subscribed once enable_commands() was called
+        self.commands_dropped = 0
+        self._commands: queue.Queue[InboundMessage] | None = None
+        self._commands_ready = threading.Event()
+        self._command_sub_mid: int | None = None
+        self._sub_lock = threading.Lock()
+        self.acks: queue.Queue[tuple[int, bool, str]] = queue.Queue()
+        self.connects = 0
+        self.disconnects = 0
+        self.last_error: str | None = None
+        self._connected = threading.Event()
+        self._where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
+        self._version = _agent_version()
+        self._started = False
+        self._stopping = False
+        self._client = self._make_client()
+
+    # ----- construction -------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        m = self.cfg.mqtt
+        v5 = m.protocol == "5"
+        with _paho_errors("configure the client", self._where):
+            client = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=self.cfg.client_id,
+                protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+                reconnect_on_failure=True,
+            )
+            client.max_inflight_messages_set(m.max_inflight)
+            client.max_queued_messages_set(0)  # unlimited: the publisher bounds what it hands over
+            client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+            client.will_set(self.status_topic, self._status("offline", "connection lost"), qos=1, retain=True)
+            self._auth(client)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _auth(self, client: mqtt.Client) -> None:
+        m = self.cfg.mqtt
+        if m.tls:
+            for key, path in (("ca_file", m.ca_file), ("cert_file", m.cert_file), ("key_file", m.key_file)):
+                if path is not None and not os.access(path, os.R_OK):
+                    raise LinkError(
+                        f"MQTT {self._where}: mqtt.{key} {path} is missing or unreadable "
+                        "(fix: correct the path or let the service user read it)"
+                    )
+            client.tls_set(
+                ca_certs=str(m.ca_file) if m.ca_file else None,
+                certfile=str(m.cert_file) if m.cert_file else None,
+                keyfile=str(m.key_file) if m.key_file else None,
+            )
+        if m.username:
+            client.username_pw_set(m.username, self._password())
+
+    def _password(self) -> str | None:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        has_credential = bool(creds) and (Path(str(creds)) / "mqtt-password").is_file()
+        if self.cfg.mqtt.password_file is None and not has_credential:
+            return None
+        secret = read_secret(
+            "mqtt-password", self.cfg.mqtt.password_file, what="MQTT password", config_key="mqtt.password_file"
+        )
+        return secret.decode("utf-8")
+
+    def _status(self, state: str, reason: str) -> bytes:
+        doc = {
+            "state": state,
+            "reason": reason,
+            "client_id": self.cfg.client_id,
+            "site_id": self.cfg.site.site_id,
+            "device_id": self.cfg.site.device_id,
+            "agent_version": self._version,
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+
+    # ----- paho callbacks (paho's network thread) -----------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if _reason_value(reason_code) >= _REFUSED:
+            message = f"broker {self._where} refused the connection: {reason_code}"
+            if message != self.last_error:
+                log.warning("%s (fix: check client id, credentials and the broker's ACL)", message)
+            self.last_error = message
+            return
+        self.connects += 1
+        self.last_error = None
+        client.publish(self.status_topic, self._status("online", "connected"), qos=1, retain=True)
+        with self._sub_lock:  # enable_commands() may run now in another thread
+            if self._commands is not None:
+                self._subscribe_commands(client)
+            self._connected.set()
+        log.info("MQTT connected to %s as %s", self._where, self.cfg.client_id)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._commands_ready.clear()
+        if was_connected and self._stopping:
+            log.info("MQTT disconnected from %s (stopped)", self._where)
+        elif was_connected:
+            self.disconnects += 1
+            log.warning("MQTT disconnected from %s: %s; paho reconnects with backoff", self._where, reason_code)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        # Called under paho's lock: enqueue only, never touch SQLite or log heavily here.
+        code = _reason_value(reason_code)
+        self.acks.put((mid, code < _REFUSED, f"{code} {reason_code}"))
+
+    def _subscribe_commands(self, client: mqtt.Client) -> None:
+        rc, mid = client.subscribe(self.command_topic, qos=1)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:  # retried on the next connect
+            log.warning("MQTT %s: cannot subscribe to %s: %s", self._where, self.command_topic, mqtt.error_string(rc))
+        self._command_sub_mid = mid
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if mid != self._command_sub_mid:
+            return
+        if any(_reason_value(rc) >= _REFUSED for rc in reason_codes):
+            log.error(
+                "broker %s refused the subscription to %s: %s (fix: allow this device to subscribe "
+                "to its cmd topic in the broker ACL)",
+                self._where,
+                self.command_topic,
+                reason_codes,
+            )
+            return
+        self._commands_ready.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # paho's network thread: copy and enqueue only; the command worker does the rest.
+        if self._commands is None or message.topic != self.command_topic:
+            return
+        props = getattr(message, "properties", None)
+        topic = getattr(props, "ResponseTopic", None)
+        corr = getattr(props, "CorrelationData", None)
+        item = InboundMessage(
+            message.topic,
+            bytes(message.payload),
+            topic if isinstance(topic, str) else None,
+            bytes(corr) if isinstance(corr, (bytes, bytearray)) else None,
+        )
+        try:
+            self._commands.put_nowait(item)
+        except queue.Full:
+            self.commands_dropped += 1
+            log.warning(
+                "command dropped: %d commands already wait for the worker (dropped so far: %d)",
+                self._commands.maxsize,
+                self.commands_dropped,
+            )
+
+    # ----- public API ---------------------------------------------------------------------
+    def enable_commands(self, maxsize: int = COMMAND_QUEUE_MAX) -> queue.Queue[InboundMessage]:
+        """Subscribe to ``command_topic`` (QoS 1) and return the queue its messages land on."""
+        with self._sub_lock:
+            if self._commands is None:
+                self._commands = queue.Queue(maxsize)
+                if self.connected:
+                    self._subscribe_commands(self._client)
+            return self._commands
+
+    def wait_commands_ready(self, timeout: float) -> bool:
+        """True once the broker granted the command subscription; False after ``timeout`` seconds."""
+        return self._commands_ready.wait(timeout)
+
+    def respond(self, topic: str, payload: bytes, correlation_data: bytes | None) -> int:
+        """Publish a command response at QoS 1, echoing ``correlation_data`` (an MQTT 5 property)."""
+        props = None
+        if self.cfg.mqtt.protocol == "5" and correlation_data is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
+            props.CorrelationData = correlation_data
+        with _paho_errors(f"publish to {topic}", self._where):
+            info = self._client.publish(topic, payload, qos=1, properties=props)
+        if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN:
+            self._check(info.rc, f"publish to {topic}")
+        return int(info.mid)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once connected; False when ``timeout`` seconds pass first."""
+        return self._connected.wait(timeout)
+
+    def start(self) -> None:
+        """Connect in the background; never raises because the broker is unreachable."""
+        if self._started:
+            return
+        m = self.cfg.mqtt
+        with _paho_errors("start", self._where):
+            self._client.connect_async(m.host, m.port, keepalive=m.keepalive_s)
+            rc = self._client.loop_start()
+        self._check(rc, "start the network thread")
+        self._started = True
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Hand a message to paho and return its mid.
+
+        Not connected is not an error: a QoS 1 message waits in paho's memory for the next
+        connect (see the module docstring). Any other paho failure raises LinkError.
+        """
+        with _paho_errors(f"publish to {topic}", self._where):
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN:
+            self._check(info.rc, f"publish to {topic}")
+        return int(info.mid)
+
+    def stop(self, timeout: float = 5) -> None:
+        """Publish a retained ``offline`` status, disconnect cleanly, stop the network thread."""
+        if not self._started:
+            return
+        self._stopping = True
+        if self.connected:
+            with _paho_errors("publish the offline status", self._where):
+                info = self._client.publish(self.status_topic, self._status("offline", "stopped"), qos=1, retain=True)
+                with contextlib.suppress(RuntimeError, ValueError):  # not sent: the will covers it
+                    info.wait_for_publish(timeout)
+        with _paho_errors("disconnect", self._where):
+            self._client.disconnect()
+            self._client.loop_stop()
+        self._connected.clear()
+        self._started = False
+        self._stopping = False
+
+    def _check(self, rc: MQTTErrorCode | int, action: str) -> None:
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise LinkError(
+                f"MQTT {self._where}: cannot {action}: {mqtt.error_string(rc)} "
+                "(fix: check the [mqtt] section and the broker)"
+            )

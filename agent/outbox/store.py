@@ -1,0 +1,265 @@
+"""The durable outbox: processed captures and unsent events in one SQLite (WAL) file.
+
+A verdict is made durable by :meth:`Outbox.record`, which marks the capture processed and
+queues its event in ONE transaction, before anything is published. A row leaves the outbox
+only through :meth:`Outbox.delete`, which the publisher calls on a successful PUBACK.
+
+Each thread opens its OWN :class:`Outbox` (its own connection); WAL lets one writer and
+many readers work at once and ``busy_timeout`` makes a second writer wait instead of failing.
+Every :mod:`sqlite3` error is mapped here to :class:`~iaflash.agent.errors.OutboxError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from iaflash.agent.errors import OutboxError
+
+__all__ = ["Outbox", "OutboxRow"]
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS processed (
+    capture_id   TEXT PRIMARY KEY,
+    outcome      TEXT NOT NULL,
+    event_id     TEXT NULL,
+    processed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id        TEXT NOT NULL UNIQUE,
+    topic           TEXT NOT NULL,
+    payload         BLOB NOT NULL,
+    created_at      REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT NULL,
+    next_attempt_at REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, seq);
+"""
+
+
+# (capture_id, outcome, event document or None, topic or None)
+Recorded = tuple[str, str, dict[str, Any] | None, str | None]
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One unsent event."""
+
+    seq: int
+    event_id: str
+    topic: str
+    payload: bytes
+    attempts: int
+
+
+def _fix_for(exc: sqlite3.Error) -> str:
+    text = str(exc).lower()
+    if "full" in text:
+        return "free disk space on that filesystem; unsent events are kept and nothing was recorded"
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return "check that the directory exists and the service user may write the file and its directory"
+    if "locked" in text or "busy" in text:
+        return "another process holds a long write lock on the file; stop it (only the agent writes here)"
+    if "malformed" in text or "not a database" in text:
+        return "stop the agent, keep a copy of the file and recover it with 'sqlite3 FILE .recover'"
+    return "check the file, its directory's permissions and free disk space"
+
+
+def _retry_locked(step: Callable[[], None]) -> None:
+    """Run ``step``, retrying while the file is locked: SQLite skips the busy handler when two
+    connections first open a new file (journal mode switch, schema creation)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL could not be enabled")
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    try:
+        db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+class Outbox:
+    """One connection to the outbox file; use one instance per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+        with self._errors("open"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            try:
+                self._setup(db)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+
+    @staticmethod
+    def _setup(db: sqlite3.Connection) -> None:
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        _retry_locked(lambda: _enable_wal(db))
+        db.execute("PRAGMA synchronous = FULL")  # a committed flag survives a power cut
+        _retry_locked(lambda: _create_schema(db))
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            fix = _fix_for(exc) if isinstance(exc, sqlite3.Error) else "check the path and permissions"
+            raise OutboxError(f"outbox {self.path}: cannot {action}: {exc} (fix: {fix})") from exc
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise OutboxError(f"outbox {self.path} is closed (fix: open a new Outbox)")
+        return self._db
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def record(self, capture_id: str, outcome: str, event: dict[str, Any] | None, topic: str | None) -> bool:
+        """Mark ``capture_id`` processed and queue ``event`` on ``topic``, atomically.
+
+        Returns False, changing nothing, when the capture was already processed (a re-run after
+        a crash never creates a second event).
+        """
+        return self.record_many([(capture_id, outcome, event, topic)])[0]
+
+    def record_many(self, items: Sequence[Recorded]) -> list[bool]:
+        """``record`` for several captures in ONE transaction (one fsync: group commit).
+
+        Each item is (capture_id, outcome, event, topic). Returns, per item, False when that
+        capture was already processed (nothing changed for it), True otherwise.
+        """
+        for _, _, event, topic in items:
+            if (event is None) != (topic is None):
+                raise ValueError("event and topic go together: give both or neither")
+        now_iso = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        done: list[bool] = []
+        what = f"capture {items[0][0]}" if len(items) == 1 else f"{len(items)} captures"
+        with self._errors(f"record {what}"), self._transaction() as db:
+            for capture_id, outcome, event, topic in items:
+                event_id = str(event["event_id"]) if event is not None else None
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO processed (capture_id, outcome, event_id, processed_at) VALUES (?, ?, ?, ?)",
+                    (capture_id, outcome, event_id, now_iso),
+                )
+                done.append(cur.rowcount == 1)
+                if cur.rowcount == 1 and event is not None:
+                    payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+                    db.execute(
+                        "INSERT INTO outbox (event_id, topic, payload, created_at, attempts, next_attempt_at) "
+                        "VALUES (?, ?, ?, ?, 0, 0)",
+                        (event_id, topic, payload, time.time()),
+                    )
+        return done
+
+    def is_processed(self, capture_id: str) -> bool:
+        with self._errors(f"read capture {capture_id}"):
+            row = self._conn.execute("SELECT 1 FROM processed WHERE capture_id = ?", (capture_id,)).fetchone()
+        return row is not None
+
+    def pending(self, limit: int, exclude: Collection[int] = (), now: float | None = None) -> list[OutboxRow]:
+        """Up to ``limit`` rows due at ``now`` (default: now), oldest first, skipping ``exclude`` seqs."""
+        if limit <= 0:
+            return []
+        due = time.time() if now is None else now
+        skip = set(exclude)
+        with self._errors("read pending events"):
+            rows = self._conn.execute(
+                "SELECT seq, event_id, topic, payload, attempts FROM outbox "
+                "WHERE next_attempt_at <= ? ORDER BY seq LIMIT ?",
+                (due, limit + len(skip)),
+            ).fetchall()
+        out = [OutboxRow(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), int(r[4])) for r in rows if r[0] not in skip]
+        return out[:limit]
+
+    def delete(self, seq: int) -> None:
+        """Remove a delivered row (called on a successful PUBACK only)."""
+        with self._errors(f"delete event seq {seq}"):
+            self._conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def defer(self, seq: int, error: str, delay_s: float) -> None:
+        """Count a failed attempt and hold the row back for ``delay_s`` seconds."""
+        with self._errors(f"defer event seq {seq}"):
+            self._conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE seq = ?",
+                (error, time.time() + delay_s, seq),
+            )
+
+    def attempts(self, seq: int) -> int | None:
+        """Failed attempts counted for a row, or None when the row is gone."""
+        with self._errors(f"read event seq {seq}"):
+            row = self._conn.execute("SELECT attempts FROM outbox WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def has_unsent(self, capture_id: str) -> bool:
+        """True while this capture's event is still waiting for a PUBACK (its evidence must be kept)."""
+        with self._errors(f"read capture {capture_id}"):
+            row = self._conn.execute(
+                "SELECT 1 FROM processed p JOIN outbox o ON o.event_id = p.event_id WHERE p.capture_id = ?",
+                (capture_id,),
+            ).fetchone()
+        return row is not None
+
+    def depth(self) -> int:
+        """Number of unsent events."""
+        with self._errors("count events"):
+            return int(self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def oldest_age_s(self) -> float | None:
+        """Age in seconds of the oldest unsent event, or None when the outbox is empty."""
+        with self._errors("read oldest event"):
+            oldest = self._conn.execute("SELECT MIN(created_at) FROM outbox").fetchone()[0]
+        return None if oldest is None else max(0.0, time.time() - float(oldest))
+
+    def close(self) -> None:
+        if self._db is not None:
+            with self._errors("close"):
+                self._db.close()
+            self._db = None
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

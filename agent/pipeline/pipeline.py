@@ -1,0 +1,299 @@
+"""The capture pipeline: intake thread(s) → bounded queue → inference thread → commit thread.
+
+intake (claim → JPEG checks → reduced decode → vehicle → crop → quality → preprocess) overlaps
+inference (micro-batch → infer → calibrate → registry → decide), which hands each verdict to the
+commit thread (agent/committer.py). OpenCV and ONNX Runtime release the GIL, so stages overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+
+from iaflash.agent.capture.intake import Preparer, Work
+from iaflash.agent.capture.sidecar import Capture
+from iaflash.agent.capture.spool import Spool
+from iaflash.agent.config import Config
+from iaflash.agent.decision.taxonomy import Taxonomy
+from iaflash.agent.decision.verdict import decide, softmax
+from iaflash.agent.errors import CaptureRejected, EngineError, PlateError
+from iaflash.agent.health import Liveness
+from iaflash.agent.pipeline.committer import Committer, Decided, VerdictCallback
+from iaflash.agent.registry.cache import Registry
+from iaflash.agent.registry.plates import normalise_plate, plate_key
+from iaflash.agent.registry.record import RegistryRecord
+from iaflash.engines.base import Backend
+from iaflash.engines.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+QUEUE_DEPTH = 8
+
+
+class Pipeline:
+    """Owns the worker threads. The service owns everything they use."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        spool: Spool,
+        backend: Backend,
+        bundle: Bundle,
+        registry: Registry,
+        hmac_key: bytes,
+        on_verdict: VerdictCallback | None = None,
+        detector: tuple[Backend, Bundle] | None = None,
+    ) -> None:
+        self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
+        self.registry, self.hmac_key = registry, hmac_key
+        self.taxonomy = Taxonomy(
+            bundle.labels,
+            full_range_makes=frozenset(bundle.manifest.full_range_makes),
+            min_score=cfg.registry.fuzzy_min_score,
+        )
+        self.label_categories = (
+            tuple(lb.category for lb in bundle.labels) if any(lb.category for lb in bundle.labels) else None
+        )
+        self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing, detector)
+        self.liveness = Liveness(stuck_after_s=60.0)  # inference thread
+        self.committer = Committer(cfg, spool, on_verdict)
+        self.errors: Counter[str] = Counter()
+        self._queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._stop = threading.Event()
+        self.disk_paused = False
+        n_intake = cfg.spool.intake_threads
+        self._intake_running = n_intake
+        self._intake_lock = threading.Lock()
+        self._intake_done = threading.Event()
+        self._fatal: BaseException | None = None
+        self.intake_liveness = [Liveness(stuck_after_s=60.0) for _ in range(n_intake)]  # decode + detector
+        self._threads = [
+            threading.Thread(target=self._intake_loop, args=(i,), name=f"intake-{i}", daemon=True)
+            for i in range(n_intake)
+        ]
+        self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
+        self._threads.append(self.committer.thread)
+        # Backend and device are added per verdict: "auto" swaps to TensorRT when its plan is built.
+        self.model_info = {"name": bundle.manifest.name, "version": bundle.manifest.version}
+        if detector is not None:
+            self.model_info["detector"] = f"{detector[1].manifest.name} {detector[1].manifest.version}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming; classify and commit what was already claimed; join every thread."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    @property
+    def fatal(self) -> BaseException | None:
+        """The error that stopped a worker thread, if any (the service exits on it)."""
+        return self._fatal or self.committer.fatal
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        return self.committer.outcomes
+
+    @property
+    def latencies_ms(self) -> list[float]:
+        return self.committer.latencies_ms
+
+    @property
+    def stage_samples(self) -> dict[str, list[float]]:
+        """Recent per-stage ms, for the heartbeat and the benchmarks."""
+        return self.committer.stage_samples
+
+    def _model_info(self) -> dict[str, str]:
+        """Model and backend of this verdict (read each time: "auto" swaps to TensorRT when its build ends)."""
+        info = self.backend.info
+        return {**self.model_info, "backend": info.kind, "device": info.device}
+
+    def healthy(self) -> bool:
+        """Neither worker is stuck on one capture (the watchdog is fed only while this holds)."""
+        return (
+            self.liveness.healthy()
+            and self.committer.liveness.healthy()
+            and all(lv.healthy() for lv in self.intake_liveness)
+        )
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # -- intake ----------------------------------------------------------------------------
+    def _intake_loop(self, index: int) -> None:
+        """One intake worker. Several may run: a claim is an atomic rename, so each capture is taken once."""
+        try:
+            while not self._stop.is_set():
+                if not self._disk_ok():
+                    self._stop.wait(5.0)
+                    continue
+                ids = self.spool.ready(limit=32)
+                if not ids:
+                    self._stop.wait(self.cfg.spool.poll_interval_s)
+                    continue
+                for capture_id in ids:
+                    if self._stop.is_set():
+                        break
+                    work = self._intake_one(capture_id, self.intake_liveness[index])
+                    if work is not None:
+                        self._put(work)
+        except BaseException as exc:  # a bug or a disk failure: stop the service, loudly
+            log.exception("intake thread failed")
+            self._fatal = exc
+            self._stop.set()
+        finally:
+            with self._intake_lock:
+                self._intake_running -= 1
+                if self._intake_running == 0:
+                    self._intake_done.set()
+
+    def _disk_ok(self) -> bool:
+        """The disk guard: pause intake (never delete anything) while free space is low."""
+        ok = self.spool.disk_ok(self.cfg.spool.min_free_mb)
+        if not ok and not self.disk_paused:
+            self.errors["disk_low_pauses"] += 1
+            log.error(
+                "intake paused: less than %d MiB free on %s; captures wait in incoming/",
+                self.cfg.spool.min_free_mb,
+                self.cfg.spool.dir,
+            )
+        elif ok and self.disk_paused:
+            log.warning("intake resumed: disk space is back above %d MiB", self.cfg.spool.min_free_mb)
+        self.disk_paused = not ok
+        return ok
+
+    def _put(self, work: Work) -> None:
+        while True:  # never drop a claimed capture: wait for room even while stopping
+            try:
+                self._queue.put(work, timeout=0.1)
+                return
+            except queue.Full:
+                if self.fatal is not None:
+                    return  # inference died; the capture stays in processing/ for recovery
+
+    def _intake_one(self, capture_id: str, liveness: Liveness) -> Work | None:
+        started = time.perf_counter()
+        try:
+            claimed = self.spool.claim(capture_id)
+        except CaptureRejected:
+            return None  # the spool moved it to rejected/, counted and logged it
+        if claimed is None:
+            return None
+        liveness.begin()
+        try:
+            return self.preparer.prepare(claimed, started)
+        except CaptureRejected as exc:
+            self.spool.reject(capture_id, exc)
+            return None
+        finally:
+            liveness.end()
+
+    # -- inference -------------------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    if self._intake_done.is_set() and self._queue.empty():
+                        return
+                    continue
+                self.liveness.begin()
+                try:
+                    probs = self._classify(batch)
+                    for work, (p, problem) in zip(batch, probs, strict=True):
+                        self._process(work, p, problem)
+                finally:
+                    self.liveness.end()
+        except BaseException as exc:
+            log.exception("inference thread failed")
+            self._fatal = exc
+            self._stop.set()
+        finally:
+            self.committer.inputs_done()
+
+    def _next_batch(self) -> list[Work] | None:
+        """Micro-batching: one item (waiting ≤ 0.1 s), then whatever else is queued, up to
+        ``max_batch``, waiting at most ``max_wait_ms`` for more."""
+        try:
+            batch = [self._queue.get(timeout=0.1)]
+        except queue.Empty:
+            return None
+        deadline = time.perf_counter() + self.cfg.model.max_wait_ms / 1e3
+        while len(batch) < self.cfg.model.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _classify(self, batch: list[Work]) -> list[tuple[np.ndarray | None, str | None]]:
+        """Calibrated probabilities for each item with a tensor, in one backend call."""
+        results: list[tuple[np.ndarray | None, str | None]] = [(None, w.image_problem) for w in batch]
+        ready = [i for i, w in enumerate(batch) if w.tensor is not None]
+        if not ready:
+            return results
+        t = time.perf_counter()
+        try:
+            out = self.backend.infer(np.concatenate([batch[i].tensor for i in ready]))
+        except EngineError as exc:
+            self.errors["inference"] += 1
+            log.error("inference failed for %d capture(s): %s", len(ready), exc)
+            failed = f"inference failed: {exc}"
+            return [(None, failed) if w.tensor is not None else r for w, r in zip(batch, results, strict=True)]
+        finally:
+            ms = (time.perf_counter() - t) * 1e3
+            for i in ready:
+                batch[i].timings["infer"] = ms
+                batch[i].evidence["batch_size"] = len(ready)
+        manifest = self.bundle.manifest
+        logits = np.log(np.clip(out, 1e-12, 1.0)) if manifest.output_kind == "probabilities" else out
+        probs = softmax(logits, manifest.temperature)
+        for row, i in enumerate(ready):
+            results[i] = (probs[row], None)
+        return results
+
+    def _plate(self, capture: Capture) -> tuple[str | None, bytes | None, RegistryRecord | None]:
+        """(plate problem, HMAC key, registry record). The plate itself never leaves this function."""
+        if not capture.plate:
+            return "radar could not read the plate", None, None
+        conf = capture.plate_confidence
+        if conf is not None and conf < self.cfg.decision.min_plate_confidence:
+            return f"radar plate confidence {conf:.2f} < {self.cfg.decision.min_plate_confidence}", None, None
+        try:
+            plate = normalise_plate(capture.plate)
+        except PlateError as exc:
+            return str(exc), None, None
+        key = plate_key(self.hmac_key, plate)
+        return None, key, self.registry.lookup_key(key)
+
+    def _process(self, work: Work, probs: np.ndarray | None, image_problem: str | None) -> None:
+        capture = work.claimed.capture
+        t = time.perf_counter()
+        plate_problem, key, record = self._plate(capture)
+        stale = self.registry.is_stale(self.cfg.registry.max_age_hours)
+        verdict = decide(
+            probs=probs,
+            taxonomy=self.taxonomy,
+            record=record,
+            plate_problem=plate_problem,
+            cfg=self.cfg.decision,
+            registry_stale=stale,
+            model_info=self._model_info(),
+            image_problem=image_problem,
+            label_categories=self.label_categories,
+        )
+        work.timings["decide"] = (time.perf_counter() - t) * 1e3
+        self.committer.put(Decided(work, verdict, key))

@@ -1,0 +1,382 @@
+"""The SIV subset cache in SQLite: import of subset files, provenance state, lookups.
+
+* Subset files (format, reading, writing) live in :mod:`iaflash.agent.registry.subset_file`; their public names are
+  re-exported here. Plates appear only as HMAC-SHA256 keys (see :mod:`iaflash.agent.registry.plates`).
+* :func:`import_signed_subset` checks a file's detached Ed25519 signature (:mod:`iaflash.engines.signing`)
+  and imports exactly the bytes it checked; :func:`import_subset` imports without a check.
+* An import is one SQLite transaction: on any error (bad line, gap, key mismatch, crash, SIGKILL)
+  the cache stays exactly as it was. sqlite-utils owns the schema; rows go in with raw
+  ``executemany`` because sqlite-utils' write methods commit on their own (3.x uses ``with conn:``),
+  which would break the single transaction, and are slower (see benchmarks/registry_bench.py).
+* :class:`Registry` is the per-capture read path: raw sqlite3 primary-key SELECTs.
+* sqlite3 errors are mapped to :class:`RegistryError` here, in :func:`_db_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from iaflash.agent.errors import RegistryError, RegistryFileError, SignatureError
+from iaflash.agent.registry.plates import key_id as compute_key_id
+from iaflash.agent.registry.plates import plate_key
+from iaflash.agent.registry.record import RegistryRecord, RegistryState
+from iaflash.agent.registry.subset_file import (
+    FORMAT,
+    VERSION,
+    PlateRow,
+    Row,
+    SubsetHeader,
+    SubsetReader,
+    parse_time,
+    records_from_plates,
+    write_subset,
+)
+from iaflash.engines.signing import Verified, read_trusted_file, signature_path
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "PlateRow",
+    "Registry",
+    "RegistryRecord",
+    "RegistryState",
+    "import_signed_subset",
+    "import_subset",
+    "read_state",
+    "records_from_plates",
+    "write_subset",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+_BATCH = 50_000  # rows per executemany, sorted by key: the B-tree is then walked in order (-40% time)
+_PROGRESS_EVERY = 10_000
+_STATE_KEYS = ("dataset_id", "seq", "key_id", "kind", "imported_at", "count", "created_at")
+_TABLES: dict[str, tuple[dict[str, Any], str, set[str]]] = {  # name: (columns, primary key, not null)
+    "vehicles": (
+        {"plate_key": bytes, "make": str, "model": str, "genre": str, "body": str},
+        "plate_key",
+        {"make", "model"},
+    ),
+    "meta": ({"key": str, "value": str}, "key", set()),
+}
+_SQL = {
+    "snapshot": "INSERT INTO vehicles VALUES (?, ?, ?, ?, ?)",
+    "upsert": "INSERT OR REPLACE INTO vehicles VALUES (?, ?, ?, ?, ?)",
+    "delete": "DELETE FROM vehicles WHERE plate_key = ?",
+}
+_BY_KEY = itemgetter(0)
+
+
+@contextlib.contextmanager
+def _db_errors(what: str, db_path: Path) -> Iterator[None]:
+    """The one place where sqlite3's exceptions become RegistryError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise RegistryError(
+            f"{what} failed on {db_path}: {exc}; fix: check the path, the free disk space "
+            "and that no other process holds a write lock"
+        ) from exc
+
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(db_path), timeout=30, isolation_level=None, check_same_thread=False)
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    for name, (cols, pk, not_null) in _TABLES.items():
+        if not db.table(name).exists():  # sqlite-utils has no WITHOUT ROWID option: append it
+            sql = db.create_table_sql(name, cols, pk=pk, not_null=not_null, if_not_exists=True)
+            conn.execute(sql.strip().rstrip(";") + " WITHOUT ROWID")
+    db.enable_wal()
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def _read_state(conn: sqlite3.Connection) -> RegistryState | None:
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if "seq" not in meta:
+        return None
+    created = meta.get("created_at")
+    return RegistryState(
+        dataset_id=meta["dataset_id"],
+        seq=int(meta["seq"]),
+        key_id=meta["key_id"],
+        kind=meta["kind"],
+        imported_at=parse_time(meta["imported_at"]),
+        count=int(meta["count"]),
+        created_at=parse_time(created) if created else None,
+    )
+
+
+def _write_state(conn: sqlite3.Connection, state: RegistryState) -> None:
+    values = state.to_dict()
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+        [(k, None if values[k] is None else str(values[k])) for k in _STATE_KEYS],
+    )
+
+
+def _check_against_cache(
+    header: SubsetHeader, current: RegistryState | None, expected_key_id: str | None, file: Path
+) -> None:
+    if expected_key_id is not None and header.key_id != expected_key_id:
+        raise RegistryError(
+            f"{file}: hashed with key {header.key_id}, this box's key is {expected_key_id}; "
+            "plates would never match — fix: request a file built with this box's key"
+        )
+    if header.kind == "snapshot":
+        if current is not None and header.seq < current.seq:
+            log.warning("snapshot %s seq %s replaces a newer cache (seq %s)", file, header.seq, current.seq)
+        return
+    if current is None:
+        raise RegistryError(f"{file}: gap: cache is empty, delta expects base {header.base_seq}; request a snapshot")
+    if header.dataset_id != current.dataset_id or header.key_id != current.key_id:
+        raise RegistryError(
+            f"{file}: delta is for dataset {header.dataset_id} (key {header.key_id}), the "
+            f"cache holds {current.dataset_id} (key {current.key_id}); request a snapshot"
+        )
+    if header.base_seq != current.seq:
+        raise RegistryError(
+            f"{file}: gap: cache at seq {current.seq}, delta expects base {header.base_seq}; request a snapshot"
+        )
+
+
+def _flush(conn: sqlite3.Connection, how: str, rows: list[Row], first_line: int, file: Path) -> None:
+    """executemany one batch (lines first_line.. of the file; ``how`` keys _SQL) under a savepoint.
+
+    The rows go in key order, so the inserts walk the B-tree in order; the sort is stable, so it
+    keeps the file's order between records of one plate and a delta's later line still wins.
+    """
+    if not rows:
+        return
+    sql, ordered = _SQL[how], sorted(rows, key=_BY_KEY)
+    conn.execute("SAVEPOINT batch")
+    try:
+        conn.executemany(sql, [(r[0],) for r in ordered] if how == "delete" else ordered)
+    except sqlite3.IntegrityError:
+        conn.execute("ROLLBACK TO batch")
+        for lineno, row in enumerate(rows, start=first_line):  # in file order: find the duplicate's line
+            try:
+                conn.execute(sql, row)
+            except sqlite3.IntegrityError as exc:
+                raise RegistryFileError(
+                    f"{file}:{lineno}: plate_key appears twice in the snapshot; "
+                    "fix: rebuild the file without duplicates"
+                ) from exc
+    conn.execute("RELEASE batch")
+
+
+def _apply(conn: sqlite3.Connection, reader: SubsetReader, progress: Progress | None) -> None:
+    """Stream the records into the open transaction: batches of one op, in file order."""
+    snapshot, total = reader.header.kind == "snapshot", reader.header.count
+    op, first = "", 0
+    pending: list[Row] = []
+    done = reported = 0
+    for segment in reader.segments():
+        if segment.op != op or len(pending) >= _BATCH:  # lines first.. are consecutive within a batch
+            _flush(conn, "snapshot" if snapshot else op, pending, first, reader.file)
+            op, first, pending = segment.op, segment.first_line, []
+        pending.extend(segment.rows)
+        done += len(segment.rows)
+        if progress is not None and done - reported >= _PROGRESS_EVERY:
+            progress(done, total)
+            reported = done
+    _flush(conn, "snapshot" if snapshot else op, pending, first, reader.file)
+    if progress is not None:
+        progress(done, total)
+
+
+def _import(
+    conn: sqlite3.Connection, reader: SubsetReader, expected_key_id: str | None, progress: Progress | None
+) -> RegistryState:
+    """Check the header against the cache, replace or patch it, write meta; the caller commits."""
+    header = reader.header
+    _check_against_cache(header, _read_state(conn), expected_key_id, reader.file)
+    if header.kind == "snapshot":
+        conn.execute("DELETE FROM vehicles")
+    _apply(conn, reader, progress)
+    (count,) = conn.execute("SELECT count(*) FROM vehicles").fetchone()
+    state = RegistryState(
+        header.dataset_id, header.seq, header.key_id, header.kind, datetime.now(timezone.utc), count, header.created_at
+    )
+    _write_state(conn, state)
+    return state
+
+
+def import_subset(
+    db_path: Path,
+    file: Path,
+    *,
+    expected_key_id: str | None,
+    progress: Progress | None = None,
+    data: bytes | None = None,
+) -> RegistryState:
+    """Apply a snapshot (replaces everything) or a delta (must follow the cache's seq) in one transaction.
+
+    No signature is checked here: see :func:`import_signed_subset`. ``data`` is the file's content
+    already read: it is parsed instead of ``file``, which then only names it in messages.
+    ``progress(done, total)`` is called every 10,000 records and at the end.
+    """
+    file, db_path = Path(file), Path(db_path)
+    with SubsetReader(file, data) as reader, _db_errors("registry import", db_path):
+        conn = _connect(db_path)
+        try:
+            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: B-tree inserts
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                state = _import(conn, reader, expected_key_id, progress)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.close()
+    log.info(
+        "registry import: %s %s seq %s, %s vehicles in cache", state.kind, state.dataset_id, state.seq, state.count
+    )
+    return state
+
+
+def _read_signed(file: Path, trust_dir: Path | None, allow_unsigned: bool) -> tuple[bytes, Verified | None]:
+    """iaflash.engines.signing.read_trusted_file, with messages that name the subset file and the fix."""
+    if not file.is_file():
+        raise RegistryFileError(f"{file}: no such file; fix: check the path of the subset file")
+    sig = signature_path(file)
+    if not allow_unsigned and not sig.exists():  # the clearer message; read_trusted_file refuses it anyway
+        raise SignatureError(
+            f"{file}: not signed ({sig} is missing); fix: sign it at central with "
+            f"`iaflash-engines sign {file} --key PUBLISHER.key` and copy both files "
+            "(security.allow_unsigned = true accepts unsigned files, for development only)"
+        )
+    try:
+        return read_trusted_file(file, trust_dir, allow_unsigned)
+    except SignatureError as exc:
+        if str(file) in str(exc):
+            raise
+        raise type(exc)(f"{file}: {exc}") from exc
+
+
+def import_signed_subset(
+    db_path: Path,
+    file: Path,
+    *,
+    trust_dir: Path | None,
+    allow_unsigned: bool,
+    expected_key_id: str | None,
+    progress: Progress | None = None,
+) -> tuple[RegistryState, str | None]:
+    """Check ``file``'s detached signature (``<file>.sig``) against ``trust_dir``, then import it.
+
+    The file is read once; the bytes whose signature was checked are the bytes parsed (from memory),
+    so the file cannot be swapped between the check and the import. Returns the new state and the
+    trust store's name of the signing key, or None when the file was accepted unsigned because of
+    ``allow_unsigned`` (for development only; iaflash.engines.signing logs a warning).
+
+    Raises :class:`SignatureError` (unsigned, altered after signing, malformed ``.sig``, no trust
+    store), :class:`UntrustedKey` (signed by a key outside ``trust_dir``), and whatever
+    :func:`import_subset` raises. A refusal leaves the cache as it was.
+    """
+    file = Path(file)
+    data, verified = _read_signed(file, trust_dir, allow_unsigned)
+    if verified is not None:
+        log.info(
+            "registry file %s: signed by %s (key id %s) at %s", file, verified.name, verified.key_id, verified.signed_at
+        )
+    state = import_subset(db_path, file, expected_key_id=expected_key_id, progress=progress, data=data)
+    return state, None if verified is None else verified.name
+
+
+def read_state(db_path: Path) -> RegistryState | None:
+    """The state of an existing cache without creating anything (None if never imported)."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise RegistryError(
+            f"{db_path}: no registry cache here; fix: check [registry] db or --db, "
+            "or import a snapshot with `iaflash-provision registry import FILE`"
+        )
+    with _db_errors("reading the registry state", db_path):
+        conn = sqlite3.connect(str(db_path), timeout=30)
+        try:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+                return None
+            return _read_state(conn)
+        finally:
+            conn.close()
+
+
+class Registry:
+    """Read side of the cache: one raw sqlite3 connection, used by one thread at a time."""
+
+    def __init__(self, db_path: Path, hmac_key: bytes) -> None:
+        self._path = Path(db_path)
+        self._hmac_key = hmac_key
+        self.key_id = compute_key_id(hmac_key)
+        with _db_errors("opening the registry", self._path):
+            self._conn = _connect(self._path)
+        self._data_version: int | None = None
+        self._state: RegistryState | None = None
+
+    def _current(self) -> RegistryState | None:
+        # data_version changes when another connection (an import) commits: re-read state only then.
+        with _db_errors("reading the registry state", self._path):
+            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+            if version != self._data_version:
+                self._state = _read_state(self._conn)
+                self._data_version = version
+                if self._state is not None and self._state.key_id != self.key_id:
+                    log.error(
+                        "registry cache %s was hashed with key %s but this box's key is %s: no plate "
+                        "will match; import a snapshot built with this box's key",
+                        self._path,
+                        self._state.key_id,
+                        self.key_id,
+                    )
+        return self._state
+
+    def lookup(self, plate: str) -> RegistryRecord | None:
+        """The record for a plate, or None. PlateError on a bad plate.
+
+        A cache hashed with another key matches nothing: that is logged once (see ``key_id``).
+        """
+        return self.lookup_key(plate_key(self._hmac_key, plate))
+
+    def lookup_key(self, key: bytes) -> RegistryRecord | None:
+        """The record for an HMAC plate key already computed by the caller (see ``plates.plate_key``)."""
+        self._current()
+        with _db_errors("registry lookup", self._path):
+            row = self._conn.execute(
+                "SELECT make, model, genre, body FROM vehicles WHERE plate_key = ?", (key,)
+            ).fetchone()
+        return None if row is None else RegistryRecord(*row)
+
+    def state(self) -> RegistryState | None:
+        return self._current()
+
+    def age_hours(self, now: datetime | None = None) -> float | None:
+        """Hours since the data was created at central (see RegistryState.age_hours); None if empty."""
+        state = self._current()
+        return None if state is None else state.age_hours(now)
+
+    def is_stale(self, max_age_hours: float, now: datetime | None = None) -> bool:
+        age = self.age_hours(now)
+        return age is None or age > max_age_hours
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,566 @@
+"""Signed commands over MQTT: a real mosquitto, real SQLite, real Ed25519 signatures, real files.
+
+A small real agent (MqttLink + CommandWorker over a real registry cache and spool) answers most
+tests; one test runs the whole Service on the demo models. Central is the real CommandClient.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from e2e_site import build_models, make_site
+
+from iaflash.agent.commands.handlers import CommandWorker
+from iaflash.agent.commands.protocol import canonical_bytes, validate_command, validate_response
+from iaflash.agent.config import Config, parse_config
+from iaflash.agent.demo.broker import MosquittoBroker
+from iaflash.agent.link.mqtt import MqttLink
+from iaflash.agent.registry.cache import Registry, import_subset, read_state, records_from_plates, write_subset
+from iaflash.agent.registry.plates import key_id, plate_key
+from iaflash.agent.service import Service
+from iaflash.central.cli import main as central_main
+from iaflash.central.commands import CommandClient
+from iaflash.engines.signing import generate_keypair, sign_file
+
+SITE, DEVICE = "site-1", "box-1"
+PLATE = "AB-123-CD"
+NEW_PLATE = "EF-456-GH"
+CAPTURE = "20261102-081500-000123"
+
+
+@dataclass
+class Keys:
+    central: Path  # trusted private key
+    stranger: Path  # a valid key outside the trust store
+    trust: Path
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    (tmp_path / "trust").mkdir()
+    central, central_pub = generate_keypair(tmp_path / "central")
+    stranger, _ = generate_keypair(tmp_path / "stranger")
+    shutil.copy(central_pub, tmp_path / "trust" / central_pub.name)
+    return Keys(central, stranger, tmp_path / "trust")
+
+
+def write_capture(done: Path) -> bytes:
+    """A processed capture in done/: a real JPEG and its sidecar (with the plate in clear)."""
+    done.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    jpeg = cv2.imencode(".jpg", rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))[1].tobytes()
+    (done / f"{CAPTURE}.jpg").write_bytes(jpeg)
+    (done / f"{CAPTURE}.json").write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "capture_id": CAPTURE,
+                "site_id": SITE,
+                "captured_at": "2026-11-02T08:15:00+01:00",
+                "plate": PLATE,
+                "plate_confidence": 0.93,
+                "speed_kmh": 97,
+                "limit_kmh": 80,
+            }
+        )
+    )
+    return jpeg
+
+
+class Agent:
+    """A real MqttLink + CommandWorker over a real registry cache and spool in ``root``."""
+
+    def __init__(self, root: Path, port: int, keys: Keys, protocol: str = "5", allow_unsigned: bool = False) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.hmac = root, secrets.token_bytes(32)
+        self.cfg: Config = parse_config(
+            {
+                "site": {"site_id": SITE, "device_id": DEVICE},
+                "spool": {"dir": str(root / "spool")},
+                "registry": {"db": str(root / "registry.db")},
+                "outbox": {"db": str(root / "state.db")},
+                "security": {"trust_dir": str(keys.trust), "allow_unsigned": allow_unsigned},
+                "mqtt": {"port": port, "protocol": protocol},
+            }
+        )
+        snapshot = root / "snapshot.jsonl.gz"
+        write_subset(
+            snapshot,
+            kind="snapshot",
+            dataset_id="siv",
+            seq=1,
+            key_id=key_id(self.hmac),
+            records=records_from_plates(self.hmac, [(PLATE, "RENAULT", "CLIO", "VP", "CI")]),
+        )
+        import_subset(self.cfg.registry.db, snapshot, expected_key_id=key_id(self.hmac))
+        self.jpeg = write_capture(root / "spool" / "done")
+        self.link = MqttLink(self.cfg)
+        self.beats = 0
+        self.worker = self.new_worker()
+        self.link.start()
+        assert self.link.wait_commands_ready(10), "the agent never subscribed to its cmd topic"
+
+    def heartbeat(self) -> dict[str, Any]:
+        self.beats += 1
+        return {"site_id": SITE, "beats": self.beats, "commands": self.worker.counters()}
+
+    def new_worker(self) -> CommandWorker:
+        worker = CommandWorker(
+            self.cfg,
+            self.link,
+            heartbeat=self.heartbeat,
+            hmac_key=self.hmac,
+            version="9.9.9",
+            done_dir=self.root / "spool" / "done",
+        )
+        worker.start()
+        return worker
+
+    def lookup(self, plate: str) -> str | None:
+        with Registry(self.cfg.registry.db, self.hmac) as reg:
+            rec = reg.lookup(plate)
+        return None if rec is None else f"{rec.make} {rec.model}"
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.link.stop()
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, broker: MosquittoBroker, keys: Keys) -> Iterator[Callable[..., Agent]]:
+    agents: list[Agent] = []
+
+    def make(protocol: str = "5", allow_unsigned: bool = False) -> Agent:
+        agents.append(Agent(tmp_path / f"agent{len(agents)}", broker.port, keys, protocol, allow_unsigned))
+        return agents[-1]
+
+    yield make
+    for agent in agents:
+        agent.stop()
+
+
+@pytest.fixture
+def agent(make_agent: Callable[..., Agent]) -> Agent:
+    return make_agent()
+
+
+@pytest.fixture
+def central(broker: MosquittoBroker, keys: Keys) -> Iterator[CommandClient]:
+    with CommandClient("127.0.0.1", broker.port, private_key_path=keys.central) as client:
+        yield client
+
+
+def error_code(response: dict[str, Any]) -> str:
+    assert response["ok"] is False, response
+    return str(response["error"]["code"])
+
+
+# ----- round trips ---------------------------------------------------------------------------------
+
+
+def test_ping_on_mqtt5_is_answered_on_the_response_topic_with_the_correlation_data_echoed(
+    agent: Agent,
+    central: CommandClient,
+) -> None:
+    """The body has neither reply_to nor correlation_id: only the MQTT 5 properties route the answer."""
+    doc = central.build(SITE, DEVICE, "ping")
+    del doc["reply_to"], doc["correlation_id"]
+    response = central.send_document(SITE, DEVICE, central.sign(doc), timeout=10, correlation_id="corr-5")
+    validate_response(response)
+    assert response["ok"] is True and response["result"]["pong"] == "9.9.9"
+    assert response["correlation_id"] == "corr-5" and response["command_id"] == doc["command_id"]
+    assert datetime.fromisoformat(response["result"]["time"]).tzinfo is not None
+    assert agent.worker.counters()["ok"] == 1
+
+
+def test_ping_on_mqtt311_uses_reply_to_and_correlation_id_from_the_signed_body(
+    make_agent: Callable[..., Agent],
+    broker: MosquittoBroker,
+    keys: Keys,
+) -> None:
+    make_agent("3.1.1")
+    with CommandClient("127.0.0.1", broker.port, protocol="3.1.1", private_key_path=keys.central) as client:
+        doc = client.build(SITE, DEVICE, "ping")
+        response = client.send_document(SITE, DEVICE, doc, timeout=10)
+    assert response["ok"] is True and response["result"]["pong"] == "9.9.9"
+    assert response["correlation_id"] == doc["correlation_id"]
+    assert (response["site_id"], response["device_id"], response["command"]) == (SITE, DEVICE, "ping")
+
+
+def test_status_answers_the_heartbeat_document_with_the_command_counters(
+    agent: Agent,
+    central: CommandClient,
+) -> None:
+    central.send(SITE, DEVICE, "ping", timeout=10)
+    response = central.send(SITE, DEVICE, "status", timeout=10)
+    assert response["ok"] is True
+    assert response["result"]["beats"] == 1 and response["result"]["site_id"] == SITE
+    assert response["result"]["commands"]["ok"] == 1 and response["result"]["commands"]["received"] == 2
+
+
+def test_send_evidence_returns_the_exact_jpeg_and_the_sidecar_with_the_plate_only_hashed(
+    agent: Agent,
+    central: CommandClient,
+) -> None:
+    response = central.send(SITE, DEVICE, "send_evidence", {"capture_id": CAPTURE}, timeout=10)
+    assert response["ok"] is True
+    result = response["result"]
+    [image] = result["images"]
+    assert base64.b64decode(image["jpeg_b64"]) == agent.jpeg
+    assert image["sha256"] == hashlib.sha256(agent.jpeg).hexdigest() and image["name"] == f"{CAPTURE}.jpg"
+    assert "plate" not in result["sidecar"]
+    assert result["sidecar"]["plate_key"] == plate_key(agent.hmac, PLATE).hex()
+    assert result["sidecar"]["speed_kmh"] == 97
+    assert PLATE not in json.dumps(response) and "AB123CD" not in json.dumps(response)
+
+
+@pytest.mark.parametrize(
+    ("capture_id", "code"),
+    [
+        ("20261102-000000-999999", "not_found"),
+        ("../registry.db", "invalid"),
+        ("../../etc/passwd", "invalid"),
+        ("/etc/passwd", "invalid"),
+        (".hidden", "invalid"),
+        ("a/b", "invalid"),
+        ("", "invalid"),
+        (12, "invalid"),
+    ],
+)
+def test_send_evidence_refuses_unknown_ids_and_anything_that_is_not_a_capture_id(
+    agent: Agent,
+    central: CommandClient,
+    capture_id: Any,
+    code: str,
+) -> None:
+    response = central.send(SITE, DEVICE, "send_evidence", {"capture_id": capture_id}, timeout=10)
+    assert error_code(response) == code
+    assert agent.worker.counters()[f"refused.{code}"] == 1
+
+
+def signed_delta(agent: Agent, tmp_path: Path, key: Path | None) -> dict[str, Any]:
+    """registry_sync args: a delta seq 2 that adds NEW_PLATE and deletes PLATE, signed by ``key``."""
+    delta = tmp_path / "delta.jsonl.gz"
+    records = [
+        *records_from_plates(agent.hmac, [(NEW_PLATE, "PEUGEOT", "208", "VP", "CI")]),
+        {"op": "delete", "plate_key": plate_key(agent.hmac, PLATE).hex()},
+    ]
+    write_subset(delta, kind="delta", dataset_id="siv", seq=2, base_seq=1, key_id=key_id(agent.hmac), records=records)
+    args: dict[str, Any] = {"file_b64": base64.b64encode(delta.read_bytes()).decode("ascii")}
+    if key is not None:
+        args["signature"] = json.loads(sign_file(delta, key).read_text())
+    return args
+
+
+def test_registry_sync_imports_a_signed_delta_and_lookups_change(
+    agent: Agent,
+    central: CommandClient,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    assert agent.lookup(PLATE) == "RENAULT CLIO" and agent.lookup(NEW_PLATE) is None
+    response = central.send(SITE, DEVICE, "registry_sync", signed_delta(agent, tmp_path, keys.central), timeout=20)
+    assert response["ok"] is True, response
+    assert response["result"]["state"]["seq"] == 2 and response["result"]["state"]["count"] == 1
+    assert response["result"]["signer"] == "central"
+    assert agent.lookup(PLATE) is None and agent.lookup(NEW_PLATE) == "PEUGEOT 208"
+    leftovers = [p.name for p in agent.cfg.registry.db.parent.iterdir() if p.name.startswith(".cmd-sync-")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize(("signer", "code"), [("none", "bad_signature"), ("stranger", "untrusted_key")])
+def test_registry_sync_refuses_an_unsigned_or_untrusted_file_and_keeps_the_cache(
+    agent: Agent,
+    central: CommandClient,
+    keys: Keys,
+    tmp_path: Path,
+    signer: str,
+    code: str,
+) -> None:
+    args = signed_delta(agent, tmp_path, None if signer == "none" else keys.stranger)
+    response = central.send(SITE, DEVICE, "registry_sync", args, timeout=20)
+    assert error_code(response) == code
+    state = read_state(agent.cfg.registry.db)
+    assert state is not None and state.seq == 1
+    assert agent.lookup(PLATE) == "RENAULT CLIO"
+
+
+def test_registry_sync_of_a_delta_with_a_gap_fails_with_the_fix(
+    agent: Agent,
+    central: CommandClient,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    delta = tmp_path / "gap.jsonl.gz"
+    write_subset(
+        delta,
+        kind="delta",
+        dataset_id="siv",
+        seq=5,
+        base_seq=4,
+        key_id=key_id(agent.hmac),
+        records=records_from_plates(agent.hmac, [(NEW_PLATE, "PEUGEOT", "208", "VP", "CI")]),
+    )
+    args = {
+        "file_b64": base64.b64encode(delta.read_bytes()).decode("ascii"),
+        "signature": json.loads(sign_file(delta, keys.central).read_text()),
+    }
+    response = central.send(SITE, DEVICE, "registry_sync", args, timeout=20)
+    assert error_code(response) == "failed" and "request a snapshot" in response["error"]["message"]
+    assert agent.lookup(NEW_PLATE) is None
+
+
+# ----- refusals --------------------------------------------------------------------------------------
+
+
+def tampered(client: CommandClient) -> dict[str, Any]:
+    doc = client.build(SITE, DEVICE, "send_evidence", {"capture_id": CAPTURE})
+    doc["args"]["capture_id"] = "20261102-000000-000001"  # after signing
+    return doc
+
+
+def expired(client: CommandClient) -> dict[str, Any]:
+    return client.build(SITE, DEVICE, "ping", issued_at=datetime.now(timezone.utc) - timedelta(hours=1), validity_s=60)
+
+
+def invalid(client: CommandClient) -> dict[str, Any]:
+    doc = client.build(SITE, DEVICE, "ping")
+    del doc["command_id"]
+    return client.sign(doc)
+
+
+REFUSALS: dict[str, Callable[[CommandClient, Keys, int], dict[str, Any]]] = {
+    "bad_signature": lambda c, k, p: tampered(c),
+    "untrusted_key": lambda c, k, p: CommandClient(port=p, private_key_path=k.stranger).sign(
+        c.build(SITE, DEVICE, "ping")
+    ),
+    "expired": lambda c, k, p: expired(c),
+    "invalid": lambda c, k, p: invalid(c),
+    "unknown_command": lambda c, k, p: c.build(SITE, DEVICE, "self_destruct"),
+}
+
+
+@pytest.mark.parametrize("code", sorted(REFUSALS))
+def test_each_refusal_is_answered_with_its_code_and_counted(
+    agent: Agent,
+    central: CommandClient,
+    keys: Keys,
+    broker: MosquittoBroker,
+    code: str,
+) -> None:
+    doc = REFUSALS[code](central, keys, broker.port)
+    response = central.send_document(SITE, DEVICE, doc, timeout=10)
+    validate_response(response)
+    assert error_code(response) == code and response["error"]["message"]
+    counters = agent.worker.counters()
+    assert counters[f"refused.{code}"] == 1 and counters["refused"] == 1 and counters["ok"] == 0
+
+
+def test_a_replayed_command_is_refused_even_by_a_restarted_worker(agent: Agent, central: CommandClient) -> None:
+    doc = central.build(SITE, DEVICE, "ping")
+    assert central.send_document(SITE, DEVICE, doc, timeout=10)["ok"] is True
+    assert error_code(central.send_document(SITE, DEVICE, doc, timeout=10)) == "replayed"
+    agent.worker.stop()
+    agent.worker = agent.new_worker()  # ids are kept in SQLite beside the outbox
+    assert error_code(central.send_document(SITE, DEVICE, doc, timeout=10)) == "replayed"
+    assert agent.worker.counters()["refused.replayed"] == 1
+
+
+def test_a_response_topic_that_differs_from_the_signed_reply_to_is_refused(
+    agent: Agent,
+    central: CommandClient,
+) -> None:
+    """The signed reply_to binds the answer's destination: a relay cannot divert it with the property."""
+    doc = central.sign(
+        {
+            **central.build(SITE, DEVICE, "send_evidence", {"capture_id": CAPTURE}),
+            "reply_to": "iaflash/v1/elsewhere/box/response/x",
+        }
+    )
+    response = central.send_document(SITE, DEVICE, doc, timeout=10)
+    assert error_code(response) == "invalid" and "reply_to" in response["error"]["message"]
+    assert agent.worker.counters()["ok"] == 0
+
+
+def test_unsigned_or_non_json_requests_are_refused(agent: Agent, broker: MosquittoBroker) -> None:
+    with CommandClient("127.0.0.1", broker.port, private_key_path=None) as unsigned:
+        assert error_code(unsigned.send(SITE, DEVICE, "ping", timeout=10)) == "bad_signature"
+        raw = unsigned.send_document(SITE, DEVICE, b"\xff not json", timeout=10, correlation_id="c-raw")
+    assert error_code(raw) == "invalid" and raw["command_id"] is None and raw["correlation_id"] == "c-raw"
+
+
+def test_allow_unsigned_accepts_an_unsigned_command_with_a_warning_but_never_a_bad_signature(
+    make_agent: Callable[..., Agent],
+    broker: MosquittoBroker,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    make_agent(allow_unsigned=True)
+    with CommandClient("127.0.0.1", broker.port, private_key_path=None) as unsigned:
+        assert unsigned.send(SITE, DEVICE, "ping", timeout=10)["ok"] is True
+    assert "NOT signed" in caplog.text
+    with CommandClient("127.0.0.1", broker.port, private_key_path=keys.central) as client:
+        assert error_code(client.send_document(SITE, DEVICE, tampered(client), timeout=10)) == "bad_signature"
+
+
+def test_a_request_without_a_response_topic_is_counted_not_answered(
+    make_agent: Callable[..., Agent],
+    broker: MosquittoBroker,
+    keys: Keys,
+) -> None:
+    agent = make_agent("3.1.1")
+    with CommandClient("127.0.0.1", broker.port, protocol="3.1.1", private_key_path=keys.central) as client:
+        doc = client.build(SITE, DEVICE, "ping")
+        del doc["reply_to"]
+        with pytest.raises(TimeoutError):
+            client.send_document(SITE, DEVICE, client.sign(doc), timeout=2)
+    assert agent.worker.counters()["no_reply_to"] == 1 and agent.worker.counters()["ok"] == 1
+
+
+def test_the_canonical_form_is_what_is_signed_and_the_schema_holds(central: CommandClient) -> None:
+    doc = central.build(SITE, DEVICE, "ping", {"b": 1, "a": "é"})
+    validate_command(doc)
+    body = canonical_bytes(doc)
+    assert b"signature" not in body and b" " not in body and body.index(b'"args"') < body.index(b'"command"')
+    assert '"a":"é","b":1'.encode() in body
+
+
+# ----- threads -----------------------------------------------------------------------------------------
+
+
+def test_a_slow_command_does_not_delay_a_ping(agent: Agent, central: CommandClient) -> None:
+    release, started = threading.Event(), threading.Event()
+
+    def slow(args: dict[str, Any]) -> dict[str, Any]:
+        started.set()
+        release.wait(30)
+        return {"slept": True}
+
+    agent.worker.register("slow_test", slow, slow=True)
+    answers: list[dict[str, Any]] = []
+    sender = threading.Thread(target=lambda: answers.append(central.send(SITE, DEVICE, "slow_test", timeout=40)))
+    sender.start()
+    try:
+        assert started.wait(10)
+        ping = central.send(SITE, DEVICE, "ping", timeout=10)  # answered while slow_test still runs
+        assert ping["ok"] is True and not release.is_set() and answers == []
+    finally:
+        release.set()
+        sender.join(40)
+    assert answers[0]["result"] == {"slept": True}
+
+
+def test_commands_beyond_the_queue_are_dropped_and_counted(agent: Agent, central: CommandClient) -> None:
+    release = threading.Event()
+    agent.worker.register("block", lambda args: {"released": release.wait(30)}, slow=False)
+    blocker = threading.Thread(target=lambda: central.send(SITE, DEVICE, "block", timeout=40))
+    blocker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while agent.worker.counters()["received"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(130):
+            doc = central.build(SITE, DEVICE, "ping")
+            central._client.publish(f"iaflash/v1/{SITE}/{DEVICE}/cmd", json.dumps(doc), qos=1)
+        deadline = time.monotonic() + 10
+        while agent.worker.counters()["dropped"] < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        release.set()
+        blocker.join(40)
+    assert agent.worker.counters()["dropped"] == 30
+
+
+# ----- the CLI -------------------------------------------------------------------------------------------
+
+
+def test_cli_cmd_has_help_with_an_example() -> None:
+    result = CliRunner().invoke(central_main, ["cmd", "-h"])
+    assert result.exit_code == 0 and "Example:" in result.output and "iaflash-central cmd" in result.output
+
+
+def test_cli_cmd_ping_and_registry_sync_print_the_response(
+    agent: Agent,
+    broker: MosquittoBroker,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    base = ["cmd", SITE, DEVICE, "--key", str(keys.central), "--port", str(broker.port), "--timeout", "10"]
+    ping = runner.invoke(central_main, [*base[:3], "ping", *base[3:], "--json"])
+    assert ping.exit_code == 0, ping.output
+    assert json.loads(ping.stdout)["result"]["pong"] == "9.9.9"
+    delta = tmp_path / "delta.jsonl.gz"
+    delta.write_bytes(base64.b64decode(signed_delta(agent, tmp_path, keys.central)["file_b64"]))
+    sync = runner.invoke(central_main, [*base[:3], "registry_sync", *base[3:], "--file", str(delta)])
+    assert sync.exit_code == 0, sync.output
+    assert '"seq": 2' in sync.stdout and agent.lookup(NEW_PLATE) == "PEUGEOT 208"
+    out = tmp_path / "evidence"
+    evidence = runner.invoke(
+        central_main, [*base[:3], "send_evidence", *base[3:], "--arg", f"capture_id={CAPTURE}", "--out", str(out)]
+    )
+    assert evidence.exit_code == 0, evidence.output
+    assert (out / f"{CAPTURE}.jpg").read_bytes() == agent.jpeg
+
+
+def test_cli_cmd_exits_1_on_a_refusal_and_2_on_a_bad_arg(agent: Agent, broker: MosquittoBroker, keys: Keys) -> None:
+    base = ["cmd", SITE, DEVICE, "send_evidence", "--key", str(keys.central), "--port", str(broker.port)]
+    refused = CliRunner().invoke(central_main, [*base, "--arg", "capture_id=nope-0001", "--timeout", "10"])
+    assert refused.exit_code == 1 and "not_found" in refused.output
+    assert CliRunner().invoke(central_main, [*base, "--arg", "capture_id"]).exit_code == 2
+
+
+# ----- the whole service ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_running_service_answers_status_and_sends_the_evidence_of_a_processed_capture(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+) -> None:
+    models = build_models(tmp_path / "models")
+    central_key, central_pub = generate_keypair(tmp_path / "central")
+    site = make_site(tmp_path / "site", models, broker.port, n=4)
+    shutil.copy(central_pub, site.cfg.security.trust_dir / central_pub.name)
+    service = Service(site.cfg)
+    service.start()
+    try:
+        site.drop(site.scenario)
+        deadline = time.monotonic() + 60
+        while site.processed_count() < site.expected_verdicts() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert service.link is not None and service.link.wait_commands_ready(10)
+        processed = [p.stem for p in site.files_in("done", "*.json")]
+        assert processed
+        with CommandClient("127.0.0.1", broker.port, private_key_path=central_key) as client:
+            status = client.send(site.cfg.site.site_id, site.cfg.site.device_id, "status", timeout=20)
+            evidence = client.send(
+                site.cfg.site.site_id,
+                site.cfg.site.device_id,
+                "send_evidence",
+                {"capture_id": processed[0]},
+                timeout=20,
+            )
+    finally:
+        service.stop()
+    assert status["ok"] is True and status["result"]["versions"]["agent"] == "0.1.0"
+    assert status["result"]["commands"]["received"] == 1
+    assert evidence["ok"] is True, evidence
+    image = evidence["result"]["images"][0]
+    assert base64.b64decode(image["jpeg_b64"]) == (site.cfg.spool.dir / "done" / image["name"]).read_bytes()
+    assert "plate" not in evidence["result"]["sidecar"]

@@ -1,0 +1,275 @@
+"""Outbox -> MQTT -> PUBACK -> delete, against a real mosquitto: nothing recorded is ever lost."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from iaflash.agent.config import Config, parse_config
+from iaflash.agent.demo.broker import MosquittoBroker
+from iaflash.agent.link.mqtt import MqttLink
+from iaflash.agent.link.publisher import Publisher
+from iaflash.agent.outbox.events import build_event, topic_for
+from iaflash.agent.outbox.store import Outbox
+from iaflash.central.subscriber import Subscriber
+
+VERDICT = {
+    "outcome": "mismatch",
+    "level": "make",
+    "reason": "P(registered make) below threshold",
+    "registry_stale": False,
+    "p_make": 0.01,
+    "p_model": 0.0,
+    "top_k": [{"make": "VOLKSWAGEN", "model": "GOLF", "p": 0.95}],
+    "registry": {"make": "RENAULT", "model": "CLIO", "genre": "VP", "body": "CI"},
+    "thresholds": {"make": 0.05},
+    "model": {"name": "t", "version": "1", "backend": "onnxruntime", "device": "cpu"},
+}
+
+
+def config(port: int, **mqtt_keys: Any) -> Config:
+    return parse_config(
+        {"site": {"site_id": "site-1", "device_id": "box-1"}, "mqtt": {"port": port, "keepalive_s": 5, **mqtt_keys}}
+    )
+
+
+def record(outbox: Outbox, cfg: Config, n: int, start: int = 0) -> list[str]:
+    ids = []
+    for i in range(start, start + n):
+        doc = build_event(
+            verdict=VERDICT,
+            site_id="site-1",
+            device_id="box-1",
+            capture_id=f"cap-{i}",
+            captured_at="2026-11-02T08:00:00+01:00",
+            plate_key="ab" * 32,
+            timings_ms={},
+        )
+        assert outbox.record(f"cap-{i}", "mismatch", doc, topic_for(cfg.topic_root, "mismatch"))
+        ids.append(doc["event_id"])
+    return ids
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+class Agent:
+    """A link and a publisher on one outbox file, stopped at the end of the test."""
+
+    def __init__(self, cfg: Config, path: Path, **kw: Any) -> None:
+        self.link = MqttLink(cfg)
+        self.publisher = Publisher(path, self.link, cfg.mqtt, **kw)
+
+    def start(self) -> Agent:
+        self.link.start()
+        self.publisher.start()
+        return self
+
+    def stop(self, link_timeout: float = 5) -> None:
+        self.publisher.stop(5)
+        self.link.stop(link_timeout)
+        assert not self.publisher.is_alive() and self.publisher.error is None
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    made: list[Agent] = []
+    yield made
+    for a in made:
+        a.stop()
+
+
+def test_200_events_are_all_delivered_and_the_outbox_empties(
+    broker: MosquittoBroker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    cfg = config(broker.port)
+    sub = Subscriber("127.0.0.1", broker.port).start()
+    try:
+        with Outbox(tmp_path / "state.db") as ob:
+            ids = record(ob, cfg, 200)
+            agent = Agent(cfg, tmp_path / "state.db").start()
+            agents.append(agent)
+            assert sub.wait_for(200, 20)
+            assert wait_until(lambda: ob.depth() == 0, 10)
+        assert [e["event_id"] for e in sub.events] == ids  # in order, each once
+        assert sub.invalid == []
+        assert wait_until(lambda: agent.publisher.stats()["acked"] == 200, 5)
+        stats = agent.publisher.stats()
+        assert (stats["published"], stats["refused"], stats["inflight"]) == (200, 0, 0)
+        assert wait_until(lambda: agent.publisher.stats()["depth"] == 0, 5)
+    finally:
+        sub.stop()
+
+
+def test_broker_killed_mid_stream_loses_nothing(tmp_path: Path, agents: list[Agent]) -> None:
+    """SIGKILL the broker with events in flight; record more while it is down; restart on the same port.
+
+    The broker is frozen (SIGSTOP) just before the SIGKILL so that it dies holding unacknowledged
+    publishes only: an event the broker had already acknowledged is the broker's to keep, and
+    mosquitto loses such events on SIGKILL (see docs/MQTT.md).
+    """
+    db_dir = tmp_path / "mosq"
+    db_dir.mkdir()
+    # Persistence keeps central's persistent session (and its subscription) across the SIGKILL.
+    extra = f"persistence true\npersistence_location {db_dir}/\nautosave_interval 1\n"
+    broker = MosquittoBroker(workdir=tmp_path, extra_conf=extra).start()
+    sub = Subscriber("127.0.0.1", broker.port, client_id="central-test").start()
+    try:
+        assert wait_until((db_dir / "mosquitto.db").exists, 5)  # the subscription is saved
+        cfg = config(broker.port)
+        agent = Agent(cfg, tmp_path / "state.db").start()
+        agents.append(agent)
+        assert agent.link.wait_connected(10)
+        with Outbox(tmp_path / "state.db") as radar:  # the capture side's own connection
+            recorded = record(radar, cfg, 100)
+            assert sub.wait_for(100, 10)
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGSTOP)
+            recorded += record(radar, cfg, 50, start=100)
+            assert wait_until(lambda: agent.publisher.stats()["inflight"] == 50, 5)
+            broker.kill()  # dies with 50 publishes in flight, none acknowledged
+            assert wait_until(lambda: not agent.link.connected, 10)
+            recorded += record(radar, cfg, 100, start=150)  # the radar keeps flashing
+            assert radar.depth() == 150
+            broker.start()
+            recorded += record(radar, cfg, 50, start=250)
+            assert wait_until(lambda: set(recorded) <= sub.event_ids, 20), (
+                f"missing {len(set(recorded) - sub.event_ids)} event(s)"
+            )
+            assert wait_until(lambda: radar.depth() == 0, 10)
+        assert agent.link.disconnects >= 1 and agent.link.connects >= 2
+        assert len(sub.events) == 300  # duplicates are counted apart, never listed twice
+    finally:
+        sub.stop()
+        broker.stop()
+
+
+def test_a_new_publisher_republishes_rows_left_by_a_crashed_one(
+    broker: MosquittoBroker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    cfg = config(broker.port)
+    path = tmp_path / "state.db"
+    port = broker.port
+    assert broker.proc is not None
+    first = Agent(cfg, path).start()
+    assert first.link.wait_connected(10)
+    broker.proc.send_signal(signal.SIGSTOP)  # the broker takes the bytes but never answers
+    with Outbox(path) as ob:  # recorded only now, so no PUBACK can have come before the freeze
+        ids = record(ob, cfg, 20)
+    assert wait_until(lambda: first.publisher.stats()["published"] == 20, 15)
+    first.stop(link_timeout=0.2)  # the "process" ends: paho's in-memory queue is gone
+    broker.kill()  # what reached the frozen broker is lost with it: no PUBACK ever came
+    assert first.publisher.stats()["acked"] == 0
+    with Outbox(path) as ob:
+        assert ob.depth() == 20
+    broker.start()
+    assert broker.port == port
+    sub = Subscriber("127.0.0.1", port).start()
+    try:
+        second = Agent(cfg, path).start()
+        agents.append(second)
+        assert sub.wait_for(20, 15)
+        assert {e["event_id"] for e in sub.events} == set(ids)
+        with Outbox(path) as ob:
+            assert wait_until(lambda: ob.depth() == 0, 10)
+    finally:
+        sub.stop()
+
+
+def test_unacknowledged_events_are_published_again_with_the_same_event_id(
+    broker: MosquittoBroker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    cfg = config(broker.port, republish_after_s=0.5)
+    sub = Subscriber("127.0.0.1", broker.port).start()
+    assert broker.proc is not None
+    try:
+        with Outbox(tmp_path / "state.db") as ob:
+            agent = Agent(cfg, tmp_path / "state.db").start()
+            agents.append(agent)
+            assert agent.link.wait_connected(10)
+            broker.proc.send_signal(signal.SIGSTOP)  # connected, but no PUBACK comes back
+            try:
+                ids = record(ob, cfg, 3)
+                assert wait_until(lambda: agent.publisher.stats()["republished"] >= 3, 5)
+            finally:
+                broker.proc.send_signal(signal.SIGCONT)
+            assert sub.wait_for(3, 10)
+            assert wait_until(lambda: ob.depth() == 0, 10)
+        assert [e["event_id"] for e in sub.events] == ids
+        assert wait_until(lambda: sub.duplicates >= 3, 5)  # the copies carried the same event_id
+    finally:
+        sub.stop()
+
+
+def test_an_mqtt5_refusal_keeps_the_row_counts_and_logs_the_reason(
+    tmp_path: Path, agents: list[Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite somewhere/else/#\n")  # nothing under iaflash/ is allowed
+    extra = f"per_listener_settings false\nacl_file {acl}\n"
+    broker = MosquittoBroker(workdir=tmp_path, extra_conf=extra).start()
+    try:
+        cfg = config(broker.port)
+        with Outbox(tmp_path / "state.db") as ob:
+            [event_id] = record(ob, cfg, 1)
+            with caplog.at_level(logging.WARNING, logger="iaflash.agent.link.publisher"):
+                agent = Agent(cfg, tmp_path / "state.db").start()
+                agents.append(agent)
+                assert wait_until(lambda: agent.publisher.stats()["refused"] >= 1, 10)
+            assert ob.depth() == 1
+            [row] = ob.pending(10, now=time.time() + 3600)
+            assert row.event_id == event_id and row.attempts == 1
+        assert agent.publisher.stats()["acked"] == 0
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 1 and "135" in refusals[0] and event_id in refusals[0]
+    finally:
+        broker.stop()
+
+
+def test_heartbeat_carries_probe_fields_and_outbox_depth(
+    broker: MosquittoBroker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    cfg = config(broker.port, heartbeat_interval_s=0.3)
+    got: queue.Queue[dict[str, Any]] = queue.Queue()
+    tap = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    tap.on_message = lambda c, u, m: got.put(json.loads(m.payload))
+    tap.connect("127.0.0.1", broker.port)
+    tap.subscribe(f"{cfg.topic_root}/heartbeat", qos=0)
+    tap.loop_start()
+    ready = threading.Event()
+    tap.on_subscribe = lambda *a: ready.set()
+    try:
+        with Outbox(tmp_path / "state.db") as ob:
+            ob.record("cap-x", "match", None, None)
+        agent = Agent(
+            cfg,
+            tmp_path / "state.db",
+            heartbeat=lambda: {"uptime_s": 12.5},
+            heartbeat_topic=f"{cfg.topic_root}/heartbeat",
+        ).start()
+        agents.append(agent)
+        beats = [got.get(timeout=10), got.get(timeout=10)]
+        for beat in beats:
+            assert beat["uptime_s"] == 12.5
+            assert beat["depth"] == 0 and beat["oldest_age_s"] is None
+            assert {"published", "acked", "refused", "republished", "inflight"} <= beat.keys()
+    finally:
+        tap.disconnect()
+        tap.loop_stop()
