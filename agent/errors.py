@@ -10,8 +10,22 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     │   └── RegistryFileError  a subset file is malformed (line number given)
     ├── OutboxError            the SQLite outbox could not be written or read
     ├── LinkError              the MQTT link is misconfigured (paho errors are mapped here)
-    └── iaflash.engines.errors.EngineError  (re-exported: BackendUnavailable, BundleError → SignatureError →
-                                     UntrustedKey, ModelLoadError, InferenceError)
+    ├── CommandError           a refused or failed command from central (``code`` is the answer's error code)
+    ├── CalibrationError       calibration or fitting cannot run (bad inputs, unwritable output)
+    ├── DatasetError           an evaluation dataset is unusable (file and row named)
+    └── EngineError            (iaflash.engines.errors, re-exported)
+        ├── BackendUnavailable
+        ├── BundleError
+        │   └── SignatureError
+        │       └── UntrustedKey
+        ├── ModelLoadError
+        │   └── UnusablePlan
+        ├── CudaError
+        └── InferenceError
+
+The root, IaflashError, is defined in iaflash.engines.errors (the lowest layer) so the
+engines' errors belong to the same tree; tests/test_errors.py checks that every exception
+class of the project is in it and drawn here.
 """
 
 from __future__ import annotations
@@ -21,19 +35,26 @@ from dataclasses import dataclass
 from iaflash.engines.errors import (
     BackendUnavailable,
     BundleError,
+    CudaError,
     EngineError,
+    IaflashError,
     InferenceError,
     ModelLoadError,
     SignatureError,
     UntrustedKey,
+    UnusablePlan,
 )
 
 __all__ = [
     "BackendUnavailable",
     "BundleError",
+    "CalibrationError",
     "CaptureRejected",
+    "CommandError",
     "ConfigError",
     "ConfigIssue",
+    "CudaError",
+    "DatasetError",
     "EngineError",
     "IaflashError",
     "InferenceError",
@@ -45,11 +66,8 @@ __all__ = [
     "RegistryFileError",
     "SignatureError",
     "UntrustedKey",
+    "UnusablePlan",
 ]
-
-
-class IaflashError(Exception):
-    """Base class for the agent's own errors."""
 
 
 @dataclass(frozen=True)
@@ -99,3 +117,19 @@ class OutboxError(IaflashError):
 
 class LinkError(IaflashError):
     """The MQTT link is misconfigured or its library failed."""
+
+
+class CommandError(IaflashError):
+    """A refused or failed command; ``code`` is the response's ``error.code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class CalibrationError(IaflashError):
+    """Calibration cannot run: bad inputs, or the new bundle cannot be written where asked."""
+
+
+class DatasetError(IaflashError):
+    """The evaluation dataset is unusable; the message names the file and row."""

@@ -34,8 +34,8 @@ import numpy as np
 
 from iaflash.engines.atomic import write_atomic
 from iaflash.engines.bundle import Bundle, sha256_file
-from iaflash.engines.cuda import CudaError, open_cuda
-from iaflash.engines.errors import BackendUnavailable, ModelLoadError
+from iaflash.engines.cuda import open_cuda
+from iaflash.engines.errors import BackendUnavailable, CudaError, ModelLoadError, UnusablePlan
 from iaflash.engines.options import DEFAULT_CACHE_DIR, BuildOptions, Progress
 from iaflash.engines.trt_build import compile_plan
 
@@ -61,10 +61,6 @@ TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 
 Profiles = dict[str, list[list[int]]]
 T = TypeVar("T")
-
-
-class UnusablePlan(ModelLoadError):
-    """TensorRT refused a cached plan (deserialisation returned None): it is discarded and rebuilt."""
 
 
 @dataclass(frozen=True)

@@ -35,15 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from iaflash.engines.errors import EngineError
+from iaflash.engines.errors import CudaError
 
 __all__ = ["Cuda", "CudaError", "available", "format_cuda_version", "open_cuda"]
 
 logger = logging.getLogger(__name__)
-
-
-class CudaError(EngineError):
-    """A CUDA call failed (no device, out of memory, bad pointer, driver too old)."""
 
 
 def format_cuda_version(value: int) -> str:

@@ -1,21 +1,29 @@
 """Errors raised by the inference layer.
 
-``engines`` knows nothing of the agent, so its errors live here; ``iaflash.agent.errors``
-re-exports them into the one tree the rest of the project documents::
+``engines`` knows nothing of the agent, so the ROOT of the project's one exception tree,
+:class:`IaflashError`, lives here (the lowest layer); ``iaflash.agent.errors`` re-exports it
+with everything below and draws the whole tree::
 
-    EngineError
+    IaflashError
+    └── EngineError
     ├── BackendUnavailable   the backend's library or device is missing (is_available() said why)
     ├── BundleError          a model bundle is missing a file, fails its sha256, or has a bad manifest
     │   └── SignatureError   a bundle or signed file is unsigned, altered after signing, or its .sig is malformed
     │       └── UntrustedKey the signature is by a key that is not in the trust store
     ├── ModelLoadError       the runtime refused the model file (corrupt ONNX, bad plan)
+    │   └── UnusablePlan     TensorRT refused a cached plan: it is discarded and rebuilt
+    ├── CudaError            a CUDA call failed (no device, out of memory, driver too old)
     └── InferenceError       a batch had the wrong shape/dtype, or the runtime failed while running
 """
 
 from __future__ import annotations
 
 
-class EngineError(Exception):
+class IaflashError(Exception):
+    """The root of every error the project raises (agent, engines, provisioning, central)."""
+
+
+class EngineError(IaflashError):
     """Base class for every error raised by ``engines``."""
 
 
@@ -41,3 +49,11 @@ class ModelLoadError(EngineError):
 
 class InferenceError(EngineError):
     """A call to ``infer`` failed: wrong input shape/dtype or a runtime failure."""
+
+
+class UnusablePlan(ModelLoadError):
+    """TensorRT refused a cached plan (deserialisation returned None): it is discarded and rebuilt."""
+
+
+class CudaError(EngineError):
+    """A CUDA call failed (no device, out of memory, bad pointer, driver too old)."""

@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 
 from iaflash.engines.base import Backend, BackendInfo, TensorSpec
-from iaflash.engines.build import BuildEnv, UnusablePlan, load_or_build, read_plan_meta
+from iaflash.engines.build import BuildEnv, load_or_build, read_plan_meta
 from iaflash.engines.bundle import Bundle
-from iaflash.engines.cuda import CudaError
 from iaflash.engines.cuda import available as cuda_available
-from iaflash.engines.errors import InferenceError, ModelLoadError
+from iaflash.engines.errors import CudaError, InferenceError, ModelLoadError, UnusablePlan
 from iaflash.engines.options import BuildOptions, Progress
 from iaflash.engines.trt_build import (
     compile_plan,

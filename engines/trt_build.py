@@ -23,8 +23,8 @@ import numpy as np
 
 from iaflash.engines.atomic import write_atomic
 from iaflash.engines.bundle import Bundle
-from iaflash.engines.cuda import Cuda, CudaError, open_cuda
-from iaflash.engines.errors import EngineError, ModelLoadError
+from iaflash.engines.cuda import Cuda, open_cuda
+from iaflash.engines.errors import CudaError, EngineError, ModelLoadError
 
 if TYPE_CHECKING:  # annotations only
     from iaflash.engines.options import BuildOptions, Progress

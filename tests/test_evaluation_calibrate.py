@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_evaluate import cli, write_demo_dataset
+from test_evaluation_evaluate import cli, write_demo_dataset
 
 from iaflash.agent.decision.verdict import softmax
 from iaflash.agent.demo.model import build_demo_bundle

@@ -38,7 +38,6 @@ from iaflash.agent.commands.protocol import (
     MAX_VALIDITY_S,
     RESPONSE_SCHEMA_ID,
     SLOW,
-    CommandError,
     Handler,
     ReplayStore,
     canonical_bytes,
@@ -47,7 +46,7 @@ from iaflash.agent.commands.protocol import (
     validate_response,
 )
 from iaflash.agent.config import Config
-from iaflash.agent.errors import IaflashError, LinkError, PlateError, SignatureError, UntrustedKey
+from iaflash.agent.errors import CommandError, IaflashError, LinkError, PlateError, SignatureError, UntrustedKey
 from iaflash.agent.link.mqtt import InboundMessage, MqttLink
 from iaflash.agent.registry.cache import import_signed_subset
 from iaflash.agent.registry.plates import key_id, plate_key

@@ -16,7 +16,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from iaflash.agent.errors import IaflashError
+from iaflash.agent.errors import CommandError
 from iaflash.agent.schemas.loader import validator
 from iaflash.agent.strictjson import loads_strict
 
@@ -30,14 +30,6 @@ SLOW = frozenset({"send_evidence", "registry_sync"})
 FIX_SIGN = "send it with `iaflash-central cmd ... --key CENTRAL.key`"
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class CommandError(IaflashError):
-    """A refused or failed command; ``code`` is the response's ``error.code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
 
 
 def canonical_bytes(body: dict[str, Any]) -> bytes:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from iaflash.agent.decision.verdict import softmax
-from iaflash.agent.errors import IaflashError
+from iaflash.agent.errors import CalibrationError
 from iaflash.engines.bundle import LABELS_FILE, MANIFEST_FILE, MODEL_FILE, Bundle, write_bundle
 
 __all__ = [
@@ -44,10 +44,6 @@ __all__ = [
 ECE_BINS = 15
 T_MIN, T_MAX = 0.01, 100.0
 _GOLDEN = (math.sqrt(5) - 1) / 2
-
-
-class CalibrationError(IaflashError):
-    """Calibration cannot run: bad inputs, or the new bundle cannot be written where asked."""
 
 
 @dataclass(frozen=True)

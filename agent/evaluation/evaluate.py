@@ -30,7 +30,7 @@ from iaflash.agent.capture.quality import quality_problem
 from iaflash.agent.config import DecisionConfig
 from iaflash.agent.decision.taxonomy import Taxonomy, norm_make
 from iaflash.agent.decision.verdict import softmax, thresholds_of
-from iaflash.agent.errors import CaptureRejected, IaflashError
+from iaflash.agent.errors import CaptureRejected, DatasetError
 from iaflash.agent.evaluation.calibrate import ECE_BINS, calibration_summary, reliability
 from iaflash.agent.evaluation.simulate import (
     THRESHOLD_GRID,
@@ -72,10 +72,6 @@ __all__ = [
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg"})
 SCHEMA = "iaflash.evaluation/1"
-
-
-class DatasetError(IaflashError):
-    """The evaluation dataset is unusable; the message names the file and row."""
 
 
 @dataclass(frozen=True)
