@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator
 
 from iaflash.agent.errors import CommandError
 from iaflash.agent.schemas.loader import validator
+from iaflash.agent.sqlite import sqlite_errors
 from iaflash.agent.strictjson import loads_strict
 
 SCHEMA_ID = "iaflash.command/1"
@@ -91,15 +92,9 @@ class ReplayStore:
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
-        """The one place where this store's sqlite3 errors become CommandError("failed")."""
-        try:
+        """This store's sqlite3 errors become CommandError("failed") (the map is iaflash.agent.sqlite)."""
+        with sqlite_errors(f"replay store: {action}", self.path, lambda message: CommandError("failed", message)):
             yield
-        except sqlite3.Error as exc:
-            raise CommandError(
-                "failed",
-                f"replay store {self.path}: cannot {action}: {exc}; fix: check the "
-                "directory's permissions and free disk space",
-            ) from exc
 
     def first_time(self, command_id: str, expires_at: float) -> bool:
         """Record ``command_id``; False when it was already recorded (a replay)."""

@@ -10,6 +10,11 @@
   which would break the single transaction, and are slower (see benchmarks/registry_bench.py).
 * :class:`Registry` is the per-capture read path: raw sqlite3 primary-key SELECTs.
 * sqlite3 errors are mapped to :class:`RegistryError` here, in :func:`_db_errors`.
+* Integrity: :func:`check_integrity` runs SQLite's ``quick_check``. :class:`Registry` runs it at
+  start and after any read error; a corrupt, unreadable or missing cache makes the registry
+  *unavailable* (:class:`RegistryUnavailable`, verdicts ``inconclusive``/``registry_unavailable``)
+  instead of crashing the agent, and it is reopened by itself (every ``REOPEN_EVERY_S``) once a
+  snapshot was re-imported. ``registry status`` and ``doctor`` report the same check.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from operator import itemgetter
@@ -25,7 +31,7 @@ from typing import Any
 
 import sqlite_utils
 
-from iaflash.agent.errors import RegistryError, RegistryFileError, SignatureError
+from iaflash.agent.errors import RegistryError, RegistryFileError, RegistryUnavailable, SignatureError
 from iaflash.agent.registry.plates import key_id as compute_key_id
 from iaflash.agent.registry.plates import plate_key
 from iaflash.agent.registry.record import RegistryRecord, RegistryState
@@ -40,6 +46,7 @@ from iaflash.agent.registry.subset_file import (
     records_from_plates,
     write_subset,
 )
+from iaflash.agent.sqlite import sqlite_errors
 from iaflash.engines.signing import Verified, read_trusted_file, signature_path
 
 __all__ = [
@@ -49,6 +56,8 @@ __all__ = [
     "Registry",
     "RegistryRecord",
     "RegistryState",
+    "check_integrity",
+    "fix_corrupt",
     "import_signed_subset",
     "import_subset",
     "read_state",
@@ -76,18 +85,44 @@ _SQL = {
     "delete": "DELETE FROM vehicles WHERE plate_key = ?",
 }
 _BY_KEY = itemgetter(0)
+REOPEN_EVERY_S = 30.0  # an unavailable registry is re-checked this often (a re-imported snapshot is picked up)
+
+
+def fix_corrupt(db_path: Path) -> str:
+    """The fix for a corrupt cache: it is a copy of central's data, so move it aside and re-import a snapshot."""
+    return (
+        f"move {db_path} aside (keep it for analysis: mv {db_path} {db_path}.corrupt) and re-import a snapshot "
+        "with `iaflash-provision registry import SNAPSHOT.jsonl.gz`; the running agent picks it up by itself"
+    )
+
+
+def check_integrity(db_path: Path) -> str | None:
+    """None when ``db_path`` passes SQLite's ``quick_check``; else what is wrong (the file is not changed).
+
+    A missing file is a problem too (the agent never recreates it silently).
+    """
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        return f"{db_path}: no registry cache here"
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return f"{db_path}: corrupt or unreadable ({exc})"
+    if rows != ["ok"]:
+        return f"{db_path}: corrupt (quick_check: {'; '.join(str(r) for r in rows)[:300]})"
+    return None
 
 
 @contextlib.contextmanager
 def _db_errors(what: str, db_path: Path) -> Iterator[None]:
-    """The one place where sqlite3's exceptions become RegistryError."""
-    try:
+    """sqlite3's exceptions become RegistryError (the one map is iaflash.agent.sqlite)."""
+    with sqlite_errors(what, db_path, RegistryError):
         yield
-    except sqlite3.Error as exc:
-        raise RegistryError(
-            f"{what} failed on {db_path}: {exc}; fix: check the path, the free disk space "
-            "and that no other process holds a write lock"
-        ) from exc
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:
@@ -316,23 +351,123 @@ def read_state(db_path: Path) -> RegistryState | None:
 
 
 class Registry:
-    """Read side of the cache: one raw sqlite3 connection, used by one thread at a time."""
+    """Read side of the cache: one raw sqlite3 connection, used by one thread at a time.
 
-    def __init__(self, db_path: Path, hmac_key: bytes) -> None:
+    Never crashes the caller on a bad file: a cache that fails ``quick_check`` at start, or any
+    read error later, makes it *unavailable* (``problem`` says why, ``unavailable_lookups``
+    counts the captures that got ``inconclusive`` because of it); lookups then raise
+    :class:`RegistryUnavailable` at once, and the file is re-checked every ``REOPEN_EVERY_S``.
+    ``create=True`` (tests, first install) creates an empty cache where none exists; the agent
+    passes False, so a deleted cache is a loud, persistent state, never silently recreated empty.
+    """
+
+    def __init__(self, db_path: Path, hmac_key: bytes, *, create: bool = True) -> None:
         self._path = Path(db_path)
         self._hmac_key = hmac_key
+        self._create = create
         self.key_id = compute_key_id(hmac_key)
-        with _db_errors("opening the registry", self._path):
-            self._conn = _connect(self._path)
+        self._conn: sqlite3.Connection | None = None
         self._data_version: int | None = None
         self._state: RegistryState | None = None
+        self.problem: str | None = None
+        self.unavailable_lookups = 0
+        self.unavailable_since: float | None = None
+        self._next_check = 0.0
+        self._open()
+
+    def _open(self) -> bool:
+        """(Re)open the file after a quick_check; on failure record the problem, log it once, return False."""
+        problem = None
+        if self._create and not self._path.exists():
+            with contextlib.suppress(sqlite3.Error, OSError):
+                _connect(self._path).close()
+        problem = check_integrity(self._path)
+        if problem is None:
+            try:
+                conn = _connect(self._path)
+            except sqlite3.Error as exc:
+                problem = f"{self._path}: cannot be opened ({exc})"
+            else:
+                if self._conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.close()
+                self._conn, self._data_version, self._state = conn, None, None
+        if problem is not None:
+            self._set_unavailable(problem)
+            return False
+        if self.problem is not None:
+            log.warning("registry cache %s is available again (was: %s)", self._path, self.problem)
+        self.problem, self.unavailable_since = None, None
+        return True
+
+    def _set_unavailable(self, problem: str) -> None:
+        if problem != self.problem:
+            log.error(
+                "registry unavailable: %s; verdicts are inconclusive (registry_unavailable) until it is fixed. Fix: %s",
+                problem,
+                fix_corrupt(self._path),
+            )
+        if self.unavailable_since is None:
+            self.unavailable_since = time.time()
+        self.problem = problem
+        self._next_check = time.monotonic() + REOPEN_EVERY_S
+
+    def _usable(self) -> sqlite3.Connection:
+        """The open connection, or RegistryUnavailable (re-checking the file when it is time)."""
+        if self.problem is not None and time.monotonic() >= self._next_check:
+            self._open()
+        if self.problem is not None or self._conn is None:
+            self.unavailable_lookups += 1
+            raise RegistryUnavailable(f"registry unavailable: {self.problem}; fix: {fix_corrupt(self._path)}")
+        return self._conn
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A read on the connection; a sqlite3 error re-checks the file and becomes RegistryUnavailable."""
+        conn = self._usable()
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            self._set_unavailable(check_integrity(self._path) or f"{self._path}: {what} failed ({exc})")
+            self.unavailable_lookups += 1
+            raise RegistryUnavailable(
+                f"registry unavailable: {what} failed on {self._path}: {exc}; fix: {fix_corrupt(self._path)}"
+            ) from exc
+
+    def health(self) -> dict[str, Any]:
+        """For the heartbeat and doctor: state ok / empty / unavailable, with the problem and the fix."""
+        if self.problem is not None:
+            return {
+                "state": "unavailable",
+                "problem": self.problem,
+                "fix": fix_corrupt(self._path),
+                "since": self.unavailable_since,
+                "inconclusive_lookups": self.unavailable_lookups,
+            }
+        try:
+            state = self.state()
+        except RegistryError as exc:
+            return {"state": "unavailable", "problem": str(exc), "fix": fix_corrupt(self._path)}
+        if state is None or state.count == 0:
+            return {
+                "state": "empty",
+                "problem": f"{self._path}: no vehicles: every plate is unknown_plate",
+                "fix": "import a snapshot with `iaflash-provision registry import SNAPSHOT.jsonl.gz`",
+            }
+        if state.key_id != self.key_id:
+            return {
+                "state": "key_mismatch",
+                "problem": f"hashed with key {state.key_id}, this box's key is {self.key_id}: no plate matches",
+                "fix": "import a snapshot built with this box's key",
+            }
+        return {"state": "ok", "vehicles": state.count, "seq": state.seq}
 
     def _current(self) -> RegistryState | None:
         # data_version changes when another connection (an import) commits: re-read state only then.
-        with _db_errors("reading the registry state", self._path):
-            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+        with self._reading("reading the registry state") as conn:
+            (version,) = conn.execute("PRAGMA data_version").fetchone()
             if version != self._data_version:
-                self._state = _read_state(self._conn)
+                self._state = _read_state(conn)
                 self._data_version = version
                 if self._state is not None and self._state.key_id != self.key_id:
                     log.error(
@@ -354,10 +489,8 @@ class Registry:
     def lookup_key(self, key: bytes) -> RegistryRecord | None:
         """The record for an HMAC plate key already computed by the caller (see ``plates.plate_key``)."""
         self._current()
-        with _db_errors("registry lookup", self._path):
-            row = self._conn.execute(
-                "SELECT make, model, genre, body FROM vehicles WHERE plate_key = ?", (key,)
-            ).fetchone()
+        with self._reading("registry lookup") as conn:
+            row = conn.execute("SELECT make, model, genre, body FROM vehicles WHERE plate_key = ?", (key,)).fetchone()
         return None if row is None else RegistryRecord(*row)
 
     def state(self) -> RegistryState | None:
@@ -373,7 +506,9 @@ class Registry:
         return age is None or age > max_age_hours
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> Registry:
         return self
