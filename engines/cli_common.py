@@ -29,7 +29,7 @@ __all__ = [
     "public_key_id",
 ]
 
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
 

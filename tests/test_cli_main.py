@@ -16,8 +16,9 @@ import pytest
 from click.testing import CliRunner
 from onnx_builders import LABELS, classifier_onnx
 
-from iaflash.agent.cli.main import EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
+from iaflash.agent.cli.main import main
 from iaflash.engines.bundle import Preprocessing, write_bundle
+from iaflash.engines.cli_common import EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE
 from iaflash.engines.signing import generate_keypair, sign_bundle
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from iaflash.agent.cli.progress import progress_callback
-from iaflash.agent.config import DecisionConfig, load_config
+from iaflash.agent.config import SpoolConfig, load_config
 from iaflash.agent.errors import ConfigError, EngineError, IaflashError
+from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, json_option
 
 if TYPE_CHECKING:
     from iaflash.agent.evaluation.evaluate import Inference
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["calibrate", "commands", "evaluate"]
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-EXIT_OK, EXIT_ERROR = 0, 1
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -50,7 +49,9 @@ def _operational(func: F) -> F:
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
 
 
-def _load(bundle_dir: Path, dataset: Path, batch_size: int, threads: int) -> tuple[Bundle, Inference]:
+def _load(
+    bundle_dir: Path, dataset: Path, batch_size: int, threads: int, spool_cfg: SpoolConfig | None = None
+) -> tuple[Bundle, Inference]:
     """The bundle and its inference over the dataset; all heavy imports are here."""
     from iaflash.agent.evaluation.evaluate import load_dataset, require_supported, run_inference  # noqa: PLC0415  # `--help` fast
     from iaflash.engines.bundle import load_bundle  # noqa: PLC0415
@@ -60,12 +61,13 @@ def _load(bundle_dir: Path, dataset: Path, batch_size: int, threads: int) -> tup
         raise IaflashError(f"{bundle_dir}: is a {bundle.manifest.task} bundle; fix: give a classifier bundle")
     samples = load_dataset(dataset)
     with progress_callback("classifying images") as progress:
-        inference = run_inference(bundle, samples, batch_size=batch_size, threads=threads, progress=progress)
+        inference = run_inference(
+            bundle, samples, batch_size=batch_size, threads=threads, progress=progress, spool_cfg=spool_cfg
+        )
     require_supported(inference, dataset)
     return bundle, inference
 
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout.")
 _batch_option = click.option(
     "--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="Images per inference call."
 )
@@ -97,7 +99,7 @@ def _with_paths(func: F) -> F:
 )
 @_batch_option
 @_threads_option
-@_json_option
+@json_option
 @_operational
 def calibrate(bundle_dir: Path, dataset: Path, out_dir: Path, batch_size: int, threads: int, as_json: bool) -> None:
     """Fit the temperature of BUNDLE on the labelled DATASET; write a new bundle with it.
@@ -141,22 +143,26 @@ def calibrate(bundle_dir: Path, dataset: Path, out_dir: Path, batch_size: int, t
     click.echo(f"wrote {out_dir} (version {new.manifest.version}, unsigned: sign it before deploying)")
 
 
-def _decision_config(config_path: Path | None) -> DecisionConfig:
-    return load_config(config_path).decision
-
-
 def _print_summary(doc: dict[str, Any], out: Path | None) -> None:
-    acc, cal, conf = doc["accuracy"], doc["calibration"], doc["configured"]
+    acc, cal, data = doc["accuracy"], doc["calibration"], doc["dataset"]
+    click.echo(
+        f"dataset      {data['evaluated']} of {data['samples']} {data['kind']} evaluated "
+        f"({data['unsupported']} unsupported, {data['rejected']} rejected, {data['poor_image']} not classified)"
+    )
     click.echo(f"accuracy     top-1 {acc['top1']:.2%}  top-5 {acc['top5']:.2%}  make {acc['make']:.2%}")
     click.echo(
         f"calibration  ECE {cal['ece']:.4f}  NLL {cal['nll']:.4f}  (temperature {doc['bundle']['temperature']:g})"
     )
-    click.echo(
-        f"configured   false-flag rate {conf['false_flag_rate']:.2%}  clone detection {conf['detection_rate']:.2%}"
-    )
-    click.echo(doc["recommended"]["sentence"])
-    for note in doc["recommended"]["notes"]:
-        click.echo(f"note: {note}")
+    for p in doc["operating_points"]:
+        click.echo(
+            f"{p['name']:<12} false flags {p['genuine_flagged']}/{p['genuine']} ({p['false_flag_rate']:.3%}, "
+            f"95% upper {p['false_flag_upper']:.3%}, {'met' if p['met'] else 'NOT met'})  clones caught: "
+            f"make {p['make_detection']:.1%}  model {p['model_detection']:.1%}"
+        )
+    if not any(p["name"] == "recommended" for p in doc["operating_points"]):
+        click.echo("recommended  none: no swept point bounds the false-flag rate at the target")
+    for warning in doc["warnings"]:
+        click.echo(f"WARNING: {warning}", err=True)
     if out is not None:
         click.echo(f"wrote {out}")
 
@@ -185,14 +191,14 @@ def _print_summary(doc: dict[str, Any], out: Path | None) -> None:
 @click.option(
     "--clones-per-image",
     type=click.IntRange(1, 100),
-    default=5,
+    default=1,
     show_default=True,
-    help="Simulated clone records (other makes/models) per image.",
+    help="Simulated clone records per image and per level (another make; another model of the make).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clone simulation.")
 @_batch_option
 @_threads_option
-@_json_option
+@json_option
 @_operational
 def evaluate(
     bundle_dir: Path,
@@ -206,36 +212,43 @@ def evaluate(
     threads: int,
     as_json: bool,
 ) -> None:
-    """Measure BUNDLE on the labelled DATASET: accuracy, calibration and the mismatch operating curve.
+    """Measure BUNDLE on the labelled DATASET through the daemon's own intake and decision.
 
-    Each image is read against its own registry record and against K records of other
-    makes/models (simulated clones). Sweeping make_threshold = model_threshold gives the
-    genuine false-flag rate against the clone detection rate; the recommended point is the
-    threshold with the best detection whose false-flag rate meets the target.
+    DATASET is labelled photos (a CSV or <make>/<model>/*.jpg folder) or labelled captures (a
+    folder of sidecars and frames with truth.csv: genuine, clone_make or clone_model). Photos are
+    read against their own record and, as simulated clones, against another make and another
+    model of the same make. Reports a joint sweep over min_top1 and the make/model thresholds,
+    the configured, shipped (bundle) and recommended operating points judged on the 95% upper
+    bound of the false-flag rate, confused labels and every flagged genuine item. A WARNING is
+    printed when the configured or shipped thresholds miss the target.
 
     \b
     Example:
       iaflash-agent evaluate /models/classifier test/labels.csv --out report.html
-      iaflash-agent evaluate /models/classifier test/ --config /etc/iaflash/agent.toml --json
+      iaflash-agent evaluate /models/classifier captures/ --config /etc/iaflash/agent.toml --json
     """
     from iaflash.agent.evaluation.evaluate import evaluate as run_evaluation  # noqa: PLC0415  # keeps `--help` fast
     from iaflash.agent.evaluation.report import render_html  # noqa: PLC0415
 
-    cfg = _decision_config(config_path)
-    bundle, inference = _load(bundle_dir, dataset, batch_size, threads)
+    config = load_config(config_path)
+    bundle, inference = _load(bundle_dir, dataset, batch_size, threads, config.spool)
     with progress_callback("sweeping thresholds") as progress:
         doc = run_evaluation(
-            bundle, inference, cfg, target=target, clones_per_image=clones_per_image, seed=seed, progress=progress
+            bundle,
+            inference,
+            config.decision,
+            target=target,
+            clones_per_image=clones_per_image,
+            seed=seed,
+            progress=progress,
+            dataset_path=dataset,
         )
-    doc = {
-        **doc,
-        "bundle": {**doc["bundle"], "path": str(bundle_dir)},
-        "dataset": {**doc["dataset"], "path": str(dataset)},
-    }
     if out is not None:
         out.write_text(render_html(doc), encoding="utf-8")
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        for warning in doc["warnings"]:
+            click.echo(f"WARNING: {warning}", err=True)
     else:
         _print_summary(doc, out)
 

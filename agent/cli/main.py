@@ -21,9 +21,7 @@ from iaflash.agent.config import load_config
 from iaflash.agent.config_checks import semantic_issues
 from iaflash.agent.errors import ConfigError, ConfigIssue, EngineError, IaflashError
 from iaflash.agent.health import setup_logging
-
-CONTEXT = {"help_option_names": ["-h", "--help"]}
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
+from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS
 
 log = logging.getLogger(__name__)
 
