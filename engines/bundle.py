@@ -37,9 +37,12 @@ from iaflash.engines.manifest import (
     MODEL_FILE,
     SCHEMA_VERSION,
     SIGNATURE_FILE,
+    CropSpec,
     DetectorSpec,
     Manifest,
+    OodSpec,
     Preprocessing,
+    TtaSpec,
 )
 
 __all__ = [
@@ -50,11 +53,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "SIGNATURE_FILE",
     "Bundle",
+    "CropSpec",
     "DetectorSpec",
     "Label",
     "Manifest",
     "ManifestVerifier",
+    "OodSpec",
     "Preprocessing",
+    "TtaSpec",
     "check_full_range_makes",
     "labels_csv",
     "load_bundle",
@@ -312,6 +318,9 @@ def write_bundle(
     description: str = "",
     detector: DetectorSpec | None = None,
     full_range_makes: Sequence[str] = (),
+    crop: CropSpec | None = None,
+    tta: TtaSpec | None = None,
+    ood: OodSpec | None = None,
 ) -> Bundle:
     """Write a bundle into directory ``path`` (created if needed) and return it, loaded and verified.
 
@@ -339,6 +348,9 @@ def write_bundle(
             "description": description,
             **({} if detector is None else {"detector": detector.to_dict()}),
             **({"full_range_makes": list(full_range_makes)} if full_range_makes else {}),
+            **({} if crop is None else {"crop": crop.to_dict()}),
+            **({} if tta is None else {"tta": tta.to_dict()}),
+            **({} if ood is None else {"ood": ood.to_dict()}),
             "files": {n: hashlib.sha256(b).hexdigest() for n, b in payloads.items()},
         }
     )

@@ -10,8 +10,8 @@ Two output contracts, chosen by the bundle's :class:`~iaflash.engines.bundle.Det
 
 The seam with preprocessing: this module never resizes an image (that is ``iaflash.agent.capture.preprocess``,
 OpenCV, and ``engines`` must not import the agent). It only needs the *geometry* of the resize,
-which :func:`input_geometry` computes from the image size and the bundle's
-:class:`~iaflash.engines.bundle.Preprocessing` with exactly the arithmetic ``iaflash.agent.capture.preprocess`` uses::
+which :func:`input_geometry` takes from :mod:`iaflash.engines.geometry`, the one copy of that
+arithmetic, which ``iaflash.agent.capture.preprocess`` uses to resize the pixels::
 
     tensor = iaflash.agent.capture.preprocess.preprocess(image, bundle.manifest.preprocessing)
     geometry = input_geometry((image.shape[1], image.shape[0]), bundle.manifest.preprocessing)
@@ -29,6 +29,7 @@ import numpy as np
 from iaflash.engines.base import Backend
 from iaflash.engines.bundle import Bundle, DetectorSpec, Preprocessing
 from iaflash.engines.errors import BundleError, InferenceError
+from iaflash.engines.geometry import InputGeometry, fit_geometry
 
 __all__ = [
     "Detection",
@@ -77,80 +78,9 @@ class Detection:
         return x0, y0, max(1, int(np.ceil(self.x2)) - x0), max(1, int(np.ceil(self.y2)) - y0)
 
 
-@dataclass(frozen=True)
-class InputGeometry:
-    """How image pixels map to model-input pixels: ``input = (image - crop) * scale + pad``.
-
-    ``crop_x/crop_y`` is the corner of the image region that was resized (center_crop only),
-    ``scale_x/scale_y`` input pixels per image pixel, ``pad_x/pad_y`` the letterbox offset.
-    """
-
-    image_w: int
-    image_h: int
-    input_w: int
-    input_h: int
-    scale_x: float
-    scale_y: float
-    crop_x: int = 0
-    crop_y: int = 0
-    pad_x: int = 0
-    pad_y: int = 0
-
-    def to_input(self, boxes: np.ndarray) -> np.ndarray:
-        """``[..., 4]`` xyxy image-pixel boxes (or ``[..., 2]`` points) → model-input pixels."""
-        return self._affine(boxes, forward=True)
-
-    def to_image(self, boxes: np.ndarray, *, clip: bool = True) -> np.ndarray:
-        """``[..., 4]`` xyxy model-input-pixel boxes (or points) → image pixels, clipped to the image."""
-        out = self._affine(boxes, forward=False)
-        if clip:
-            limits = np.tile([self.image_w, self.image_h], out.shape[-1] // 2)
-            out = np.clip(out, 0.0, limits)
-        return out
-
-    def _affine(self, boxes: np.ndarray, *, forward: bool) -> np.ndarray:
-        arr = np.asarray(boxes, dtype=np.float64)
-        if arr.shape[-1] not in (2, 4):
-            raise ValueError(f"expected [..., 4] boxes or [..., 2] points, got shape {list(arr.shape)}")
-        reps = arr.shape[-1] // 2
-        scale = np.tile([self.scale_x, self.scale_y], reps)
-        crop = np.tile([self.crop_x, self.crop_y], reps)
-        pad = np.tile([self.pad_x, self.pad_y], reps)
-        if forward:
-            result: np.ndarray = (arr - crop) * scale + pad
-        else:
-            result = (arr - pad) / scale + crop
-        return result
-
-
 def input_geometry(image_size: tuple[int, int], pp: Preprocessing) -> InputGeometry:
-    """The geometry of ``preprocess`` (agent.capture.preprocess) for a ``(width, height)`` image (same rounding)."""
-    src_w, src_h = image_size
-    if src_w <= 0 or src_h <= 0:
-        raise ValueError(f"image size must be positive, got {image_size}")
-    base = {"image_w": src_w, "image_h": src_h, "input_w": pp.width, "input_h": pp.height}
-    if pp.resize == "letterbox":
-        scale = min(pp.width / src_w, pp.height / src_h)
-        new_w = min(pp.width, max(1, round(src_w * scale)))
-        new_h = min(pp.height, max(1, round(src_h * scale)))
-        return InputGeometry(
-            **base,
-            scale_x=new_w / src_w,
-            scale_y=new_h / src_h,
-            pad_x=(pp.width - new_w) // 2,
-            pad_y=(pp.height - new_h) // 2,
-        )
-    if pp.resize == "center_crop":
-        crop_w = min(src_w, max(1, round(src_h * pp.width / pp.height)))
-        crop_h = min(src_h, max(1, round(src_w * pp.height / pp.width)))
-        return InputGeometry(
-            **base,
-            scale_x=pp.width / crop_w,
-            scale_y=pp.height / crop_h,
-            crop_x=(src_w - crop_w) // 2,
-            crop_y=(src_h - crop_h) // 2,
-        )
-    return InputGeometry(**base, scale_x=pp.width / src_w, scale_y=pp.height / src_h)
+    """The geometry of the preprocessing (iaflash.engines.geometry) for a ``(width, height)`` image."""
+    return fit_geometry(image_size, (pp.width, pp.height), pp.resize)
 
 
 # ---------------------------------------------------------------- NMS

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -22,9 +22,12 @@ __all__ = [
     "MODEL_FILE",
     "SCHEMA_VERSION",
     "SIGNATURE_FILE",
+    "CropSpec",
     "DetectorSpec",
     "Manifest",
+    "OodSpec",
     "Preprocessing",
+    "TtaSpec",
 ]
 
 SCHEMA_VERSION = 1
@@ -80,6 +83,63 @@ class DetectorSpec:
         return cast(dict[str, Any], _jsonable(asdict(self)))
 
 
+ColorMode = Literal["color", "grey"]
+INTERPOLATIONS = ("auto", "area", "linear", "cubic", "nearest")
+LEGACY_CROP_MARGIN = 0.1  # what agents before the crop contract always added around the box
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How the classifier's input is cut from the frame (the crop contract; docs/BUNDLES.md).
+
+    ``margin``: added around the vehicle box on each side, as a fraction of its width/height (0 =
+    tight). ``aspect``: how the crop fits the input (stretch, letterbox, center_crop; the same value
+    as ``preprocessing.resize``). ``interpolation``: auto (area when shrinking, linear when
+    enlarging), area, linear, cubic or nearest. ``color_modes``: "color" only, or also "grey"
+    (greyscale / infrared frames); a frame in a mode the model does not accept is inconclusive.
+    A manifest without a ``crop`` section gets :meth:`legacy`: what agents always did.
+    """
+
+    margin: float = LEGACY_CROP_MARGIN
+    aspect: Literal["stretch", "letterbox", "center_crop"] = "stretch"
+    interpolation: Literal["auto", "area", "linear", "cubic", "nearest"] = "auto"
+    color_modes: tuple[ColorMode, ...] = ("color",)
+
+    @classmethod
+    def legacy(cls, pp: Preprocessing) -> CropSpec:
+        """The crop of a manifest without a ``crop`` section: 10 % margin, the preprocessing's resize."""
+        return cls(aspect=pp.resize)
+
+    def to_dict(self) -> dict[str, Any]:
+        return cast(dict[str, Any], _jsonable(asdict(self)))
+
+
+@dataclass(frozen=True)
+class TtaSpec:
+    """Test-time augmentation the model was checked with: ``hflip`` averages the mirrored crop in."""
+
+    hflip: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """Out-of-distribution gate: energy ``E = -T * logsumexp(logits / T)``; ``E > threshold`` abstains.
+
+    In-distribution inputs have low (very negative) energy; fit ``threshold`` on held-in data
+    (e.g. the 95th or 99th percentile of the energies of genuine crops).
+    """
+
+    threshold: float
+    method: Literal["energy"] = "energy"
+    temperature: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """The parsed ``manifest.json`` of a bundle (schema version 1).
@@ -104,6 +164,14 @@ class Manifest:
     description: str = ""
     detector: DetectorSpec | None = None
     full_range_makes: tuple[str, ...] = ()
+    crop: CropSpec | None = None
+    tta: TtaSpec | None = None
+    ood: OodSpec | None = None
+
+    @property
+    def crop_spec(self) -> CropSpec:
+        """The crop contract in force: the ``crop`` section, else :meth:`CropSpec.legacy`."""
+        return self.crop if self.crop is not None else CropSpec.legacy(self.preprocessing)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of the manifest (tuples become lists, files sorted by name).
@@ -117,6 +185,9 @@ class Manifest:
             del data["detector"]
         if not self.full_range_makes:
             del data["full_range_makes"]
+        for key in ("crop", "tta", "ood"):
+            if data[key] is None:
+                del data[key]
         return data
 
     @classmethod
@@ -314,6 +385,75 @@ def _parse_detector(data: Mapping[str, Any]) -> DetectorSpec | None:
     )
 
 
+# ---------------------------------------------------------------- crop contract, TTA, OOD (classifier only)
+
+
+def _classifier_section(data: Mapping[str, Any], key: str, fix: str) -> dict[str, Any] | None:
+    """The ``key`` object of a classifier manifest, its keys prefixed (``crop.margin``) for the messages."""
+    if key not in data:
+        return None
+    if data.get("task") != "classifier":
+        raise _bad(key, "is only allowed for task classifier", "remove it from this manifest")
+    section = cast(Mapping[str, Any], _get(data, key, dict, fix))
+    fields = {"crop": _CROP_KEYS, "tta": _TTA_KEYS, "ood": _OOD_KEYS}[key]
+    _refuse_unknown(section, fields, f"{key}.")
+    return {f"{key}.{name}": value for name, value in section.items()}
+
+
+def _parse_crop(data: Mapping[str, Any], pp: Preprocessing) -> CropSpec | None:
+    """The ``crop`` section; ``aspect`` defaults to ``preprocessing.resize`` and may not contradict it."""
+    crop = _classifier_section(data, "crop", "give margin, aspect, interpolation, color_modes (docs/BUNDLES.md)")
+    if crop is None:
+        return None
+    margin = _number(crop, "crop.margin", "a fraction of the box size, 0 = tight, e.g. 0.1", LEGACY_CROP_MARGIN)
+    if not 0.0 <= margin <= 1.0:
+        raise _bad("crop.margin", f"must be between 0 and 1, got {margin}", "use 0 for a tight crop, 0.1 for 10 %")
+    aspect = _choice(crop, "crop.aspect", ("stretch", "letterbox", "center_crop"), pp.resize)
+    raw_pp = data.get("preprocessing") or {}
+    if "resize" in raw_pp and raw_pp["resize"] != aspect:
+        raise _bad(
+            "crop.aspect",
+            f"is {aspect!r} but preprocessing.resize is {raw_pp['resize']!r}",
+            "give one value (crop.aspect), or the same in both",
+        )
+    modes = _get(crop, "crop.color_modes", list, 'use ["color"] or ["color", "grey"]', ["color"])
+    if not modes or any(m not in ("color", "grey") for m in modes) or len(set(modes)) != len(modes):
+        raise _bad("crop.color_modes", f"must list distinct 'color'/'grey', got {modes!r}", 'use ["color"]')
+    interpolation = _choice(crop, "crop.interpolation", INTERPOLATIONS, "auto")
+    return CropSpec(
+        margin=margin,
+        aspect=cast(Literal["stretch", "letterbox", "center_crop"], aspect),
+        interpolation=cast(Literal["auto", "area", "linear", "cubic", "nearest"], interpolation),
+        color_modes=cast(tuple[ColorMode, ...], tuple(modes)),
+    )
+
+
+def _parse_tta(data: Mapping[str, Any]) -> TtaSpec | None:
+    tta = _classifier_section(data, "tta", 'give {"hflip": true} or remove it')
+    if tta is None:
+        return None
+    return TtaSpec(hflip=bool(_get(tta, "tta.hflip", bool, "use true or false", False)))
+
+
+def _parse_ood(data: Mapping[str, Any]) -> OodSpec | None:
+    ood = _classifier_section(data, "ood", 'give {"method": "energy", "threshold": -5.0}')
+    if ood is None:
+        return None
+    if data.get("output_kind", "logits") != "logits":
+        raise _bad("ood", "needs output_kind logits (energy is computed from logits)", "remove ood or export logits")
+    _choice(ood, "ood.method", ("energy",), "energy")
+    temperature = _number(ood, "ood.temperature", "usually 1.0", 1.0)
+    if temperature <= 0:
+        raise _bad("ood.temperature", f"must be > 0, got {temperature}", "usually 1.0")
+    threshold = _number(ood, "ood.threshold", "fit it on genuine crops (docs/BUNDLES.md)")
+    return OodSpec(threshold=threshold, temperature=temperature)
+
+
+_CROP_KEYS = frozenset(CropSpec.__dataclass_fields__)
+_TTA_KEYS = frozenset(TtaSpec.__dataclass_fields__)
+_OOD_KEYS = frozenset(OodSpec.__dataclass_fields__)
+
+
 # ---------------------------------------------------------------- the whole manifest
 
 
@@ -335,6 +475,9 @@ def _check_envelope(data: Mapping[str, Any]) -> int:
 def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
     version = _check_envelope(data)
     pp = _parse_preprocessing(data)
+    crop = _parse_crop(data, pp)
+    if crop is not None:  # one value in force: crop.aspect is the preprocessing's resize
+        pp = replace(pp, resize=crop.aspect)
     temperature = _number(data, "temperature", "use 1.0 when uncalibrated", 1.0)
     if temperature <= 0:
         raise _bad("temperature", f"must be > 0, got {temperature}", "use 1.0 when uncalibrated")
@@ -358,4 +501,7 @@ def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
         description=_text(data, "description", "give a short text", ""),
         detector=_parse_detector(data),
         full_range_makes=_parse_full_range_makes(data),
+        crop=crop,
+        tta=_parse_tta(data),
+        ood=_parse_ood(data),
     )

@@ -1,8 +1,18 @@
-"""Intake stage: from a claimed capture to a model-ready tensor (CPU work, no file I/O).
+"""Intake stage: from a claimed capture to the classifier's input views (CPU work, no file I/O).
 
-JPEG header checks → reduced decode where safe → find the vehicle (sidecar box, else the
-detector) → crop with a margin → quality gates → preprocess. Runs in the intake thread so
-that it overlaps classification in the inference thread.
+Per image: JPEG header checks → reduced decode where safe → find the vehicle (first image: the
+sidecar box, else the detector; second image: the detector) → :func:`~iaflash.agent.capture.crop.prepare_crop`
+(the bundle's crop contract, colour mode, quality gates, preprocessing, flip view). Runs in the
+intake thread so that it overlaps classification in the inference thread.
+
+:meth:`Preparer.prepare_capture` is the daemon's whole intake for one capture given its image
+bytes; ``evaluate`` and ``calibrate`` call it (or :func:`prepare_crop` on a decoded photo) so
+that offline figures are figures of the daemon.
+
+A capture's second image (when the sidecar lists two) is extra evidence: its crop is classified
+and fused with the first (docs/CAPTURE.md) when the detector finds the vehicle in it and its crop
+passes the same gates; otherwise it is not used and the evidence says why. The first image alone
+decides whether the capture can be judged at all.
 """
 
 from __future__ import annotations
@@ -10,27 +20,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from iaflash.agent.capture.preprocess import crop, decode_jpeg, inspect_jpeg, preprocess
-from iaflash.agent.capture.quality import quality_problem
+from iaflash.agent.capture.crop import CropInfo, prepare_crop
+from iaflash.agent.capture.preprocess import decode_jpeg, inspect_jpeg
 from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.capture.spool import Claimed
 from iaflash.agent.capture.vehicle import Selection, detect_vehicles, select_vehicle
 from iaflash.agent.config import SpoolConfig
-from iaflash.agent.errors import EngineError
+from iaflash.agent.errors import CaptureRejected, EngineError
 from iaflash.engines.base import Backend
-from iaflash.engines.bundle import Bundle, Preprocessing
+from iaflash.engines.bundle import Bundle
 from iaflash.engines.detect import Detection
+from iaflash.engines.manifest import LEGACY_CROP_MARGIN, Manifest
 
 log = logging.getLogger(__name__)
 
 # With a detector, the vehicle's size is unknown before decoding: never decode below half size.
 MAX_REDUCTION_WITH_DETECTOR = 2
 
-CROP_MARGIN = 0.1
+CROP_MARGIN = LEGACY_CROP_MARGIN  # kept for callers of the old constant; the bundle's crop.margin rules
 
 
 @dataclass
@@ -43,6 +55,18 @@ class Work:
     started: float
     timings: dict[str, float] = field(default_factory=dict)
     evidence: dict[str, object] = field(default_factory=dict)
+    views: tuple[str, ...] = ()  # one name per row of ``tensor``: "original", "hflip", "image2", "image2/hflip"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One capture's intake result: the classifier input views (or why there are none) and the evidence."""
+
+    tensor: np.ndarray | None
+    problem: str | None
+    views: tuple[str, ...]
+    crops: tuple[CropInfo, ...]
+    evidence: dict[str, object]
 
 
 def choose_reduction(width: int, height: int, box: tuple[int, int, int, int] | None, input_side: int) -> int:
@@ -64,31 +88,61 @@ def scale_box(box: tuple[int, int, int, int], sx: float, sy: float) -> tuple[int
 
 
 class Preparer:
-    """Turns a claimed capture into a Work item; raises CaptureRejected on bad images."""
+    """Turns a claimed capture into a Work item; raises CaptureRejected on a bad first image."""
 
     def __init__(
-        self, spool_cfg: SpoolConfig, pp: Preprocessing, detector: tuple[Backend, Bundle] | None = None
+        self, spool_cfg: SpoolConfig, manifest: Manifest, detector: tuple[Backend, Bundle] | None = None
     ) -> None:
         self.spool_cfg = spool_cfg
-        self.pp = pp
+        self.manifest = manifest
+        self.pp = manifest.preprocessing
         self.detector = detector
-        self.input_side = max(pp.height, pp.width)
+        self.input_side = max(self.pp.height, self.pp.width)
         self.detector_errors = 0
         # One detector runner shared by the intake workers: TensorRT contexts are not thread-safe.
         self._detector_lock = threading.Lock()
 
     def prepare(self, claimed: Claimed, started: float) -> Work:
         timings: dict[str, float] = {"claim": (time.perf_counter() - started) * 1e3}
-        capture = claimed.capture
-        data = claimed.image_bytes[0]
+        done = self.prepare_capture(claimed.capture, claimed.image_bytes, timings)
+        return Work(claimed, done.tensor, done.problem, started, timings, done.evidence, done.views)
+
+    def prepare_capture(
+        self, capture: Capture, images: Sequence[bytes], timings: dict[str, float] | None = None
+    ) -> Prepared:
+        """The daemon's intake of one capture: its views, or the problem that stops the judgement.
+
+        Raises CaptureRejected when the first image is not a usable JPEG (the spool rejects it).
+        """
+        timings = {} if timings is None else timings
+        tensor, info, problem, evidence = self._one_image(images[0], capture, capture.vehicle_box, timings)
+        crops = [] if info is None else [info]
+        views = () if info is None or tensor is None else info.views
+        if tensor is not None and len(images) > 1:
+            second, note = self._second_image(images[1], capture)
+            if second is not None:
+                tensor = np.concatenate([tensor, second[0]])
+                views = (*views, *(("image2" if v == "original" else f"image2/{v}") for v in second[1].views))
+                crops.append(second[1])
+            evidence["second_image"] = note if second is None else "fused"
+        if crops:
+            evidence["crop"] = crops[0].to_dict()
+        if len(crops) > 1:
+            evidence["crop_image2"] = crops[1].to_dict()
+        return Prepared(tensor, problem, views, tuple(crops), evidence)
+
+    def _one_image(
+        self, data: bytes, capture: Capture, box: tuple[int, int, int, int] | None, timings: dict[str, float]
+    ) -> tuple[np.ndarray | None, CropInfo | None, str | None, dict[str, object]]:
+        """One image's views, crop and problem (None when it can be classified), and its evidence."""
         t = time.perf_counter()
         width, height = inspect_jpeg(
             data, max_pixels=self.spool_cfg.max_image_pixels, min_side=self.spool_cfg.min_image_side
         )
-        factor = self._reduction(width, height, capture.vehicle_box)
+        factor = self._reduction(width, height, box)
         image = decode_jpeg(data, reduce=factor)
-        timings["decode"] = (time.perf_counter() - t) * 1e3
-        selection = self._find_vehicle(image, capture, (width, height), timings)
+        timings["decode"] = timings.get("decode", 0.0) + (time.perf_counter() - t) * 1e3
+        selection = self._find_vehicle(image, capture, box, (width, height), timings)
         t = time.perf_counter()
         evidence: dict[str, object] = {
             "decode_reduction": factor,
@@ -97,12 +151,23 @@ class Preparer:
             "vehicles_seen": selection.candidates,
         }
         if selection.box is None:  # no vehicle, or several and no way to choose: inconclusive
-            return Work(claimed, None, selection.reason, started, timings, evidence)
-        region = crop(image, selection.box, margin=CROP_MARGIN)
-        problem = quality_problem(region)
-        tensor = None if problem else preprocess(region, self.pp)
-        timings["preprocess"] = (time.perf_counter() - t) * 1e3
-        return Work(claimed, tensor, problem, started, timings, evidence)
+            return None, None, selection.reason, evidence
+        whole = selection.source == "none"  # no box and no detector: the whole frame
+        tensor, info = prepare_crop(image, None if whole else selection.box, self.manifest, reduction=factor)
+        timings["preprocess"] = timings.get("preprocess", 0.0) + (time.perf_counter() - t) * 1e3
+        return tensor, info, info.problem, evidence
+
+    def _second_image(self, data: bytes, capture: Capture) -> tuple[tuple[np.ndarray, CropInfo] | None, str]:
+        """The second image's views, or why it is not used (it never rejects nor blocks the capture)."""
+        if self.detector is None:
+            return None, "not used: no detector to find the vehicle in it (the sidecar box is the first image's)"
+        try:
+            tensor, info, problem, _ = self._one_image(data, capture, None, {})
+        except CaptureRejected as exc:
+            return None, f"not used: {exc.reason}: {exc}"
+        if tensor is None or info is None:
+            return None, f"not used: {problem}"
+        return (tensor, info), "fused"
 
     def _reduction(self, width: int, height: int, box: tuple[int, int, int, int] | None) -> int:
         factor = choose_reduction(width, height, box, self.input_side)
@@ -111,11 +176,15 @@ class Preparer:
         return factor
 
     def _find_vehicle(
-        self, image: np.ndarray, capture: Capture, original: tuple[int, int], timings: dict[str, float]
+        self,
+        image: np.ndarray,
+        capture: Capture,
+        box: tuple[int, int, int, int] | None,
+        original: tuple[int, int],
+        timings: dict[str, float],
     ) -> Selection:
         """The sidecar's box if given, else the detector's choice; box None means inconclusive."""
         size = (image.shape[1], image.shape[0])
-        box = capture.vehicle_box
         sidecar = None if box is None else scale_box(box, size[0] / original[0], size[1] / original[1])
         detections: list[Detection] = []
         classes: tuple[int, ...] = ()
@@ -132,7 +201,7 @@ class Preparer:
                 log.error("detector failed: %s", exc)
                 return Selection(None, f"detector failed: {exc}", "none", 0)
             finally:
-                timings["detect"] = (time.perf_counter() - t) * 1e3
+                timings["detect"] = timings.get("detect", 0.0) + (time.perf_counter() - t) * 1e3
         if sidecar is None and self.detector is None:
             return Selection((0, 0, *size), "no vehicle box and no detector: whole frame classified", "none", 0)
         return select_vehicle(

@@ -20,8 +20,9 @@ import numpy as np
 
 from iaflash.agent.errors import CaptureRejected
 from iaflash.engines.bundle import Preprocessing
+from iaflash.engines.geometry import fit_geometry
 
-__all__ = ["crop", "decode_jpeg", "inspect_jpeg", "preprocess"]
+__all__ = ["INTERPOLATIONS", "crop", "crop_region", "decode_jpeg", "inspect_jpeg", "preprocess"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +162,12 @@ def decode_jpeg(data: bytes, *, reduce: int = 1) -> np.ndarray:
     return image
 
 
-def crop(image: np.ndarray, box: tuple[int, int, int, int], margin: float = 0.0) -> np.ndarray:
-    """The ``(x, y, w, h)`` region of ``image``, grown by ``margin`` x w/h on each side, clamped to the image.
+def crop_region(
+    box: tuple[int, int, int, int], margin: float, image_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``(x, y, w, h)`` of ``box`` grown by ``margin`` x w/h on each side, clamped to the ``(width, height)`` image.
 
-    Returns a view (no copy). A box with no area inside the image raises CaptureRejected ``invalid_box``.
+    A box with no area inside the image raises CaptureRejected ``invalid_box``.
     """
     x, y, w, h = box
     if w <= 0 or h <= 0 or margin < 0:
@@ -174,7 +177,7 @@ def crop(image: np.ndarray, box: tuple[int, int, int, int], margin: float = 0.0)
             "negative; fix the box's width/height in the sidecar or detector",
         )
     dx, dy = round(w * margin), round(h * margin)
-    img_h, img_w = image.shape[:2]
+    img_w, img_h = image_size
     x0, y0 = max(0, x - dx), max(0, y - dy)
     x1, y1 = min(img_w, x + w + dx), min(img_h, y + h + dy)
     if x1 <= x0 or y1 <= y0:
@@ -183,45 +186,59 @@ def crop(image: np.ndarray, box: tuple[int, int, int, int], margin: float = 0.0)
             f"vehicle box {box} (x, y, w, h) lies outside the {img_w}x{img_h} "
             "image; check that the box uses this image's pixel coordinates",
         )
-    return image[y0:y1, x0:x1]
+    return x0, y0, x1 - x0, y1 - y0
 
 
-def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def crop(image: np.ndarray, box: tuple[int, int, int, int], margin: float = 0.0) -> np.ndarray:
+    """The :func:`crop_region` of ``image`` (a view, no copy); CaptureRejected ``invalid_box`` if empty."""
+    x0, y0, w, h = crop_region(box, margin, (image.shape[1], image.shape[0]))
+    return image[y0 : y0 + h, x0 : x0 + w]
+
+
+_INTERPOLATION = {
+    "area": cv2.INTER_AREA,
+    "linear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "nearest": cv2.INTER_NEAREST,
+}
+INTERPOLATIONS = ("auto", *_INTERPOLATION)
+"""``auto``: area when shrinking, linear when enlarging (what the agent always did)."""
+
+
+def _resize(image: np.ndarray, width: int, height: int, interpolation: str = "auto") -> np.ndarray:
     src_h, src_w = image.shape[:2]
     if (src_w, src_h) == (width, height):
         return image
-    shrinking = width < src_w or height < src_h
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image, (width, height), interpolation=interpolation)
+    if interpolation == "auto":
+        shrinking = width < src_w or height < src_h
+        flag = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    else:
+        flag = _INTERPOLATION[interpolation]
+    return cv2.resize(image, (width, height), interpolation=flag)
 
 
-def _fit(image: np.ndarray, pp: Preprocessing) -> tuple[np.ndarray, int, int]:
-    """The resized image and its (x, y) offset in the H x W input, per ``pp.resize``."""
-    src_h, src_w = image.shape[:2]
-    if pp.resize == "letterbox":
-        scale = min(pp.width / src_w, pp.height / src_h)
-        new_w = min(pp.width, max(1, round(src_w * scale)))
-        new_h = min(pp.height, max(1, round(src_h * scale)))
-        return _resize(image, new_w, new_h), (pp.width - new_w) // 2, (pp.height - new_h) // 2
-    if pp.resize == "center_crop":
-        # The largest centred region with the input's aspect ratio, then resized to fit exactly.
-        crop_w = min(src_w, max(1, round(src_h * pp.width / pp.height)))
-        crop_h = min(src_h, max(1, round(src_w * pp.height / pp.width)))
-        x0, y0 = (src_w - crop_w) // 2, (src_h - crop_h) // 2
-        image = image[y0 : y0 + crop_h, x0 : x0 + crop_w]
-    return _resize(image, pp.width, pp.height), 0, 0
+def _fit(image: np.ndarray, pp: Preprocessing, interpolation: str) -> tuple[np.ndarray, int, int]:
+    """The resized image and its (x, y) offset in the H x W input (iaflash.engines.geometry)."""
+    geometry = fit_geometry((image.shape[1], image.shape[0]), (pp.width, pp.height), pp.resize)
+    x, y, w, h = geometry.region
+    region = image[y : y + h, x : x + w]
+    new_w, new_h = geometry.resized
+    return _resize(region, new_w, new_h, interpolation), geometry.pad_x, geometry.pad_y
 
 
-def preprocess(image_bgr: np.ndarray, pp: Preprocessing) -> np.ndarray:
+def preprocess(image_bgr: np.ndarray, pp: Preprocessing, *, interpolation: str = "auto") -> np.ndarray:
     """The model input ``[1, 3, H, W]`` float32: resize, colour order, then ``(px * scale - mean) / std``.
 
-    Letterbox padding is 0 in the normalised tensor, i.e. the mean colour.
+    Letterbox padding is 0 in the normalised tensor, i.e. the mean colour. ``interpolation`` is
+    one of :data:`INTERPOLATIONS` (a bundle's ``crop.interpolation``).
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8 or 0 in image_bgr.shape:
         raise ValueError(
             f"preprocess expects a non-empty BGR uint8 [H, W, 3] image, got {image_bgr.dtype} {list(image_bgr.shape)}"
         )
-    fitted, off_x, off_y = _fit(image_bgr, pp)
+    fitted, off_x, off_y = _fit(image_bgr, pp, interpolation)
     if pp.color_order == "RGB":
         fitted = fitted[:, :, ::-1]
     mean = np.asarray(pp.mean, dtype=np.float32)

@@ -20,7 +20,7 @@ from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.capture.spool import Spool
 from iaflash.agent.config import Config
 from iaflash.agent.decision.taxonomy import Taxonomy
-from iaflash.agent.decision.verdict import decide, softmax
+from iaflash.agent.decision.verdict import decide
 from iaflash.agent.errors import CaptureRejected, EngineError, PlateError
 from iaflash.agent.health import Liveness
 from iaflash.agent.pipeline.committer import Committer, Decided, VerdictCallback
@@ -29,6 +29,7 @@ from iaflash.agent.registry.plates import normalise_plate, plate_key
 from iaflash.agent.registry.record import RegistryRecord
 from iaflash.engines.base import Backend
 from iaflash.engines.bundle import Bundle
+from iaflash.engines.scores import fuse
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Pipeline:
         self.label_categories = (
             tuple(lb.category for lb in bundle.labels) if any(lb.category for lb in bundle.labels) else None
         )
-        self.preparer = Preparer(cfg.spool, bundle.manifest.preprocessing, detector)
+        self.preparer = Preparer(cfg.spool, bundle.manifest, detector)
         self.liveness = Liveness(stuck_after_s=60.0)  # inference thread
         self.committer = Committer(cfg, spool, on_verdict)
         self.errors: Counter[str] = Counter()
@@ -240,14 +241,19 @@ class Pipeline:
         return batch
 
     def _classify(self, batch: list[Work]) -> list[tuple[np.ndarray | None, str | None]]:
-        """Calibrated probabilities for each item with a tensor, in one backend call."""
+        """Calibrated probabilities for each item with a tensor, its views fused (engines/scores.py).
+
+        The rows of every item (crop, flip, second image) go through the backend in calls of at most
+        ``model.max_batch`` rows (the engine's profile). An item whose mean energy is above the
+        bundle's ``ood.threshold`` gets the problem ``out_of_distribution`` (the verdict abstains).
+        """
         results: list[tuple[np.ndarray | None, str | None]] = [(None, w.image_problem) for w in batch]
-        ready = [i for i, w in enumerate(batch) if w.tensor is not None]
+        ready = [(i, w.tensor) for i, w in enumerate(batch) if w.tensor is not None]
         if not ready:
             return results
         t = time.perf_counter()
         try:
-            out = self.backend.infer(np.concatenate([batch[i].tensor for i in ready]))
+            out = self._infer_rows(np.concatenate([tensor for _, tensor in ready]))
         except EngineError as exc:
             self.errors["inference"] += 1
             log.error("inference failed for %d capture(s): %s", len(ready), exc)
@@ -255,15 +261,51 @@ class Pipeline:
             return [(None, failed) if w.tensor is not None else r for w, r in zip(batch, results, strict=True)]
         finally:
             ms = (time.perf_counter() - t) * 1e3
-            for i in ready:
+            for i, _ in ready:
                 batch[i].timings["infer"] = ms
                 batch[i].evidence["batch_size"] = len(ready)
-        manifest = self.bundle.manifest
-        logits = np.log(np.clip(out, 1e-12, 1.0)) if manifest.output_kind == "probabilities" else out
-        probs = softmax(logits, manifest.temperature)
-        for row, i in enumerate(ready):
-            results[i] = (probs[row], None)
+        row = 0
+        for i, tensor in ready:
+            work, rows = batch[i], len(tensor)
+            results[i] = self._fuse(work, out[row : row + rows], work.views or ("original",) * rows)
+            row += rows
         return results
+
+    def _infer_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Backend outputs for ``rows``, in calls the engine takes (≤ max_batch rows, or its fixed batch, padded)."""
+        spec = self.backend.input_spec
+        fixed = spec.shape[0] if isinstance(spec.shape[0], int) else None
+        size = self.cfg.model.max_batch if fixed is None else fixed
+        outputs = []
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            n = len(chunk)
+            if fixed is not None and n < fixed:
+                chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
+            outputs.append(np.asarray(self.backend.infer(chunk))[:n])
+        return np.concatenate(outputs)
+
+    def _fuse(self, work: Work, outputs: np.ndarray, views: tuple[str, ...]) -> tuple[np.ndarray, str | None]:
+        """One capture's views fused into calibrated probabilities, and the OOD gate's problem if any."""
+        manifest = self.bundle.manifest
+        ood = manifest.ood
+        fused = fuse(
+            outputs,
+            views,
+            output_kind=manifest.output_kind,
+            temperature=manifest.temperature,
+            energy_temperature=None if ood is None else ood.temperature,
+        )
+        evidence = fused.evidence()
+        evidence["ood_threshold"] = None if ood is None else ood.threshold
+        work.evidence["views"] = evidence
+        if ood is not None and fused.energy is not None and fused.energy > ood.threshold:
+            self.errors["out_of_distribution"] += 1
+            return fused.probs, (
+                f"out_of_distribution: energy {fused.energy:.3f} > ood.threshold {ood.threshold} "
+                "(the crop does not look like the model's training data); not judged"
+            )
+        return fused.probs, None
 
     def _plate(self, capture: Capture) -> tuple[str | None, bytes | None, RegistryRecord | None]:
         """(plate problem, HMAC key, registry record). The plate itself never leaves this function."""
