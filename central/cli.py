@@ -16,8 +16,10 @@ from typing import Any
 import click
 
 from iaflash.central.commands import CommandClient
+from iaflash.central.serve.command import reviewer_command, serve_command
 from iaflash.central.subscriber import DEFAULT_FILTER, Subscriber
 from iaflash.central.subsets import registry_group
+from iaflash.central.train.cli import train_command
 from iaflash.engines.errors import EngineError
 
 __all__ = ["main"]
@@ -36,6 +38,9 @@ def main() -> None:
 
 
 main.add_command(registry_group)
+main.add_command(serve_command)
+main.add_command(reviewer_command)
+main.add_command(train_command)
 
 
 def _line(event: dict[str, Any]) -> str:

@@ -328,3 +328,13 @@ def test_progress_writes_whole_plain_lines_when_not_a_terminal() -> None:
     assert len(lines) == 1
     assert lines[0].startswith("epoch 1/3 loss 2.2500 val top-1 0.5000 make top-1 0.7500 elapsed ")
     assert " ETA " in lines[0] and "\r" not in stream.getvalue()
+
+
+def test_train_is_a_central_command_with_help_and_an_example() -> None:
+    from click.testing import CliRunner
+
+    from iaflash.central.cli import main
+
+    result = CliRunner().invoke(main, ["train", "-h"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output and "iaflash-central train " in result.output
