@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
@@ -48,7 +49,9 @@ class CommandClient:
         signer: str | None = None,
         topic_prefix: str = DEFAULT_PREFIX,
         validity_s: float = DEFAULT_VALIDITY_S,
+        configure: Callable[[mqtt.Client], None] | None = None,
     ) -> None:
+        """``configure`` sets TLS and credentials on the paho client (``BrokerOptions.apply``)."""
         self.host, self.port, self.protocol, self.prefix = host, port, protocol, topic_prefix
         self.validity_s = validity_s
         self._key = load_private_key(private_key_path) if private_key_path is not None else None
@@ -63,6 +66,8 @@ class CommandClient:
             client_id=self.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311,
         )
+        if configure is not None:
+            configure(self._client)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message

@@ -56,7 +56,9 @@ class Subscriber:
         topic: str = DEFAULT_FILTER,
         client_id: str | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        configure: Callable[[mqtt.Client], None] | None = None,
     ) -> None:
+        """``configure`` sets TLS and credentials on the paho client (``BrokerOptions.apply``)."""
         self.host, self.port, self.protocol, self.topic = host, port, protocol, topic
         self.persistent = client_id is not None
         self.client_id = client_id or f"iaflash-central-{uuid.uuid4().hex[:12]}"
@@ -74,6 +76,8 @@ class Subscriber:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else not self.persistent,
         )
+        if configure is not None:
+            configure(self._client)
         self._client.reconnect_delay_set(1, 10)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
