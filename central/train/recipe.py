@@ -332,8 +332,8 @@ def _train_full(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = math.ceil(len(train_s) / cfg.batch_size)
     run = _Run(cfg, tax, workdir, progress, steps, 0)
+    run.model.to(device)  # before resume, so the optimiser state loads onto the parameters' device
     run.resume()
-    run.model.to(device)
     y_va = _targets(val_s, tax)
     train_data = _Photos(train_s, _targets(train_s, tax), cfg.size, cfg.augment, cfg.seed)
     val_data = _Photos(val_s, y_va, cfg.size, None, cfg.seed)
