@@ -12,7 +12,6 @@ import json
 import secrets
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -22,13 +21,16 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from anonymise_scenes import make_scene
 from click.testing import CliRunner
 from e2e_site import build_models, make_site
+from waiting import wait_until
 
 from iaflash.agent.commands.handlers import CommandWorker
 from iaflash.agent.commands.protocol import canonical_bytes, validate_command, validate_response
 from iaflash.agent.config import Config, parse_config
 from iaflash.agent.demo.broker import MosquittoBroker
+from iaflash.agent.evidence.anonymise import ANONYMISER_VERSION, FILL_BGR, metadata_segments
 from iaflash.agent.link.mqtt import MqttLink
 from iaflash.agent.registry.cache import Registry, import_subset, read_state, records_from_plates, write_subset
 from iaflash.agent.registry.plates import key_id, plate_key
@@ -59,33 +61,42 @@ def keys(tmp_path: Path) -> Keys:
     return Keys(central, stranger, tmp_path / "trust")
 
 
-def write_capture(done: Path) -> bytes:
-    """A processed capture in done/: a real JPEG and its sidecar (with the plate in clear)."""
+SCENE = make_scene(480, 400)  # the reviewed vehicle, its driver, its plate, another car's plate, a pedestrian
+
+
+def write_capture(done: Path, *, vehicle_box: bool = True, jpeg: bytes | None = None) -> bytes:
+    """A processed capture in done/: a real JPEG and its sidecar (with the plate in clear and the radar's box)."""
     done.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(7)
-    jpeg = cv2.imencode(".jpg", rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))[1].tobytes()
+    jpeg = SCENE.jpeg if jpeg is None else jpeg
     (done / f"{CAPTURE}.jpg").write_bytes(jpeg)
-    (done / f"{CAPTURE}.json").write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "capture_id": CAPTURE,
-                "site_id": SITE,
-                "captured_at": "2026-11-02T08:15:00+01:00",
-                "plate": PLATE,
-                "plate_confidence": 0.93,
-                "speed_kmh": 97,
-                "limit_kmh": 80,
-            }
-        )
-    )
+    sidecar: dict[str, Any] = {
+        "schema_version": 1,
+        "capture_id": CAPTURE,
+        "site_id": SITE,
+        "captured_at": "2026-11-02T08:15:00+01:00",
+        "plate": PLATE,
+        "plate_confidence": 0.93,
+        "speed_kmh": 97,
+        "limit_kmh": 80,
+    }
+    if vehicle_box:
+        sidecar["vehicle_box"] = list(SCENE.vehicle)
+    (done / f"{CAPTURE}.json").write_text(json.dumps(sidecar))
     return jpeg
 
 
 class Agent:
     """A real MqttLink + CommandWorker over a real registry cache and spool in ``root``."""
 
-    def __init__(self, root: Path, port: int, keys: Keys, protocol: str = "5", allow_unsigned: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        keys: Keys,
+        protocol: str = "5",
+        allow_unsigned: bool = False,
+        evidence: dict[str, Any] | None = None,
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root, self.hmac = root, secrets.token_bytes(32)
         self.cfg: Config = parse_config(
@@ -96,6 +107,7 @@ class Agent:
                 "outbox": {"db": str(root / "state.db")},
                 "security": {"trust_dir": str(keys.trust), "allow_unsigned": allow_unsigned},
                 "mqtt": {"port": port, "protocol": protocol},
+                "evidence": evidence or {},
             }
         )
         snapshot = root / "snapshot.jsonl.gz"
@@ -145,8 +157,8 @@ class Agent:
 def make_agent(tmp_path: Path, broker: MosquittoBroker, keys: Keys) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
-    def make(protocol: str = "5", allow_unsigned: bool = False) -> Agent:
-        agents.append(Agent(tmp_path / f"agent{len(agents)}", broker.port, keys, protocol, allow_unsigned))
+    def make(protocol: str = "5", allow_unsigned: bool = False, evidence: dict[str, Any] | None = None) -> Agent:
+        agents.append(Agent(tmp_path / f"agent{len(agents)}", broker.port, keys, protocol, allow_unsigned, evidence))
         return agents[-1]
 
     yield make
@@ -213,7 +225,16 @@ def test_status_answers_the_heartbeat_document_with_the_command_counters(
     assert response["result"]["commands"]["ok"] == 1 and response["result"]["commands"]["received"] == 2
 
 
-def test_send_evidence_returns_the_exact_jpeg_and_the_sidecar_with_the_plate_only_hashed(
+def decoded(jpeg: bytes) -> np.ndarray:
+    return np.asarray(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR))
+
+
+def kept_pixels(a: np.ndarray, b: np.ndarray, box: tuple[int, int, int, int]) -> int:
+    x, y, w, h = box
+    return int(np.all(a[y : y + h, x : x + w] == b[y : y + h, x : x + w], axis=2).sum())
+
+
+def test_send_evidence_returns_an_anonymised_jpeg_its_record_and_the_sidecar_with_the_plate_only_hashed(
     agent: Agent,
     central: CommandClient,
 ) -> None:
@@ -221,8 +242,20 @@ def test_send_evidence_returns_the_exact_jpeg_and_the_sidecar_with_the_plate_onl
     assert response["ok"] is True
     result = response["result"]
     [image] = result["images"]
-    assert base64.b64decode(image["jpeg_b64"]) == agent.jpeg
-    assert image["sha256"] == hashlib.sha256(agent.jpeg).hexdigest() and image["name"] == f"{CAPTURE}.jpg"
+    sent = base64.b64decode(image["jpeg_b64"])
+    assert sent != agent.jpeg and metadata_segments(sent) == []
+    assert image["sha256"] == hashlib.sha256(sent).hexdigest() and image["name"] == f"{CAPTURE}.jpg"
+    source, shown = decoded(agent.jpeg), decoded(sent)
+    for box in (*SCENE.third_plates, *SCENE.bystander_faces, SCENE.occupant_face):
+        assert kept_pixels(source, shown, box) == 0, box  # no pixel of a bystander or an occupant left
+    x, y, w, h = SCENE.own_plate
+    assert np.abs(source[y : y + h, x : x + w].astype(int) - shown[y : y + h, x : x + w].astype(int)).mean() < 6
+    assert np.abs(shown[:8, :8].astype(int) - np.array(FILL_BGR)).max() <= 3  # outside the vehicle: filled
+    [record] = result["anonymisation"]["images"]
+    assert record["version"] == ANONYMISER_VERSION and record["vehicle_box"] == list(SCENE.vehicle)
+    assert [m["kind"] for m in record["masked"]] == ["outside_vehicle", "occupants"]
+    assert record["source_sha256"] == hashlib.sha256(agent.jpeg).hexdigest()
+    assert result["anonymisation"]["withheld"] == []
     assert "plate" not in result["sidecar"]
     assert result["sidecar"]["plate_key"] == plate_key(agent.hmac, PLATE).hex()
     assert result["sidecar"]["speed_kmh"] == 97
@@ -251,6 +284,60 @@ def test_send_evidence_refuses_unknown_ids_and_anything_that_is_not_a_capture_id
     response = central.send(SITE, DEVICE, "send_evidence", {"capture_id": capture_id}, timeout=10)
     assert error_code(response) == code
     assert agent.worker.counters()[f"refused.{code}"] == 1
+
+
+def assert_nothing_sent(response: dict[str, Any], agent: Agent, *fragments: str) -> None:
+    """Refused as failed, with the reason; no image (and no byte of the stored one) in the answer."""
+    assert error_code(response) == "failed" and "result" not in response
+    for fragment in fragments:
+        assert fragment in response["error"]["message"], response["error"]["message"]
+    assert "jpeg_b64" not in json.dumps(response) and "images" not in json.dumps(response)
+    assert agent.worker.counters()["refused.failed"] == 1
+
+
+def test_send_evidence_of_an_image_with_no_vehicle_box_answers_an_error_and_sends_no_image(
+    agent: Agent,
+    central: CommandClient,
+) -> None:
+    write_capture(agent.root / "spool" / "done", vehicle_box=False)
+    response = central.send(SITE, DEVICE, "send_evidence", {"capture_id": CAPTURE}, timeout=10)
+    assert_nothing_sent(response, agent, "has no vehicle box", "is not sent", "evidence.no_vehicle_box")
+
+
+def test_send_evidence_of_an_unreadable_image_answers_an_error_and_never_the_raw_bytes(
+    agent: Agent,
+    central: CommandClient,
+) -> None:
+    broken = agent.jpeg[:600] + bytes(len(agent.jpeg) - 600)  # header kept, image data destroyed
+    agent.jpeg = write_capture(agent.root / "spool" / "done", jpeg=broken)
+    response = central.send(SITE, DEVICE, "send_evidence", {"capture_id": CAPTURE}, timeout=10)
+    assert_nothing_sent(response, agent, f"capture {CAPTURE}: not sent, anonymisation failed")
+    assert agent.worker.counters()["evidence.anonymise_failed"] == 1
+
+
+def test_send_evidence_with_a_missing_detector_bundle_answers_an_error_naming_the_key(
+    make_agent: Callable[..., Agent],
+    central: CommandClient,
+    tmp_path: Path,
+) -> None:
+    agent = make_agent(evidence={"detector_bundle": str(tmp_path / "faces-bundle")})
+    response = central.send(SITE, DEVICE, "send_evidence", {"capture_id": CAPTURE}, timeout=10)
+    assert_nothing_sent(response, agent, "evidence.detector_bundle", "no such bundle directory", "fix:")
+
+
+def test_send_evidence_withholds_an_image_with_no_box_when_the_policy_says_so(
+    make_agent: Callable[..., Agent],
+    central: CommandClient,
+) -> None:
+    agent = make_agent(evidence={"no_vehicle_box": "withhold"})
+    done = agent.root / "spool" / "done"
+    (done / "second.jpg").write_bytes(agent.jpeg)
+    sidecar = json.loads((done / f"{CAPTURE}.json").read_text())
+    (done / f"{CAPTURE}.json").write_text(json.dumps({**sidecar, "images": [f"{CAPTURE}.jpg", "second.jpg"]}))
+    response = central.send(SITE, DEVICE, "send_evidence", {"capture_id": CAPTURE}, timeout=10)
+    assert response["ok"] is True, response
+    assert [i["name"] for i in response["result"]["images"]] == [f"{CAPTURE}.jpg"]
+    assert response["result"]["anonymisation"]["withheld"] == [{"name": "second.jpg", "reason": "no vehicle box"}]
 
 
 def signed_delta(agent: Agent, tmp_path: Path, key: Path | None) -> dict[str, Any]:
@@ -471,15 +558,11 @@ def test_commands_beyond_the_queue_are_dropped_and_counted(agent: Agent, central
     blocker = threading.Thread(target=lambda: central.send(SITE, DEVICE, "block", timeout=40))
     blocker.start()
     try:
-        deadline = time.monotonic() + 10
-        while agent.worker.counters()["received"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: agent.worker.counters()["received"] > 0, 10, "the blocking command")
         for _ in range(130):
             doc = central.build(SITE, DEVICE, "ping")
             central._client.publish(f"iaflash/v1/{SITE}/{DEVICE}/cmd", json.dumps(doc), qos=1)
-        deadline = time.monotonic() + 10
-        while agent.worker.counters()["dropped"] < 30 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: agent.worker.counters()["dropped"] >= 30, 10, "30 dropped commands")
     finally:
         release.set()
         blocker.join(40)
@@ -515,7 +598,8 @@ def test_cli_cmd_ping_and_registry_sync_print_the_response(
         central_main, [*base[:3], "send_evidence", *base[3:], "--arg", f"capture_id={CAPTURE}", "--out", str(out)]
     )
     assert evidence.exit_code == 0, evidence.output
-    assert (out / f"{CAPTURE}.jpg").read_bytes() == agent.jpeg
+    saved = (out / f"{CAPTURE}.jpg").read_bytes()
+    assert saved != agent.jpeg and metadata_segments(saved) == []  # the anonymised image, never the stored one
 
 
 def test_cli_cmd_exits_1_on_a_refusal_and_2_on_a_bad_arg(agent: Agent, broker: MosquittoBroker, keys: Keys) -> None:
@@ -541,11 +625,13 @@ def test_a_running_service_answers_status_and_sends_the_evidence_of_a_processed_
     service.start()
     try:
         site.drop(site.scenario)
-        deadline = time.monotonic() + 60
-        while site.processed_count() < site.expected_verdicts() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: site.processed_count() >= site.expected_verdicts(), 60, "every verdict")
         assert service.link is not None and service.link.wait_commands_ready(10)
-        processed = [p.stem for p in site.files_in("done", "*.json")]
+        processed = [
+            p.stem
+            for p in site.files_in("done", "*.json")
+            if "vehicle_box" in json.loads(p.read_text(encoding="utf-8"))
+        ]
         assert processed
         with CommandClient("127.0.0.1", broker.port, private_key_path=central_key) as client:
             status = client.send(site.cfg.site.site_id, site.cfg.site.device_id, "status", timeout=20)
@@ -562,5 +648,7 @@ def test_a_running_service_answers_status_and_sends_the_evidence_of_a_processed_
     assert status["result"]["commands"]["received"] == 1
     assert evidence["ok"] is True, evidence
     image = evidence["result"]["images"][0]
-    assert base64.b64decode(image["jpeg_b64"]) == (site.cfg.spool.dir / "done" / image["name"]).read_bytes()
+    sent = base64.b64decode(image["jpeg_b64"])
+    assert sent != (site.cfg.spool.dir / "done" / image["name"]).read_bytes() and metadata_segments(sent) == []
+    assert evidence["result"]["anonymisation"]["images"][0]["masked"][0]["kind"] == "outside_vehicle"
     assert "plate" not in evidence["result"]["sidecar"]

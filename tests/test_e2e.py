@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import pytest
 from e2e_site import Site, build_models, make_site
+from waiting import wait_until
 
 from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.decision.verdict import Verdict
@@ -31,15 +32,6 @@ from iaflash.agent.service import Service
 from iaflash.central.subscriber import Subscriber
 
 pytestmark = pytest.mark.slow
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,14 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_until
 
 from iaflash.agent.config import Config, parse_config
 from iaflash.agent.demo.broker import MosquittoBroker
@@ -59,15 +60,6 @@ def record(outbox: Outbox, cfg: Config, n: int, start: int = 0) -> list[str]:
         assert outbox.record(f"cap-{i}", "mismatch", doc, topic_for(cfg.topic_root, "mismatch"))
         ids.append(doc["event_id"])
     return ids
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 class Agent:
