@@ -187,6 +187,65 @@ class MqttConfig(_Section):
         return self
 
 
+MaskClass = Literal["face", "person", "plate"]
+
+
+def _default_mask_classes() -> list[MaskClass]:
+    return ["face", "person", "plate"]
+
+
+def _default_occupant_region() -> list[float]:
+    return [0.0, 0.0, 1.0, 0.55]
+
+
+class EvidenceConfig(_Section):
+    """How images are anonymised before they leave the box (docs/EVIDENCE.md)."""
+
+    method: Literal["fill", "pixelate"] = Field(
+        "fill", description="How masked regions are destroyed: solid fill, or heavy pixelation plus noise."
+    )
+    mask_outside_vehicle: bool = Field(
+        True, description="Mask everything outside the reviewed vehicle's box (other vehicles, plates, people)."
+    )
+    occupant_region: list[float] = Field(
+        default_factory=_default_occupant_region,
+        description="Part of the vehicle box masked as its occupants (windscreen), as [x0, y0, x1, y1] "
+        "fractions of the box; [] = only the face detector's boxes.",
+    )
+    detector_bundle: Path | None = Field(
+        None,
+        description="Optional ONNX face/person/plate detector bundle (signed, task detector); its boxes are masked.",
+    )
+    mask_classes: list[MaskClass] = Field(
+        default_factory=_default_mask_classes,
+        description="Detector classes masked: face and person anywhere, plate outside the vehicle's box.",
+    )
+    mask_margin: float = Field(0.2, ge=0, le=2, description="Detector boxes grow by this × their width/height.")
+    vehicle_margin: float = Field(
+        0.0, ge=0, le=0.5, description="The kept vehicle box grows by this × its width/height."
+    )
+    pixel_block: int = Field(24, ge=8, le=256, description="pixelate: block side in pixels (at least).")
+    jpeg_quality: int = Field(85, ge=50, le=100, description="Quality of the re-encoded JPEG (no metadata kept).")
+    no_vehicle_box: Literal["refuse", "withhold"] = Field(
+        "refuse",
+        description="An image with no vehicle box: refuse the command, or withhold that image and send the others.",
+    )
+
+    @model_validator(mode="after")
+    def _safe(self) -> EvidenceConfig:
+        region = self.occupant_region
+        if region and (len(region) != 4 or not (0 <= region[0] < region[2] <= 1 and 0 <= region[1] < region[3] <= 1)):
+            raise ValueError(
+                "occupant_region must be [] or [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
+            )
+        if self.detector_bundle is None and (not self.mask_outside_vehicle or not region):
+            raise ValueError(
+                "mask_outside_vehicle = false or occupant_region = [] without a detector_bundle would let "
+                "bystanders or occupants out unmasked; set detector_bundle or keep the defaults"
+            )
+        return self
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     format: Literal["json", "text"] = Field("json", description="json for journald, text for a terminal.")
@@ -202,6 +261,7 @@ class Config(_Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]  # all defaulted
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]  # all fields defaulted
     log: LogConfig = Field(default_factory=LogConfig)  # type: ignore[arg-type]  # all fields defaulted
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)  # type: ignore[arg-type]  # defaulted
 
     @property
     def client_id(self) -> str:
@@ -332,7 +392,7 @@ def _default_text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, list):
-        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+        return "[" + ", ".join(f'"{v}"' if isinstance(v, str) else str(v) for v in value) + "]"
     if isinstance(value, (str, Path)):
         return f'"{value}"'
     return str(value).lower() if isinstance(value, bool) else str(value)

@@ -13,6 +13,7 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     ├── CommandError           a refused or failed command from central (``code`` is the answer's error code)
     ├── CalibrationError       calibration or fitting cannot run (bad inputs, unwritable output)
     ├── DatasetError           an evaluation dataset is unusable (file and row named)
+    ├── AnonymiseError         an image could not be anonymised; it is not sent (docs/EVIDENCE.md)
     └── EngineError            (iaflash.engines.errors, re-exported)
         ├── BackendUnavailable
         ├── BundleError
@@ -46,6 +47,7 @@ from iaflash.engines.errors import (
 )
 
 __all__ = [
+    "AnonymiseError",
     "BackendUnavailable",
     "BundleError",
     "CalibrationError",
@@ -133,3 +135,7 @@ class CalibrationError(IaflashError):
 
 class DatasetError(IaflashError):
     """The evaluation dataset is unusable; the message names the file and row."""
+
+
+class AnonymiseError(IaflashError):
+    """An image could not be anonymised (decode, detector, encode, metadata check): it never leaves the box."""

@@ -8,6 +8,8 @@ window (``expired``/``invalid``), the command id against the replay store (``rep
 (``unknown_command``). Fast commands (ping, status) run on that thread; slow ones (send_evidence,
 registry_sync) on one more thread, so a registry import never delays a ping. Every answer follows
 ``response.v1.json`` and never carries a plate in clear; every refusal is counted and logged once.
+send_evidence sends only anonymised images (:mod:`iaflash.agent.evidence.anonymise`, docs/EVIDENCE.md):
+when anonymising fails the command answers an error and the stored image never leaves the box.
 """
 
 from __future__ import annotations
@@ -46,7 +48,17 @@ from iaflash.agent.commands.protocol import (
     validate_response,
 )
 from iaflash.agent.config import Config
-from iaflash.agent.errors import CommandError, IaflashError, LinkError, PlateError, SignatureError, UntrustedKey
+from iaflash.agent.errors import (
+    AnonymiseError,
+    CommandError,
+    IaflashError,
+    LinkError,
+    PlateError,
+    SignatureError,
+    UntrustedKey,
+)
+from iaflash.agent.evidence.anonymise import anonymise_jpeg
+from iaflash.agent.evidence.detector import BundleFinder, load_finder
 from iaflash.agent.link.mqtt import InboundMessage, MqttLink
 from iaflash.agent.registry.cache import import_signed_subset
 from iaflash.agent.registry.plates import key_id, plate_key
@@ -104,6 +116,7 @@ class CommandWorker:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = dict.fromkeys(("received", "ok", "refused", "no_reply_to", "response_errors"), 0)
         self._handlers: dict[str, tuple[Handler, bool]] = {}
+        self._finder: BundleFinder | None = None  # evidence.detector_bundle, loaded on first use
         for name, handler in (
             ("ping", self._ping),
             ("status", self._status),
@@ -127,6 +140,8 @@ class CommandWorker:
             self._thread.join(timeout)
         self._slow.shutdown(wait=True, cancel_futures=True)
         self.replay.close()
+        if self._finder is not None:
+            self._finder.close()
 
     def counters(self) -> dict[str, int]:
         """received, ok, refused, ``refused.<code>``, no_reply_to, response_errors and dropped (queue full)."""
@@ -173,6 +188,7 @@ class CommandWorker:
                 "the MQTT 5 response topic differs from the signed reply_to; fix: send both with the same topic",
             )
         verified = self._check_signature(doc)
+        self._check_target(doc)
         expires = self._check_window(doc)
         if not self.replay.first_time(doc["command_id"], expires):
             raise CommandError(
@@ -208,6 +224,17 @@ class CommandWorker:
             raise CommandError("untrusted_key", f"{exc} (security.trust_dir)") from exc
         except SignatureError as exc:
             raise CommandError("bad_signature", str(exc)) from exc
+
+    def _check_target(self, doc: dict[str, Any]) -> None:
+        """The signed target must be this box: a command signed for another box never runs here."""
+        target, site = doc["target"], self.cfg.site
+        if (target["site_id"], target["device_id"]) != (site.site_id, site.device_id):
+            raise CommandError(
+                "wrong_target",
+                f"command {doc['command_id']} is signed for {target['site_id']}/{target['device_id']}, "
+                f"this box is {site.site_id}/{site.device_id}; fix: sign a command for this box "
+                f"(iaflash-central cmd {site.site_id} {site.device_id} ...)",
+            )
 
     def _check_window(self, doc: dict[str, Any]) -> float:
         """The expiry as a POSIX time, after checking issued_at <= now (+skew) < expires_at."""
@@ -315,11 +342,41 @@ class CommandWorker:
         ]
         if not names:
             raise CommandError("not_found", f"capture {capture_id}: its image is no longer in done/")
-        images = [_image(self.done_dir / n) for n in names]
+        images, anonymisation = self._anonymised(capture_id, names, sidecar.get("vehicle_box"))
         plate, sidecar["plate_key"] = sidecar.pop("plate", None), None  # never in clear: its HMAC, as in events
         with contextlib.suppress(PlateError):
             sidecar["plate_key"] = plate_key(self._hmac_key, plate).hex() if isinstance(plate, str) else None
-        return {"capture_id": capture_id, "sidecar": sidecar, "images": images}
+        return {"capture_id": capture_id, "sidecar": sidecar, "images": images, "anonymisation": anonymisation}
+
+    def _anonymised(self, capture_id: str, names: list[str], box: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Each image masked and re-encoded as ``evidence.*`` says; any failure sends nothing (docs/EVIDENCE.md)."""
+        policy = self.cfg.evidence
+        images, records, withheld = [], [], []
+        try:
+            if self._finder is None and policy.detector_bundle is not None:
+                self._finder = load_finder(self.cfg)  # refused clearly; retried by the next command
+            for i, name in enumerate(names):
+                vehicle_box = box if i == 0 and _is_box(box) else None  # vehicle_box is in the first image's pixels
+                if vehicle_box is None:
+                    if policy.no_vehicle_box == "refuse":
+                        raise CommandError("failed", _no_box(capture_id, name))
+                    withheld.append({"name": name, "reason": "no vehicle box"})
+                    continue
+                done = anonymise_jpeg(
+                    (self.done_dir / name).read_bytes(),
+                    vehicle_box=vehicle_box,
+                    policy=policy,
+                    finder=self._finder,
+                    name=name,
+                )
+                images.append(_image(name, done.jpeg))
+                records.append(done.record)
+        except AnonymiseError as exc:
+            self._count("evidence.anonymise_failed")
+            raise CommandError("failed", f"capture {capture_id}: not sent, anonymisation failed: {exc}") from exc
+        if not images:
+            raise CommandError("failed", _no_box(capture_id, ", ".join(names)))
+        return images, {"images": records, "withheld": withheld}
 
     def _registry_sync(self, args: dict[str, Any]) -> dict[str, Any]:
         data, signature = _b64(args.get("file_b64")), args.get("signature")
@@ -375,10 +432,25 @@ def _parse_sidecar(path: Path) -> dict[str, Any]:
     raise CommandError("failed", f"{path.name}: the sidecar in done/ is not a JSON object; fix: inspect it")
 
 
-def _image(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
+def _is_box(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _no_box(capture_id: str, names: str) -> str:
+    return (
+        f"capture {capture_id}: image {names} has no vehicle box (the sidecar's vehicle_box covers the "
+        "first image only), so it cannot be anonymised and is not sent; fix: have the radar write "
+        'vehicle_box, or set evidence.no_vehicle_box = "withhold" to send the other images'
+    )
+
+
+def _image(name: str, data: bytes) -> dict[str, Any]:
     return {
-        "name": path.name,
+        "name": name,
         "size": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "jpeg_b64": base64.b64encode(data).decode("ascii"),
