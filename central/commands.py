@@ -150,6 +150,7 @@ class CommandClient:
         doc: dict[str, Any] = {
             "schema": SCHEMA_ID,
             "command_id": str(uuid.uuid4()),
+            "target": {"site_id": site, "device_id": device},
             "command": command,
             "args": args or {},
             "issued_at": issued.isoformat(timespec="milliseconds"),

@@ -431,6 +431,13 @@ def invalid(client: CommandClient) -> dict[str, Any]:
     return client.sign(doc)
 
 
+def for_another_box(client: CommandClient) -> dict[str, Any]:
+    """Validly signed for box-2 of the same site, then published on this box's topic."""
+    doc = client.build(SITE, "box-2", "ping")
+    doc["reply_to"] = client.response_topic(SITE, DEVICE)  # so the answer comes back to the test
+    return client.sign(doc)
+
+
 REFUSALS: dict[str, Callable[[CommandClient, Keys, int], dict[str, Any]]] = {
     "bad_signature": lambda c, k, p: tampered(c),
     "untrusted_key": lambda c, k, p: CommandClient(port=p, private_key_path=k.stranger).sign(
@@ -439,7 +446,17 @@ REFUSALS: dict[str, Callable[[CommandClient, Keys, int], dict[str, Any]]] = {
     "expired": lambda c, k, p: expired(c),
     "invalid": lambda c, k, p: invalid(c),
     "unknown_command": lambda c, k, p: c.build(SITE, DEVICE, "self_destruct"),
+    "wrong_target": lambda c, k, p: for_another_box(c),
 }
+
+
+def test_a_command_without_a_target_is_refused_as_invalid(agent: Agent, central: CommandClient) -> None:
+    """An older central that names no target gets a clear refusal, never a run on every box."""
+    doc = central.build(SITE, DEVICE, "ping")
+    del doc["target"]
+    response = central.send_document(SITE, DEVICE, central.sign(doc), timeout=10)
+    assert error_code(response) == "invalid" and "target" in response["error"]["message"]
+    assert agent.worker.counters()["ok"] == 0
 
 
 @pytest.mark.parametrize("code", sorted(REFUSALS))
