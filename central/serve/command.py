@@ -47,9 +47,8 @@ def evidence_fetcher(broker: BrokerOptions, key: Path, timeout: float = 30.0) ->
 
 
 def _start_web(cfg: CentralConfig, db: str, users_file: Path, fetch: Any, host: str, port: int) -> Any:
-    from waitress import create_server  # noqa: PLC0415  # the web page is optional (--no-web)
-
-    from iaflash.central.web.app import create_app, load_users  # noqa: PLC0415  # imports Flask
+    from iaflash.central.web.app import create_app, load_users  # noqa: PLC0415  # imports Flask (--no-web: never)
+    from iaflash.central.web.server import WebServer  # noqa: PLC0415  # imports waitress
 
     try:
         users = load_users(users_file)
@@ -58,9 +57,7 @@ def _start_web(cfg: CentralConfig, db: str, users_file: Path, fetch: Any, host: 
     app = create_app(
         Store(db), users, fetch_evidence=fetch, coordinates=cfg.coordinates(), max_speed_kmh=cfg.plates.max_speed_kmh
     )
-    server = create_server(app, host=host, port=port, threads=4)
-    threading.Thread(target=server.run, name="review-page", daemon=True).start()
-    return server
+    return WebServer(app, host, port).start()
 
 
 @click.command("serve", context_settings=CONTEXT)
@@ -158,7 +155,7 @@ def serve_command(
         server = _start_web(
             cfg, url, users_file, fetch, web_host or cfg.web.host, cfg.web.port if web_port is None else web_port
         )
-        click.echo(f"review page: http://{server.effective_host}:{server.effective_port}/", err=True)
+        click.echo(f"review page: {server.url}", err=True)
     elif not no_web:
         click.echo("no review page: give --users FILE (see `iaflash-central reviewer -h`)", err=True)
     stop = threading.Event()
@@ -173,7 +170,7 @@ def serve_command(
         log.info("retention purged %s", purged)
     ingester.stop()
     if server is not None:
-        server.close()
+        server.stop()
     counts = ingester.counters()
     click.echo(
         f"stopped: {counts['stored']} stored, {counts['duplicates']} duplicate(s), {counts['refused']} refused",

@@ -314,7 +314,7 @@ def create_app(  # noqa: PLR0915  # one closure per route: the routes read as on
             )
         elif what == "decisions":
             columns = ["id", "at_ts", "reviewer", "event_id", "action", "note", "make", "model"]
-            rows = store.audit_log()
+            rows = [r for r in store.audit_log() if r["action"] in ACTIONS]
         elif what == "labels":
             columns = ["image", "make", "model", "view", "x1", "y1", "x2", "y2"]
             rows = training_labels(store)
