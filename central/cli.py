@@ -16,10 +16,12 @@ from typing import Any
 import click
 
 from iaflash.central.commands import CommandClient
+from iaflash.central.export import export_command
 from iaflash.central.serve.command import reviewer_command, serve_command
 from iaflash.central.subscriber import DEFAULT_FILTER, Subscriber
 from iaflash.central.subsets import registry_group
 from iaflash.central.train.cli import train_command
+from iaflash.engines.cli_common import version_option
 from iaflash.engines.errors import EngineError
 
 __all__ = ["main"]
@@ -28,6 +30,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 @click.group(context_settings=CONTEXT)
+@version_option("iaflash-central")
 def main() -> None:
     """Central tools for iaflash-edge sites.
 
@@ -41,6 +44,7 @@ main.add_command(registry_group)
 main.add_command(serve_command)
 main.add_command(reviewer_command)
 main.add_command(train_command)
+main.add_command(export_command)
 
 
 def _line(event: dict[str, Any]) -> str:

@@ -14,6 +14,8 @@ import logging
 
 import click
 
+from iaflash.engines.cli_common import version_option
+
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ _COMMANDS = (
 
 
 @click.group(context_settings=CONTEXT)
-@click.version_option("0.1.0", prog_name="iaflash-engines")
+@version_option("iaflash-engines")
 def main() -> None:
     """iaflash-engines: build, pack, sign and verify model bundles and TensorRT engines.
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from iaflash.engines.signing import key_id, load_private_key, public_key_bytes
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "CONTEXT",
@@ -52,3 +55,8 @@ def emit(as_json: bool, doc: dict[str, Any], lines: list[str]) -> None:
 def public_key_id(private_key_path: Path) -> str:
     """The key id of the public half of a private key file."""
     return key_id(public_key_bytes(load_private_key(private_key_path).public_key()))
+
+
+def version_option(prog_name: str) -> Callable[[F], F]:
+    """``--version``: the installed iaflash-edge distribution's version, for every CLI."""
+    return click.version_option(package_name="iaflash-edge", prog_name=prog_name)

@@ -25,6 +25,7 @@ from iaflash.agent.errors import IaflashError, RegistryError
 from iaflash.agent.registry.cache import import_signed_subset, read_state
 from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.agent.registry.record import RegistryState
+from iaflash.engines.cli_common import version_option
 from iaflash.engines.errors import EngineError
 from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_doctor
 
@@ -71,6 +72,7 @@ def _read_key_file(path: Path) -> bytes:
 
 
 @click.group(context_settings=CONTEXT)
+@version_option("iaflash-provision")
 def cli() -> None:
     """Install, enrol, check and fix an iaflash edge box.
 

@@ -21,7 +21,7 @@ from iaflash.agent.config import load_config
 from iaflash.agent.config_checks import semantic_issues
 from iaflash.agent.errors import ConfigError, ConfigIssue, EngineError, IaflashError
 from iaflash.agent.health import setup_logging
-from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS
+from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, version_option
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _err(message: str) -> None:
 
 
 @click.group(context_settings=CONTEXT)
-@click.version_option("0.1.0", prog_name="iaflash-agent")
+@version_option("iaflash-agent")
 def main() -> None:
     """iaflash-agent: the radar-site daemon that flags cloned licence plates.
 
