@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -265,3 +269,157 @@ def test_heartbeat_carries_probe_fields_and_outbox_depth(
     finally:
         tap.disconnect()
         tap.loop_stop()
+
+
+# A publisher in its own process, so that the test can SIGKILL it; it writes its stats every 20 ms.
+CHILD = r"""
+import json, os, sys, threading
+from pathlib import Path
+from iaflash.agent.config import parse_config
+from iaflash.agent.link.mqtt import MqttLink
+from iaflash.agent.link.publisher import Publisher
+port, db, out = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+cfg = parse_config({"site": {"site_id": "site-1", "device_id": "box-1"}, "mqtt": {"port": port, "keepalive_s": 5}})
+link = MqttLink(cfg)
+link.start()
+pub = Publisher(db, link, cfg.mqtt)
+pub.start()
+tick = threading.Event()
+while True:
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({**pub.stats(), "connected": link.connected}))
+    os.replace(tmp, out)
+    tick.wait(0.02)
+"""
+
+
+def child_stats(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
+def test_a_sigkill_between_puback_and_delete_yields_duplicates_never_a_loss(
+    broker: MosquittoBroker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    """The publisher process dies holding 50 PUBACKs whose batch was not committed: all 50 rows stay,
+    the next publisher sends them again (50 duplicates, same event_id), none is lost."""
+    cfg = config(broker.port)
+    path = tmp_path / "state.db"
+    Outbox(path).close()
+    sub = Subscriber("127.0.0.1", broker.port).start()
+    out = tmp_path / "stats.json"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(broker.port), str(path), str(out)])
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert wait_until(lambda: child_stats(out).get("connected") is True, 20)
+        assert broker.proc is not None
+        broker.freeze()
+        try:
+            with Outbox(path) as ob:
+                ids = record(ob, cfg, 50)
+            assert wait_until(lambda: child_stats(out).get("published") == 50, 15)
+            locker.execute("BEGIN IMMEDIATE")  # the disk is busy: the batch's commit must wait
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        assert sub.wait_for(50, 15)
+        # every PUBACK is in the process (the inflight gauge refreshes every 0.25 s)
+        assert wait_until(lambda: child_stats(out)["unsettled"] >= 50 and child_stats(out)["inflight"] == 0, 15)
+        stats = child_stats(out)
+        assert (stats["acked"], stats["settles"], stats["inflight"]) == (0, 0, 0)
+        os.kill(child.pid, signal.SIGKILL)  # between the PUBACKs and the delete
+        assert child.wait(10) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+    try:
+        with Outbox(path) as ob:
+            assert ob.depth() == 50  # acknowledged by the broker, never settled: every row is still there
+            second = Agent(cfg, path).start()
+            agents.append(second)
+            assert wait_until(lambda: ob.depth() == 0, 20)
+        assert wait_until(lambda: sub.duplicates == 50, 10)  # each one came twice, with the same event_id
+        assert [e["event_id"] for e in sub.events] == ids  # and is listed once, in order
+        assert wait_until(lambda: second.publisher.stats()["acked"] == 50, 5)
+    finally:
+        sub.stop()
+
+
+def test_pubacks_that_arrive_while_the_disk_is_busy_are_settled_in_one_transaction(
+    broker: MosquittoBroker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    cfg = config(broker.port)
+    path = tmp_path / "state.db"
+    agent = Agent(cfg, path).start()
+    agents.append(agent)
+    assert agent.link.wait_connected(10)
+    assert broker.proc is not None
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        broker.freeze()
+        try:
+            with Outbox(path) as ob:
+                record(ob, cfg, 60)
+            assert wait_until(lambda: agent.publisher.stats()["published"] == 60, 15)
+            locker.execute("BEGIN IMMEDIATE")
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: agent.publisher.stats()["unsettled"] >= 60, 15)
+        assert locker.execute("SELECT COUNT(*) FROM outbox").fetchone() == (60,)  # nothing settled yet
+        assert agent.publisher.stats()["acked"] == 0
+    finally:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+    assert wait_until(lambda: agent.publisher.stats()["acked"] == 60, 15)
+    stats = agent.publisher.stats()
+    # the batch that was waiting for the lock, then everything that arrived meanwhile: at most two
+    assert 1 <= stats["settles"] <= 2 and stats["unsettled"] == 0 and stats["inflight"] == 0
+    with Outbox(path) as ob:
+        assert ob.depth() == 0
+
+
+def test_refused_and_acknowledged_pubacks_of_one_batch_are_settled_each_their_way(
+    tmp_path: Path, agents: list[Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Interleaved allowed and denied topics: the allowed rows are deleted, the denied ones kept,
+    counted, deferred once each; one warning per refused event."""
+    cfg = config(1883)  # for its topic names only
+    allowed = topic_for(cfg.topic_root, "mismatch")
+    denied = f"{cfg.topic_root}/events/denied"
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {allowed}\n")
+    broker = MosquittoBroker(workdir=tmp_path, extra_conf=f"per_listener_settings false\nacl_file {acl}\n").start()
+    try:
+        cfg = config(broker.port)
+        path = tmp_path / "state.db"
+        with Outbox(path) as ob:
+            for i in range(40):
+                doc = build_event(
+                    verdict=VERDICT,
+                    site_id="site-1",
+                    device_id="box-1",
+                    capture_id=f"cap-{i}",
+                    captured_at="2026-11-02T08:00:00+01:00",
+                    plate_key="ab" * 32,
+                    timings_ms={},
+                )
+                assert ob.record(f"cap-{i}", "mismatch", doc, allowed if i % 2 else denied)
+            with caplog.at_level(logging.WARNING, logger="iaflash.agent.link.publisher"):
+                agent = Agent(cfg, path).start()
+                agents.append(agent)
+                assert wait_until(
+                    lambda: agent.publisher.stats()["acked"] + agent.publisher.stats()["refused"] == 40, 15
+                )
+            stats = agent.publisher.stats()
+            assert (stats["acked"], stats["refused"], stats["inflight"]) == (20, 20, 0)
+            assert stats["settles"] < 40  # grouped
+            later = ob.pending(100, now=time.time() + 3600)
+            assert [r.topic for r in later] == [denied] * 20 and {r.attempts for r in later} == {1}
+            assert ob.pending(100) == []  # all held back
+        refusals = [r.getMessage() for r in caplog.records if "refused event" in r.getMessage()]
+        assert len(refusals) == 20 and all("135" in m for m in refusals)
+    finally:
+        broker.stop()

@@ -204,3 +204,39 @@ def test_threads_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
         for t in threads:
             t.join(30)
         assert errors == []
+
+
+def test_settle_deletes_acknowledged_rows_and_defers_refused_ones_together(outbox: Outbox) -> None:
+    for i in range(5):
+        outbox.record(f"cap-{i}", "mismatch", ev(i), TOPIC)
+    a, b, c, d, e = (r.seq for r in outbox.pending(10))
+    outbox.settle([a, b, e], [(c, "broker refused: 135 Not authorized", 60.0), (e, "refused copy", 60.0)])
+    assert outbox.depth() == 2  # a, b and e delivered (e: one copy succeeded, the success wins)
+    assert [r.seq for r in outbox.pending(10)] == [d]  # c is held back 60 s
+    assert [(r.seq, r.attempts) for r in outbox.pending(10, now=time.time() + 61)] == [(c, 1), (d, 0)]
+    with sqlite3.connect(outbox.path) as db:
+        assert db.execute("SELECT last_error FROM outbox WHERE seq = ?", (c,)).fetchone() == (
+            "broker refused: 135 Not authorized",
+        )
+    outbox.settle([], [])  # an empty batch changes nothing
+    assert outbox.depth() == 2
+
+
+def test_a_settle_that_fails_changes_nothing_and_names_the_batch(outbox: Outbox) -> None:
+    """One transaction per batch: when one row cannot be deleted, no row of the batch is settled."""
+    for i in range(4):
+        outbox.record(f"cap-{i}", "mismatch", ev(i), TOPIC)
+    a, b, c, d = (r.seq for r in outbox.pending(10))
+    with sqlite3.connect(outbox.path) as db:  # a real SQLite failure on the third delete of the batch
+        db.execute(
+            f"CREATE TRIGGER refuse BEFORE DELETE ON outbox WHEN old.seq = {c} "
+            "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+        )
+    with pytest.raises(OutboxError, match=r"cannot settle 3 delivered and 1 refused events: disk says no.*fix:"):
+        outbox.settle([a, b, c], [(d, "135", 60.0)])
+    assert outbox.depth() == 4
+    assert [(r.seq, r.attempts) for r in outbox.pending(10)] == [(a, 0), (b, 0), (c, 0), (d, 0)]
+    with sqlite3.connect(outbox.path) as db:
+        db.execute("DROP TRIGGER refuse")
+    outbox.settle([a, b, c], [(d, "135", 60.0)])  # the same batch, retried, goes through whole
+    assert outbox.depth() == 1 and outbox.attempts(d) == 1

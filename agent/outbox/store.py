@@ -2,7 +2,10 @@
 
 A verdict is made durable by :meth:`Outbox.record`, which marks the capture processed and
 queues its event in ONE transaction, before anything is published. A row leaves the outbox
-only through :meth:`Outbox.delete`, which the publisher calls on a successful PUBACK.
+only through :meth:`Outbox.settle` (or :meth:`Outbox.delete`), which the publisher calls with the
+rows whose PUBACK was a success: a drained batch of PUBACKs is settled in ONE transaction (one
+fsync for the batch, not one per event). A crash before that commit leaves the rows in place:
+they are published again (a duplicate, never a loss).
 
 Each thread opens its OWN :class:`Outbox` (its own connection); WAL lets one writer and
 many readers work at once and ``busy_timeout`` makes a second writer wait instead of failing.
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from iaflash.agent.errors import OutboxError
+from iaflash.agent.sqlite import fix_for
 
 __all__ = ["Outbox", "OutboxRow"]
 
@@ -64,19 +68,6 @@ class OutboxRow:
     topic: str
     payload: bytes
     attempts: int
-
-
-def _fix_for(exc: sqlite3.Error) -> str:
-    text = str(exc).lower()
-    if "full" in text:
-        return "free disk space on that filesystem; unsent events are kept and nothing was recorded"
-    if "readonly" in text or "read-only" in text or "unable to open" in text:
-        return "check that the directory exists and the service user may write the file and its directory"
-    if "locked" in text or "busy" in text:
-        return "another process holds a long write lock on the file; stop it (only the agent writes here)"
-    if "malformed" in text or "not a database" in text:
-        return "stop the agent, keep a copy of the file and recover it with 'sqlite3 FILE .recover'"
-    return "check the file, its directory's permissions and free disk space"
 
 
 def _retry_locked(step: Callable[[], None]) -> None:
@@ -136,7 +127,7 @@ class Outbox:
         try:
             yield
         except (sqlite3.Error, OSError) as exc:
-            fix = _fix_for(exc) if isinstance(exc, sqlite3.Error) else "check the path and permissions"
+            fix = fix_for(exc) if isinstance(exc, sqlite3.Error) else "check the path and permissions"
             raise OutboxError(f"outbox {self.path}: cannot {action}: {exc} (fix: {fix})") from exc
 
     @property
@@ -217,6 +208,25 @@ class Outbox:
         """Remove a delivered row (called on a successful PUBACK only)."""
         with self._errors(f"delete event seq {seq}"):
             self._conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def settle(self, acked: Collection[int], refused: Sequence[tuple[int, str, float]] = ()) -> None:
+        """Settle a batch of PUBACKs in ONE transaction: all of it or, on error, none of it.
+
+        ``acked`` are the seqs whose PUBACK was a success: their rows are deleted. ``refused`` are
+        ``(seq, error, delay_s)`` for refused PUBACKs: like :meth:`defer`, each keeps its row, counts
+        the attempt and is held back ``delay_s`` seconds. A seq in both is settled as acked.
+        """
+        delivered = set(acked)
+        gone = sorted(delivered)
+        now = time.time()
+        held = [(error, now + delay, seq) for seq, error, delay in refused if seq not in delivered]
+        if not gone and not held:
+            return
+        with self._errors(f"settle {len(gone)} delivered and {len(held)} refused events"), self._transaction() as db:
+            db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in gone])
+            db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE seq = ?", held
+            )
 
     def defer(self, seq: int, error: str, delay_s: float) -> None:
         """Count a failed attempt and hold the row back for ``delay_s`` seconds."""
