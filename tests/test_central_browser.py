@@ -98,7 +98,9 @@ def page() -> Iterator[Page]:
 
 
 def test_a_reviewer_sees_the_evidence_with_its_box_in_chromium_and_records_a_decision(
-    site: Site, page: Page, tmp_path: Path
+    site: Site,  # noqa: F811  # the fixture imported above
+    page: Page,
+    tmp_path: Path,
 ) -> None:
     page.open(site.url + "/")
     assert page.js("location.pathname") == "/login"
@@ -116,7 +118,8 @@ def test_a_reviewer_sees_the_evidence_with_its_box_in_chromium_and_records_a_dec
     )
     assert width == 640  # the browser decoded the stored evidence JPEG
     box = page.js(
-        "(() => { const b = document.getElementById('vehicle-box').getBBox(); return [b.x, b.y, b.width, b.height]; })()"
+        "(() => { const b = document.getElementById('vehicle-box').getBBox();"
+        " return [b.x, b.y, b.width, b.height]; })()"
     )
     assert box == [200, 150, 240, 180]
     shot = page.call("Page.captureScreenshot", format="png")["data"]

@@ -19,6 +19,8 @@ from iaflash.central.connection import BrokerOptions, broker_options
 from iaflash.central.serve.config import CentralConfig, load_config
 from iaflash.central.serve.ingest import DEFAULT_FILTER, Ingester
 from iaflash.central.serve.store import Store, StoreError
+from iaflash.engines.errors import EngineError
+from iaflash.engines.signing import load_private_key
 
 __all__ = ["reviewer_command", "serve_command"]
 
@@ -28,14 +30,22 @@ RETENTION_EVERY_S = 3600.0
 
 
 def evidence_fetcher(broker: BrokerOptions, key: Path, timeout: float = 30.0) -> Any:
-    """A function (site, device, capture_id) → (sidecar, jpeg) that sends the signed send_evidence."""
+    """A function (site, device, capture_id) → (sidecar, jpeg) that sends the signed send_evidence.
+
+    The key is checked now (a SignatureError says which file and how to fix it); errors while fetching
+    are RuntimeError or TimeoutError, shown to the reviewer and audited.
+    """
+    load_private_key(key)
 
     def fetch(site: str, device: str, capture_id: str) -> tuple[dict[str, Any], bytes]:
-        client = CommandClient(
-            broker.host, broker.port, protocol=broker.protocol, private_key_path=key, configure=broker.apply
-        )
-        with client:
-            response = client.send(site, device, "send_evidence", {"capture_id": capture_id}, timeout=timeout)
+        try:
+            client = CommandClient(
+                broker.host, broker.port, protocol=broker.protocol, private_key_path=key, configure=broker.apply
+            )
+            with client:
+                response = client.send(site, device, "send_evidence", {"capture_id": capture_id}, timeout=timeout)
+        except EngineError as exc:
+            raise RuntimeError(str(exc)) from exc
         if not response["ok"]:
             raise RuntimeError(f"{response['error']['code']}: {response['error']['message']}")
         images = response["result"]["images"]
@@ -151,7 +161,10 @@ def serve_command(
     server = None
     users_file = users_file or cfg.web.users_file
     if not no_web and users_file is not None:
-        fetch = evidence_fetcher(broker, command_key) if command_key else None
+        try:
+            fetch = evidence_fetcher(broker, command_key) if command_key else None
+        except EngineError as exc:
+            raise click.UsageError(f"--command-key: {exc}") from exc
         server = _start_web(
             cfg, url, users_file, fetch, web_host or cfg.web.host, cfg.web.port if web_port is None else web_port
         )
