@@ -72,6 +72,16 @@ class SpoolConfig(_Section):
         "(OpenCV releases the GIL; see benchmarks/pipeline_bench.py).",
     )
     orphan_after_s: float = Field(3600, gt=0, description="Files in incoming/ with no sidecar this long are rejected.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="A capture whose handling stopped the agent this many times (crash, kill, watchdog) is "
+        "quarantined to rejected/.",
+    )
+    rejected_retention_days: float = Field(
+        30, ge=0, description="Files in rejected/ (their sidecars may hold plates in clear) are deleted after this."
+    )
 
 
 class ModelConfig(_Section):

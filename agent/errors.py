@@ -7,9 +7,11 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     ├── CaptureRejected        a capture's image or sidecar is bad; it goes to rejected/ with this reason
     ├── PlateError             a plate string does not normalise to a French SIV or FNI plate
     ├── RegistryError          the SIV cache or a subset file is unusable
-    │   └── RegistryFileError  a subset file is malformed (line number given)
+    │   ├── RegistryFileError  a subset file is malformed (line number given)
+    │   └── RegistryUnavailable  the cache file is corrupt, unreadable or missing (verdicts: inconclusive)
     ├── OutboxError            the SQLite outbox could not be written or read
     ├── LinkError              the MQTT link is misconfigured (paho errors are mapped here)
+    ├── InstanceLocked         another agent already runs on this state directory (its pid is named)
     ├── CommandError           a refused or failed command from central (``code`` is the answer's error code)
     ├── CalibrationError       calibration or fitting cannot run (bad inputs, unwritable output)
     ├── DatasetError           an evaluation dataset is unusable (file and row named)
@@ -60,12 +62,14 @@ __all__ = [
     "EngineError",
     "IaflashError",
     "InferenceError",
+    "InstanceLocked",
     "LinkError",
     "ModelLoadError",
     "OutboxError",
     "PlateError",
     "RegistryError",
     "RegistryFileError",
+    "RegistryUnavailable",
     "SignatureError",
     "UntrustedKey",
     "UnusablePlan",
@@ -113,12 +117,20 @@ class RegistryFileError(RegistryError):
     """A registry subset file is malformed."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry cache cannot be read (corrupt, unreadable, missing): no lookup can be trusted."""
+
+
 class OutboxError(IaflashError):
     """The durable outbox failed."""
 
 
 class LinkError(IaflashError):
     """The MQTT link is misconfigured or its library failed."""
+
+
+class InstanceLocked(IaflashError):
+    """Another agent process holds the single-instance lock of this state directory."""
 
 
 class CommandError(IaflashError):

@@ -2,17 +2,25 @@
 
 ``sd_notify`` writes one datagram to ``$NOTIFY_SOCKET`` (no third-party package:
 the protocol is a single sendto). Outside systemd it does nothing.
+
+:class:`InstanceLock` is the single-instance lock of a state directory: two agents on one config
+would share the spool, the outbox and the MQTT client id (the broker then disconnects each in
+turn, every few seconds); the second one stops at start with a message naming the holder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+from iaflash.agent.errors import InstanceLocked
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,41 @@ class Liveness:
     def healthy(self) -> bool:
         busy = self.busy_since
         return busy is None or time.monotonic() - busy < self.stuck_after_s
+
+
+class InstanceLock:
+    """An exclusive ``flock`` on ``<dir>/agent.lock`` holding the owner's pid; released when the process ends.
+
+    The kernel drops the lock when the process dies (even by SIGKILL), so a stale file never
+    blocks a restart.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / "agent.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise InstanceLocked naming the process that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise InstanceLocked(
+                f"{self.path}: another agent (pid {holder}) already runs on this state directory; two agents "
+                "on one config would share the spool, the outbox and the MQTT client id. Fix: stop the other one "
+                f"(systemctl stop iaflash-agent, or kill {holder}) or give this one its own config and directories"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
 
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

@@ -12,12 +12,14 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from iaflash.agent.capture.spool import Spool
 from iaflash.agent.commands.handlers import CommandWorker
 from iaflash.agent.config import Config, read_secret
-from iaflash.agent.health import sd_notify, watchdog_interval_s
+from iaflash.agent.errors import OutboxError, RegistryError
+from iaflash.agent.health import InstanceLock, sd_notify, watchdog_interval_s
 from iaflash.agent.link.mqtt import MqttLink
 from iaflash.agent.link.publisher import Publisher
 from iaflash.agent.outbox.store import Outbox
@@ -53,11 +55,16 @@ class Service:
         self.detector_backend: Backend | None = None
         self.commands: CommandWorker | None = None
         self.spool = Spool(cfg.spool.dir, cfg.spool)
+        self.housekeeping_errors = 0
+        # The disk guard watches every file system the agent writes to (docs/RELIABILITY.md).
+        self.spool.watched = [cfg.spool.dir, cfg.outbox.db.parent, cfg.registry.db.parent]
+        self.lock = InstanceLock(cfg.outbox.db.parent)
 
     def start(self) -> None:
         cfg = self.cfg
         for path in (cfg.outbox.db.parent, cfg.registry.db.parent):
             path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()  # InstanceLocked names the other agent; nothing was touched yet
         self.spool.ensure_layout()
         hmac_key = load_hmac_key(
             read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file")
@@ -143,7 +150,10 @@ class Service:
 
     def _check_registry(self, expected_key_id: str) -> None:
         assert self.registry is not None
-        state = self.registry.state()
+        try:
+            state = self.registry.state()
+        except RegistryError:
+            return  # unavailable (corrupt, unreadable): logged once by the registry, shown in the heartbeat
         if state is None:
             log.warning(
                 "registry cache %s is empty: every plate will be unknown_plate; "
@@ -162,7 +172,8 @@ class Service:
         """Supervise until ``stop`` is set or a worker dies. Returns the process exit code."""
         wd = watchdog_interval_s()
         tick = min(wd, 1.0) if wd else 1.0
-        next_purge = time.monotonic()
+        next_purge = next_orphans = time.monotonic()
+        orphan_every = max(1.0, min(self.cfg.spool.orphan_after_s / 2, PURGE_EVERY_S))
         assert self.pipeline is not None
         while not stop.wait(tick):
             if self.pipeline.fatal is not None or not self.pipeline.alive():
@@ -172,14 +183,25 @@ class Service:
             if wd and self.pipeline.healthy():
                 sd_notify("WATCHDOG=1")
             if time.monotonic() >= next_purge:
-                self._purge()
+                self._housekeeping("purging old evidence", self._purge)
                 next_purge = time.monotonic() + PURGE_EVERY_S
+            if time.monotonic() >= next_orphans:
+                self._housekeeping("sweeping orphan files", self._sweep_orphans)
+                next_orphans = time.monotonic() + orphan_every
         sd_notify("STOPPING=1")
         self.stop()
         return 0
 
+    def _housekeeping(self, what: str, step: Callable[[], None]) -> None:
+        """Housekeeping never stops the agent: a failure (disk, database) is logged, counted and retried later."""
+        try:
+            step()
+        except (OSError, OutboxError) as exc:
+            self.housekeeping_errors += 1
+            log.error("housekeeping failed while %s: %s; retried at the next round", what, exc)
+
     def _purge(self) -> None:
-        """Hourly housekeeping: purge old evidence (never that of an unsent flag), reject orphans."""
+        """Hourly housekeeping: purge old evidence (never that of an unsent flag) and old rejections."""
         outbox = Outbox(self.cfg.outbox.db)
         try:
             removed = self.spool.purge(older_than_days=self.cfg.spool.retention_days, keep=outbox.has_unsent)
@@ -187,6 +209,10 @@ class Service:
             outbox.close()
         if removed:
             log.info("purged %d captures older than %s days from done/", removed, self.cfg.spool.retention_days)
+        self.spool.purge_rejected(older_than_days=self.cfg.spool.rejected_retention_days)
+
+    def _sweep_orphans(self) -> None:
+        """Files with no sidecar for ``spool.orphan_after_s`` go to rejected/ (swept every half of that)."""
         orphans = self.spool.reject_orphans(older_than_s=self.cfg.spool.orphan_after_s)
         if orphans:
             log.warning(
@@ -208,8 +234,20 @@ class Service:
                 backend.close()
         if self.registry is not None:
             self.registry.close()
+        self.lock.release()
         self.pipeline = self.publisher = self.link = self.backend = self.registry = None  # stop is idempotent
         self.detector_backend = None
+
+    def _errors(self) -> dict[str, int]:
+        """Every error counter of the running parts, in one flat dict (heartbeat and doctor)."""
+        p = self.pipeline
+        if p is None:
+            return {}
+        out: dict[str, int] = {**p.errors, **p.committer.errors, "detector": p.preparer.detector_errors}
+        out["housekeeping"] = self.housekeeping_errors
+        if self.link is not None:
+            out["mqtt_connect_failures"] = self.link.connect_failures
+        return out
 
     def heartbeat(self) -> dict[str, Any]:
         """Counters, queue depth, latency, versions: the heartbeat payload and `doctor`'s view."""
@@ -220,7 +258,7 @@ class Service:
             "device_id": self.cfg.site.device_id,
             "uptime_s": round(time.time() - self.started_at, 1),
             "outcomes": dict(p.outcomes) if p else {},
-            "errors": {**p.errors, "detector": p.preparer.detector_errors} if p else {},
+            "errors": self._errors(),
             "spool": self.spool.counters(),
             "queue_depth": p.queue_depth() if p else 0,
             "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
@@ -232,6 +270,10 @@ class Service:
             # "auto" serves with ONNX Runtime while a TensorRT plan builds: idle/building/swapped/failed
             "engine_build": getattr(self.backend, "build_state", None),
             "disk_paused": p.disk_paused if p else False,
+            "disk_problem": p.disk_problem if p else None,
+            "commits_paused": p.committer.paused if p else None,
+            "registry": self.registry.health() if self.registry else None,
+            "mqtt": self.link.health() if self.link else None,
             "commands": self.commands.counters() if self.commands else {},
             "pid": os.getpid(),
         }

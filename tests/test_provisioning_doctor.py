@@ -209,8 +209,20 @@ def test_unreachable_broker_is_only_a_warning(site: Site, broker: MosquittoBroke
     code, doc = doctor(site, "--broker-timeout", "0.5")
     found = check(doc, "broker")
     assert code == 0 and doc["ok"] is True and found["status"] == "warn"
-    assert f"cannot reach 127.0.0.1:{broker.port}" in found["finding"] and "outbox" in found["finding"]
-    assert "mqtt.host" in found["fix"]
+    assert f"127.0.0.1:{broker.port} refused the TCP connection" in found["finding"]
+    assert "outbox" in found["finding"] and "mqtt.host" in found["fix"]
+
+
+def test_broker_check_is_a_real_mqtt_connect_that_names_refused_credentials(tmp_path: Path, models: Path) -> None:
+    """TCP alone would pass here: the broker accepts the connection, then refuses who we are."""
+    (tmp_path / "passwd").write_text("")  # no user at all: every CONNECT is refused
+    conf = f"allow_anonymous false\npassword_file {tmp_path / 'passwd'}\n"
+    with MosquittoBroker(workdir=tmp_path / "broker", extra_conf=conf) as strict:
+        site = make_site(tmp_path / "site", models, strict.port, n=10)
+        code, doc = doctor(site, "--broker-timeout", "3")
+    found = check(doc, "broker")
+    assert code == 0 and found["status"] == "warn", found
+    assert "refused" in found["finding"] and "accepted" not in found["finding"]
 
 
 def _queue_event(db: Path, age_s: float) -> None:
@@ -261,6 +273,22 @@ def test_old_file_waiting_in_incoming_is_a_warning(site: Site) -> None:
     queue = check(doc, "spool queue")
     assert queue["status"] == "warn" and "oldest waiting 10 min" in queue["finding"]
     assert "agent may be down" in queue["finding"] and "systemctl status" in queue["fix"]
+
+
+def corrupt_registry(db: Path) -> None:
+    """Overwrite the pages after the header with garbage: what a failing SD card does."""
+    size = db.stat().st_size
+    with db.open("r+b") as f:
+        f.seek(4096)
+        f.write(bytes(range(256)) * ((size - 4096) // 256 + 1))
+
+
+def test_a_corrupt_registry_fails_with_the_fix_re_import_a_snapshot(site: Site) -> None:
+    corrupt_registry(site.cfg.registry.db)
+    code, doc = doctor(site, "--broker-timeout", "0.5")
+    found = check(doc, "registry")
+    assert code == 3 and found["status"] == "fail", found
+    assert "corrupt" in found["finding"] and "re-import a snapshot" in found["fix"]
 
 
 def test_low_disk_fails(tmp_path: Path, models: Path, broker: MosquittoBroker) -> None:

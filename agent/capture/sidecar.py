@@ -7,9 +7,10 @@ A capture is one or two JPEG images plus metadata. Two adapters build a :class:`
 - :func:`parse_banner` reads the radar's ``KEY: value`` banner text (DT, CSA, NR, VOIE, VM, VLA, SENS).
 
 Both validate through the same JSON Schema, and both raise :class:`~iaflash.agent.errors.CaptureRejected`
-with a stable reason code: ``sidecar_not_json``, ``sidecar_invalid``, ``unknown_fields``,
-``bad_timestamp``. Messages say what is wrong, in which file and how to fix it, and never
-contain the plate. See docs/CAPTURE.md.
+with a stable reason code: ``sidecar_not_json``, ``sidecar_too_deep``, ``sidecar_invalid``,
+``unknown_fields``, ``bad_timestamp``. A document nested deeper than :data:`MAX_DEPTH` is refused
+before validation (a 30,000-deep array used to raise ``RecursionError`` and stop the daemon).
+Messages say what is wrong, in which file and how to fix it, and never contain the plate. See docs/CAPTURE.md.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _TIMESTAMP_RE = re.compile(
 )
 _FIX_SIDECAR = "fix the radar's sidecar export to follow docs/CAPTURE.md (schema capture.v1.json)"
 _MAX_ECHO = 120
+MAX_DEPTH = 16  # a sidecar is flat: an object holding a box and a list of names
 
 
 @dataclass(frozen=True, repr=False)
@@ -241,10 +243,33 @@ def _to_capture(doc: dict[str, Any], *, source: str, ts_label: str = "captured_a
     )
 
 
+def _depth(doc: Any) -> int:
+    """How deeply ``doc`` nests lists and objects, measured without recursion (stops past MAX_DEPTH)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > MAX_DEPTH:
+                return deepest
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _too_deep(source: str) -> CaptureRejected:
+    return CaptureRejected(
+        "sidecar_too_deep",
+        f"{source}: lists or objects nested more than {MAX_DEPTH} deep; a capture sidecar is a flat object. "
+        f"Fix: {_FIX_SIDECAR}",
+    )
+
+
 def parse_sidecar(data: bytes, *, source: str) -> Capture:
     """Parse and validate a JSON sidecar; ``source`` (its file path) is named in every error."""
     try:
         doc = loads_strict(data.decode("utf-8"))
+    except RecursionError:  # json's C scanner recurses per nesting level
+        raise _too_deep(source) from None
     except UnicodeDecodeError as exc:
         raise CaptureRejected(
             "sidecar_not_json", f"{source}: not UTF-8 text (byte {exc.start}). Fix: {_FIX_SIDECAR}"
@@ -256,6 +281,8 @@ def parse_sidecar(data: bytes, *, source: str) -> Capture:
         ) from exc
     except ValueError as exc:
         raise CaptureRejected("sidecar_not_json", f"{source}: not valid JSON: {exc}. Fix: {_FIX_SIDECAR}") from exc
+    if _depth(doc) > MAX_DEPTH:
+        raise _too_deep(source)
     return _to_capture(_validate(doc, source=source), source=source)
 
 

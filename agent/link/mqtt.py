@@ -22,6 +22,12 @@ What the rest of the agent relies on:
   correlation data) onto a bounded queue; when that queue is full the message is dropped and
   counted in ``commands_dropped``. :meth:`MqttLink.respond` publishes an answer at QoS 1 with the
   correlation data echoed (MQTT 5).
+* Silence is never an outcome (docs/RELIABILITY.md): every failed connection attempt (refused,
+  unreachable, DNS, TLS: unknown CA, expired certificate, wrong host name; authentication
+  refused; the client id taken over by another client) is counted in ``connect_failures`` and
+  logged at ERROR once per distinct error, with its fix (:func:`explain`); :meth:`MqttLink.health`
+  gives it to the heartbeat. :func:`probe` makes one real MQTT CONNECT with the agent's TLS files
+  and credentials, for ``doctor``.
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ import json
 import logging
 import os
 import queue
+import socket
 import ssl
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,7 +57,7 @@ from paho.mqtt.properties import Properties
 from iaflash.agent.config import Config, read_secret
 from iaflash.agent.errors import LinkError
 
-__all__ = ["InboundMessage", "MqttLink"]
+__all__ = ["InboundMessage", "MqttLink", "explain", "probe"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,57 @@ def _paho_errors(action: str, where: str) -> Iterator[None]:
         raise LinkError(f"MQTT {where}: cannot {action}: {exc} (fix: check the [mqtt] section)") from exc
 
 
+_FIX_TLS_VERIFY = (
+    "check that mqtt.ca_file is the CA that signed the broker's certificate, that the certificate is "
+    "valid now (is this box's clock right?), and that mqtt.host is a name the certificate holds"
+)
+_FIX_AUTH = (
+    "check mqtt.username and the password (credential mqtt-password or mqtt.password_file), or the "
+    "client certificate (mqtt.cert_file / key_file), against the broker's users and ACL"
+)
+
+
+_FIX_NETWORK = "check the network link (4G), the firewall and mqtt.host"
+
+
+def explain(exc: BaseException | None, where: str) -> tuple[str, str]:
+    """(what failed, how to fix it) for an exception raised while connecting to the broker."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the certificate of {where} was refused: {exc.verify_message or exc}", _FIX_TLS_VERIFY
+    if isinstance(exc, ssl.SSLError):
+        return (
+            f"TLS handshake with {where} failed: {exc.reason or exc}",
+            "check mqtt.cert_file and mqtt.key_file (a client certificate the broker trusts, not expired) "
+            "and that mqtt.port is the broker's TLS listener",
+        )
+    kinds: tuple[tuple[type[BaseException], str, str], ...] = (
+        (
+            ConnectionRefusedError,
+            "refused the TCP connection",
+            "check mqtt.host and mqtt.port, and that the broker runs",
+        ),
+        (socket.gaierror, "has a host name that does not resolve", "check mqtt.host and the DNS"),
+        (TimeoutError, "did not answer (timeout)", _FIX_NETWORK),
+    )
+    for kind, what, fix in kinds:
+        if isinstance(exc, kind):
+            return f"{where} {what}", fix
+    if isinstance(exc, OSError):
+        return f"{where} is unreachable: {exc.strerror or exc}", _FIX_NETWORK
+    return f"cannot connect to {where}: {exc}", "check the [mqtt] section and the broker"
+
+
+def _refusal(reason_code: Any, where: str) -> tuple[str, str]:
+    """(what, fix) for a CONNACK refusal (MQTT 5 reason code or 3.1.1 return code)."""
+    text = str(reason_code)
+    code = _reason_value(reason_code)
+    if code in (134, 135, 140) or "not authori" in text.lower() or "bad user" in text.lower():
+        return f"{where} refused the credentials: {text}", _FIX_AUTH
+    if code == 133 or "identifier" in text.lower():
+        return f"{where} refused the client id: {text}", "check mqtt.client_id (allowed characters, length)"
+    return f"{where} refused the connection: {text}", "check the client id, the credentials and the broker's ACL"
+
+
 def _agent_version() -> str:
     try:
         return metadata.version("iaflash-edge")
@@ -101,6 +161,34 @@ def _agent_version() -> str:
 def _reason_value(reason_code: Any) -> int:
     value = getattr(reason_code, "value", reason_code)
     return int(value) if isinstance(value, int) else 0
+
+
+def _apply_auth(client: mqtt.Client, cfg: Config, where: str) -> None:
+    """TLS files and username/password from the config onto a paho client (LinkError when unreadable)."""
+    m = cfg.mqtt
+    if m.tls:
+        for key, path in (("ca_file", m.ca_file), ("cert_file", m.cert_file), ("key_file", m.key_file)):
+            if path is not None and not os.access(path, os.R_OK):
+                raise LinkError(
+                    f"MQTT {where}: mqtt.{key} {path} is missing or unreadable "
+                    "(fix: correct the path or let the service user read it)"
+                )
+        client.tls_set(
+            ca_certs=str(m.ca_file) if m.ca_file else None,
+            certfile=str(m.cert_file) if m.cert_file else None,
+            keyfile=str(m.key_file) if m.key_file else None,
+        )
+    if m.username:
+        client.username_pw_set(m.username, _password(cfg))
+
+
+def _password(cfg: Config) -> str | None:
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    has_credential = bool(creds) and (Path(str(creds)) / "mqtt-password").is_file()
+    if cfg.mqtt.password_file is None and not has_credential:
+        return None
+    secret = read_secret("mqtt-password", cfg.mqtt.password_file, what="MQTT password", config_key="mqtt.password_file")
+    return secret.decode("utf-8")
 
 
 class MqttLink:
@@ -119,6 +207,11 @@ class MqttLink:
         self.connects = 0
         self.disconnects = 0
         self.last_error: str | None = None
+        self.last_fix: str | None = None
+        self.last_error_at: float | None = None
+        self.connect_failures = 0
+        self.takeovers = 0
+        self._logged: str | None = None  # the last error logged: the same one is not logged again
         self._connected = threading.Event()
         self._where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
         self._version = _agent_version()
@@ -143,6 +236,7 @@ class MqttLink:
             client.will_set(self.status_topic, self._status("offline", "connection lost"), qos=1, retain=True)
             self._auth(client)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
@@ -150,31 +244,7 @@ class MqttLink:
         return client
 
     def _auth(self, client: mqtt.Client) -> None:
-        m = self.cfg.mqtt
-        if m.tls:
-            for key, path in (("ca_file", m.ca_file), ("cert_file", m.cert_file), ("key_file", m.key_file)):
-                if path is not None and not os.access(path, os.R_OK):
-                    raise LinkError(
-                        f"MQTT {self._where}: mqtt.{key} {path} is missing or unreadable "
-                        "(fix: correct the path or let the service user read it)"
-                    )
-            client.tls_set(
-                ca_certs=str(m.ca_file) if m.ca_file else None,
-                certfile=str(m.cert_file) if m.cert_file else None,
-                keyfile=str(m.key_file) if m.key_file else None,
-            )
-        if m.username:
-            client.username_pw_set(m.username, self._password())
-
-    def _password(self) -> str | None:
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        has_credential = bool(creds) and (Path(str(creds)) / "mqtt-password").is_file()
-        if self.cfg.mqtt.password_file is None and not has_credential:
-            return None
-        secret = read_secret(
-            "mqtt-password", self.cfg.mqtt.password_file, what="MQTT password", config_key="mqtt.password_file"
-        )
-        return secret.decode("utf-8")
+        _apply_auth(client, self.cfg, self._where)
 
     def _status(self, state: str, reason: str) -> bytes:
         doc = {
@@ -189,15 +259,33 @@ class MqttLink:
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
     # ----- paho callbacks (paho's network thread) -----------------------------------------
+    def _failed(self, what: str, fix: str) -> None:
+        """Count a failed connection; log it at ERROR when it differs from the last one logged."""
+        self.connect_failures += 1
+        self.last_error, self.last_fix, self.last_error_at = what, fix, time.time()
+        if what != self._logged:
+            self._logged = what
+            log.error(
+                "MQTT: %s (fix: %s); events wait in the outbox and paho retries every %d-%d s",
+                what,
+                fix,
+                RECONNECT_MIN_S,
+                RECONNECT_MAX_S,
+                extra={"mqtt_error": what, "connect_failures": self.connect_failures},
+            )
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` block: the error is the one being handled.
+        self._failed(*explain(sys.exc_info()[1], self._where))
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        if _reason_value(reason_code) >= _REFUSED:
-            message = f"broker {self._where} refused the connection: {reason_code}"
-            if message != self.last_error:
-                log.warning("%s (fix: check client id, credentials and the broker's ACL)", message)
-            self.last_error = message
+        if _reason_value(reason_code) >= _REFUSED or (self.cfg.mqtt.protocol != "5" and _reason_value(reason_code)):
+            self._failed(*_refusal(reason_code, self._where))
             return
         self.connects += 1
-        self.last_error = None
+        if self._logged is not None:
+            log.warning("MQTT: connected again to %s after %d failed attempts", self._where, self.connect_failures)
+        self.last_error = self._logged = None
         client.publish(self.status_topic, self._status("online", "connected"), qos=1, retain=True)
         with self._sub_lock:  # enable_commands() may run now in another thread
             if self._commands is not None:
@@ -211,6 +299,15 @@ class MqttLink:
         self._commands_ready.clear()
         if was_connected and self._stopping:
             log.info("MQTT disconnected from %s (stopped)", self._where)
+        elif was_connected and _reason_value(reason_code) == 142:  # Session taken over
+            self.disconnects += 1
+            self.takeovers += 1
+            self._failed(
+                f"another client connected to {self._where} with this client id {self.cfg.client_id!r} "
+                f"and took the session over ({self.takeovers} times)",
+                "two agents run with one config: stop the other one, or give each box its own "
+                "[site] device_id (or mqtt.client_id)",
+            )
         elif was_connected:
             self.disconnects += 1
             log.warning("MQTT disconnected from %s: %s; paho reconnects with backoff", self._where, reason_code)
@@ -293,6 +390,19 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def health(self) -> dict[str, Any]:
+        """For the heartbeat: connected or not, the last connection error with its fix, the counts."""
+        return {
+            "connected": self.connected,
+            "connects": self.connects,
+            "disconnects": self.disconnects,
+            "connect_failures": self.connect_failures,
+            "takeovers": self.takeovers,
+            "last_error": self.last_error,
+            "fix": self.last_fix if self.last_error else None,
+            "last_error_at": self.last_error_at if self.last_error else None,
+        }
+
     def wait_connected(self, timeout: float) -> bool:
         """True once connected; False when ``timeout`` seconds pass first."""
         return self._connected.wait(timeout)
@@ -343,3 +453,52 @@ class MqttLink:
                 f"MQTT {self._where}: cannot {action}: {mqtt.error_string(rc)} "
                 "(fix: check the [mqtt] section and the broker)"
             )
+
+
+def probe(cfg: Config, timeout_s: float) -> tuple[bool, str, str]:
+    """One real MQTT CONNECT with the agent's TLS files and credentials: (ok, what happened, fix).
+
+    It connects as ``<client_id>-doctor`` so that it never takes the running agent's session over,
+    and disconnects at once. Used by ``iaflash-provision doctor``.
+    """
+    m = cfg.mqtt
+    where = f"{m.host}:{m.port}"
+    answer: list[Any] = []
+    done = threading.Event()
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        answer.append(reason_code)
+        done.set()
+
+    try:
+        with _paho_errors("configure the client", where):
+            client = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=f"{cfg.client_id}-doctor"[:64],
+                protocol=MQTTProtocolVersion.MQTTv5 if m.protocol == "5" else MQTTProtocolVersion.MQTTv311,
+            )
+            _apply_auth(client, cfg, where)
+    except LinkError as exc:
+        return False, str(exc), "fix the [mqtt] section"
+    client.on_connect = on_connect
+    try:
+        client.connect(m.host, m.port, keepalive=max(5, int(timeout_s) + 5))
+    except (OSError, ValueError) as exc:
+        what, fix = explain(exc, where)
+        return False, what, fix
+    client.loop_start()
+    try:
+        if not done.wait(timeout_s):
+            return (
+                False,
+                f"{where} accepted TCP but gave no CONNACK in {timeout_s:.0f} s",
+                "check mqtt.port and mqtt.tls",
+            )
+        code = answer[0]
+        if _reason_value(code) >= _REFUSED or (m.protocol != "5" and _reason_value(code)):
+            what, fix = _refusal(code, where)
+            return False, what, fix
+        return True, f"MQTT CONNECT to {where} accepted ({'TLS, ' if m.tls else ''}MQTT {m.protocol})", ""
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -20,8 +20,8 @@ from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.capture.spool import Spool
 from iaflash.agent.config import Config
 from iaflash.agent.decision.taxonomy import Taxonomy
-from iaflash.agent.decision.verdict import decide
-from iaflash.agent.errors import CaptureRejected, EngineError, PlateError
+from iaflash.agent.decision.verdict import Verdict, decide
+from iaflash.agent.errors import CaptureRejected, EngineError, PlateError, RegistryUnavailable
 from iaflash.agent.health import Liveness
 from iaflash.agent.pipeline.committer import Committer, Decided, VerdictCallback
 from iaflash.agent.registry.cache import Registry
@@ -67,6 +67,7 @@ class Pipeline:
         self._queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._stop = threading.Event()
         self.disk_paused = False
+        self.disk_problem: str | None = None
         n_intake = cfg.spool.intake_threads
         self._intake_running = n_intake
         self._intake_lock = threading.Lock()
@@ -145,9 +146,13 @@ class Pipeline:
                     self._stop.wait(self.cfg.spool.poll_interval_s)
                     continue
                 for capture_id in ids:
-                    if self._stop.is_set():
+                    if self._stop.is_set() or not self._disk_ok():
                         break
-                    work = self._intake_one(capture_id, self.intake_liveness[index])
+                    try:
+                        work = self._intake_one(capture_id, self.intake_liveness[index])
+                    except Exception as exc:  # noqa: BLE001  # one capture never stops the site (RELIABILITY.md)
+                        self._intake_failed(capture_id, exc)
+                        continue
                     if work is not None:
                         self._put(work)
         except BaseException as exc:  # a bug or a disk failure: stop the service, loudly
@@ -161,19 +166,27 @@ class Pipeline:
                     self._intake_done.set()
 
     def _disk_ok(self) -> bool:
-        """The disk guard: pause intake (never delete anything) while free space is low."""
-        ok = self.spool.disk_ok(self.cfg.spool.min_free_mb)
-        if not ok and not self.disk_paused:
+        """The disk guard: pause intake (never delete anything) while a watched file system is
+        read-only or low on space (Spool.disk_problem); one ERROR on pause, one line on resume."""
+        problem = self.spool.disk_problem(self.cfg.spool.min_free_mb)
+        if problem is None and self.committer.paused is not None:
+            problem = f"verdicts cannot be committed ({self.committer.paused})"
+        if problem is not None and not self.disk_paused:
             self.errors["disk_low_pauses"] += 1
-            log.error(
-                "intake paused: less than %d MiB free on %s; captures wait in incoming/",
-                self.cfg.spool.min_free_mb,
-                self.cfg.spool.dir,
-            )
-        elif ok and self.disk_paused:
-            log.warning("intake resumed: disk space is back above %d MiB", self.cfg.spool.min_free_mb)
-        self.disk_paused = not ok
-        return ok
+            log.error("intake paused: %s; captures wait in incoming/ and intake resumes by itself", problem)
+        elif problem is None and self.disk_paused:
+            log.warning("intake resumed: every watched file system is writable with enough free space")
+        self.disk_problem = problem
+        self.disk_paused = problem is not None
+        return problem is None
+
+    def _intake_failed(self, capture_id: str, exc: Exception) -> None:
+        """An unexpected error on one capture: a disk failure pauses intake; anything else rejects it."""
+        if isinstance(exc, OSError) and not self._disk_ok():
+            self.errors["intake_io"] += 1  # the capture stays where it is; recovery requeues it
+            return
+        self.errors["internal_error"] += 1
+        self.spool.reject_internal(capture_id, "taking it in (claim, sidecar, decode, detector)", exc)
 
     def _put(self, work: Work) -> None:
         while True:  # never drop a claimed capture: wait for room even while stopping
@@ -212,9 +225,7 @@ class Pipeline:
                     continue
                 self.liveness.begin()
                 try:
-                    probs = self._classify(batch)
-                    for work, (p, problem) in zip(batch, probs, strict=True):
-                        self._process(work, p, problem)
+                    self._classify_and_decide(batch)
                 finally:
                     self.liveness.end()
         except BaseException as exc:
@@ -223,6 +234,28 @@ class Pipeline:
             self._stop.set()
         finally:
             self.committer.inputs_done()
+
+    def _classify_and_decide(self, batch: list[Work]) -> None:
+        """Each capture of the batch gets a verdict or a rejection; an error on one never stops the others."""
+        try:
+            probs = self._classify(batch)
+        except Exception as exc:  # noqa: BLE001  # a bug on this batch: reject it, keep the site up
+            for work in batch:
+                self.errors["internal_error"] += 1
+                self.spool.reject_internal(work.claimed.capture.capture_id, "classifying it", exc)
+            return
+        for work, (p, problem) in zip(batch, probs, strict=True):
+            try:
+                self._process(work, p, problem)
+            except RegistryUnavailable as exc:
+                self.errors["registry_unavailable"] += 1
+                verdict = Verdict(
+                    "inconclusive", f"registry_unavailable: {exc}", registry_stale=True, model=self._model_info()
+                )
+                self.committer.put(Decided(work, verdict, None))
+            except Exception as exc:  # noqa: BLE001  # as above, for one capture
+                self.errors["internal_error"] += 1
+                self.spool.reject_internal(work.claimed.capture.capture_id, "deciding its verdict", exc)
 
     def _next_batch(self) -> list[Work] | None:
         """Micro-batching: one item (waiting ≤ 0.1 s), then whatever else is queued, up to

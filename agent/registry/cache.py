@@ -333,13 +333,20 @@ def import_signed_subset(
 
 
 def read_state(db_path: Path) -> RegistryState | None:
-    """The state of an existing cache without creating anything (None if never imported)."""
+    """The state of an existing cache without creating anything (None if never imported).
+
+    The file passes SQLite's ``quick_check`` first: a corrupt cache raises RegistryUnavailable
+    with the fix (re-import a snapshot), never "all is well" on a file the agent cannot read.
+    """
     db_path = Path(db_path)
     if not db_path.is_file():
         raise RegistryError(
             f"{db_path}: no registry cache here; fix: check [registry] db or --db, "
             "or import a snapshot with `iaflash-provision registry import FILE`"
         )
+    problem = check_integrity(db_path)
+    if problem is not None:
+        raise RegistryUnavailable(f"{problem}; fix: {fix_corrupt(db_path)}")
     with _db_errors("reading the registry state", db_path):
         conn = sqlite3.connect(str(db_path), timeout=30)
         try:
@@ -354,8 +361,7 @@ class Registry:
     """Read side of the cache: one raw sqlite3 connection, used by one thread at a time.
 
     Never crashes the caller on a bad file: a cache that fails ``quick_check`` at start, or any
-    read error later, makes it *unavailable* (``problem`` says why, ``unavailable_lookups``
-    counts the captures that got ``inconclusive`` because of it); lookups then raise
+    read error later, makes it *unavailable* (``problem`` says why); lookups then raise
     :class:`RegistryUnavailable` at once, and the file is re-checked every ``REOPEN_EVERY_S``.
     ``create=True`` (tests, first install) creates an empty cache where none exists; the agent
     passes False, so a deleted cache is a loud, persistent state, never silently recreated empty.
@@ -370,17 +376,16 @@ class Registry:
         self._data_version: int | None = None
         self._state: RegistryState | None = None
         self.problem: str | None = None
-        self.unavailable_lookups = 0
         self.unavailable_since: float | None = None
         self._next_check = 0.0
+        self.reopen_every_s = REOPEN_EVERY_S
+        if self._create and not self._path.exists():  # only at the first open: never recreated behind a fix
+            with contextlib.suppress(sqlite3.Error, OSError):
+                _connect(self._path).close()
         self._open()
 
     def _open(self) -> bool:
         """(Re)open the file after a quick_check; on failure record the problem, log it once, return False."""
-        problem = None
-        if self._create and not self._path.exists():
-            with contextlib.suppress(sqlite3.Error, OSError):
-                _connect(self._path).close()
         problem = check_integrity(self._path)
         if problem is None:
             try:
@@ -410,14 +415,13 @@ class Registry:
         if self.unavailable_since is None:
             self.unavailable_since = time.time()
         self.problem = problem
-        self._next_check = time.monotonic() + REOPEN_EVERY_S
+        self._next_check = time.monotonic() + self.reopen_every_s
 
     def _usable(self) -> sqlite3.Connection:
         """The open connection, or RegistryUnavailable (re-checking the file when it is time)."""
         if self.problem is not None and time.monotonic() >= self._next_check:
             self._open()
         if self.problem is not None or self._conn is None:
-            self.unavailable_lookups += 1
             raise RegistryUnavailable(f"registry unavailable: {self.problem}; fix: {fix_corrupt(self._path)}")
         return self._conn
 
@@ -429,7 +433,6 @@ class Registry:
             yield conn
         except sqlite3.Error as exc:
             self._set_unavailable(check_integrity(self._path) or f"{self._path}: {what} failed ({exc})")
-            self.unavailable_lookups += 1
             raise RegistryUnavailable(
                 f"registry unavailable: {what} failed on {self._path}: {exc}; fix: {fix_corrupt(self._path)}"
             ) from exc
@@ -442,7 +445,6 @@ class Registry:
                 "problem": self.problem,
                 "fix": fix_corrupt(self._path),
                 "since": self.unavailable_since,
-                "inconclusive_lookups": self.unavailable_lookups,
             }
         try:
             state = self.state()
@@ -502,7 +504,11 @@ class Registry:
         return None if state is None else state.age_hours(now)
 
     def is_stale(self, max_age_hours: float, now: datetime | None = None) -> bool:
-        age = self.age_hours(now)
+        """True when too old, empty or unavailable (an unreadable cache is never trusted as fresh)."""
+        try:
+            age = self.age_hours(now)
+        except RegistryUnavailable:
+            return True
         return age is None or age > max_age_hours
 
     def close(self) -> None:

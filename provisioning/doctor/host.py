@@ -7,7 +7,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from iaflash.agent.capture.spool import FIX_RADAR, visible
 from iaflash.agent.config import Config
 from iaflash.agent.errors import OutboxError
+from iaflash.agent.link.mqtt import probe
 from iaflash.agent.outbox.store import Outbox
 from iaflash.provisioning.doctor.report import (
     INCOMING_MAX_AGE_S,
@@ -145,19 +145,49 @@ def check_rejected(cfg: Config) -> Check:
     return Check("rejected", "warn", finding, f"{fix}; read why in {folder}/<capture>.error.json")
 
 
+def _filesystems(cfg: Config) -> list[tuple[str, Path]]:
+    """(what, existing folder) for each distinct file system the agent writes to."""
+    out, seen = [], set()
+    for what, path in (
+        ("spool", cfg.spool.dir),
+        ("state.db", cfg.outbox.db.parent),
+        ("registry", cfg.registry.db.parent),
+    ):
+        root = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+        dev = os.stat(root).st_dev
+        if dev not in seen:
+            seen.add(dev)
+            out.append((what, root))
+    return out
+
+
 def check_disk(cfg: Config) -> Check:
-    """Free space where the spool lives, against the disk guard (spool.min_free_mb)."""
-    root = next((p for p in (cfg.spool.dir, *cfg.spool.dir.parents) if p.exists()), Path("/"))
-    free_mb = shutil.disk_usage(root).free // (1024 * 1024)
+    """Free space and writability of every file system the agent writes to, against the disk guard."""
     need = cfg.spool.min_free_mb
-    finding = f"{free_mb} MiB free under {root} (intake pauses below spool.min_free_mb = {need})"
     fix = (
         f"free space on that disk (old evidence in {cfg.spool.dir / 'done'} can go; never delete "
         f"{cfg.outbox.db}), or lower spool.retention_days"
     )
-    if free_mb < need:
+    findings, worst = [], "ok"
+    for what, root in _filesystems(cfg):
+        st = os.statvfs(root)
+        if st.f_flag & os.ST_RDONLY:
+            return Check(
+                "disk",
+                "fail",
+                f"{root} ({what}) is on a read-only file system: intake and commits are paused",
+                "check the disk (dmesg, fsck) and remount it read-write; the agent resumes by itself",
+            )
+        free_mb = st.f_bavail * st.f_frsize // (1024 * 1024)
+        findings.append(f"{free_mb} MiB free under {root} ({what})")
+        if free_mb < need:
+            worst = "fail"
+        elif free_mb < 2 * need and worst == "ok":
+            worst = "warn"
+    finding = f"{', '.join(findings)} (intake pauses below spool.min_free_mb = {need})"
+    if worst == "fail":
         return Check("disk", "fail", f"{finding}: intake is paused", fix)
-    if free_mb < 2 * need:
+    if worst == "warn":
         return Check("disk", "warn", f"{finding}: close to the limit", fix)
     return Check("disk", "ok", finding)
 
@@ -195,24 +225,16 @@ def check_outbox(cfg: Config) -> Check:
 
 
 def check_broker(cfg: Config, timeout_s: float) -> Check:
-    """A TCP connection to mqtt.host:mqtt.port opens within ``timeout_s`` (a warning, never a failure)."""
-    host, port = cfg.mqtt.host, cfg.mqtt.port
+    """A real MQTT CONNECT with the agent's TLS files and credentials (a warning, never a failure).
+
+    TCP alone passes with refused credentials or broken TLS; this check says which of DNS, TCP,
+    TLS (CA, expiry, host name), authentication or the broker's answer failed, and the fix.
+    """
     start = time.monotonic()
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            ms = (time.monotonic() - start) * 1000
-    except OSError as exc:
-        why = exc.strerror or str(exc) or type(exc).__name__
-        return Check(
-            "broker",
-            "warn",
-            f"cannot reach {host}:{port} within {timeout_s:g} s: {why}; flags wait safely in the outbox",
-            "check the 4G link and the site firewall, mqtt.host and mqtt.port; then run doctor again",
-        )
-    tls = "TLS" if cfg.mqtt.tls else "no TLS"
-    return Check(
-        "broker", "ok", f"{host}:{port} accepts TCP connections ({ms:.0f} ms; MQTT {cfg.mqtt.protocol}, {tls})"
-    )
+    ok, what, fix = probe(cfg, timeout_s)
+    if not ok:
+        return Check("broker", "warn", f"{what}; flags wait safely in the outbox", f"{fix}; then run doctor again")
+    return Check("broker", "ok", f"{what} in {(time.monotonic() - start) * 1000:.0f} ms")
 
 
 def check_broker_files(cfg: Config) -> Check:
