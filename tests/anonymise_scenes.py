@@ -54,7 +54,10 @@ def make_scene(width: int = 960, height: int = 800, seed: int = 3) -> Scene:
     def box(x: float, y: float, w: float, h: float) -> Box:
         return round(x * sx), round(y * sy), max(4, round(w * sx)), max(4, round(h * sy))
 
-    img = rng.integers(40, 200, (height, width, 3)).astype(np.uint8)  # textured road and background
+    # road and background: smooth shapes plus fine grain, compressing like a photo (about 1 MB at 5 MP)
+    coarse = rng.integers(40, 200, (max(2, height // 40), max(2, width // 40), 3)).astype(np.uint8)
+    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.int16)
+    img = np.clip(img + rng.integers(-6, 7, img.shape, dtype=np.int16), 0, 255).astype(np.uint8)
     vehicle = box(300, 300, 400, 380)
     vx, vy, vw, vh = vehicle
     body = np.linspace(60, 180, vw, dtype=np.float32)[None, :, None] + np.zeros((vh, 1, 3), np.float32)

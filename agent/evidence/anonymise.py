@@ -53,7 +53,8 @@ ANONYMISER_VERSION = "1.0"
 Box = tuple[int, int, int, int]
 """(x, y, w, h) in image pixels."""
 
-FILL_BGR = (127, 127, 127)
+FILL = 127  # mid-grey: one byte value, so a frame is filled by memset
+FILL_BGR = (FILL, FILL, FILL)
 NOISE = 48  # pixelate: each block's mean moves by up to ±NOISE per channel
 _FLIP = 0x40  # a masked pixel equal to its source is XOR'd with this
 _SOS, _COM = 0xDA, 0xFE
@@ -165,17 +166,16 @@ def _destroy(patch: np.ndarray, policy: EvidenceConfig, rng: np.random.Generator
     """An irreversible replacement of ``patch``: no pixel keeps its source value."""
     h, w = patch.shape[:2]
     if policy.method == "fill":
-        out = np.empty_like(patch)
-        out[:] = FILL_BGR
+        out = np.full_like(patch, FILL)
     else:
         side = max(policy.pixel_block, math.ceil(min(h, w) / 4))  # at most ~4 blocks across a face
         small = cv2.resize(patch, (max(1, w // side), max(1, h // side)), interpolation=cv2.INTER_AREA)
         noisy = small.astype(np.int16) + rng.integers(-NOISE, NOISE + 1, small.shape, dtype=np.int16)
         small = np.clip(noisy, 0, 255).astype(np.uint8)
         out = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
-    same = np.all(out == patch, axis=2)
-    if same.any():
-        out[same] ^= _FLIP
+    same = cv2.inRange(cv2.absdiff(out, patch), (0, 0, 0), (0, 0, 0))  # 255 where all three channels equal
+    if cv2.countNonZero(same):
+        out[same.astype(bool)] ^= _FLIP
     return out
 
 
