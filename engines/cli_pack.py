@@ -24,6 +24,7 @@ from iaflash.engines.bundle import (
 )
 from iaflash.engines.cli_common import CONTEXT, EXIT_USAGE, emit, fail, json_option, public_key_id
 from iaflash.engines.errors import BundleError, EngineError, SignatureError
+from iaflash.engines.manifest import LEGACY_CROP_MARGIN, CropSpec, OodSpec, TtaSpec
 from iaflash.engines.signing import sign_bundle
 
 __all__ = ["commands", "pack"]
@@ -126,6 +127,11 @@ def _pack_doc(bundle: Bundle, sig: Path | None, kid: str | None) -> dict[str, An
         "output_kind": m.output_kind,
         "classes": len(bundle.labels),
         "full_range_makes": list(m.full_range_makes),
+        "preprocessing": m.preprocessing.to_dict(),
+        "crop": m.crop_spec.to_dict() if m.task == "classifier" else None,
+        "crop_declared": m.crop is not None,
+        "tta": None if m.tta is None else m.tta.to_dict(),
+        "ood": None if m.ood is None else m.ood.to_dict(),
         "files": dict(sorted(m.files.items())),
         "signature": str(sig) if sig else None,
         "key_id": kid,
@@ -154,13 +160,32 @@ class _PackRequest:
     full_range_makes: tuple[str, ...]
     sign_key: Path | None
     as_json: bool
+    scale: float
+    crop_margin: float | None
+    interpolation: Literal["auto", "area", "linear", "cubic", "nearest"] | None
+    accept_grey: bool
+    hflip_tta: bool
+    ood_energy_threshold: float | None
+    ood_temperature: float
 
 
 def _check_usage(req: _PackRequest) -> DetectorSpec | None:
     """The options that only go together, and an empty ``--out``; the detector spec when ``--task detector``."""
-    detector = _detector_spec(req.task, req.detector_spec)
     if req.full_range_makes and req.task != "classifier":
         raise click.UsageError("--full-range-make is only for --task classifier")
+    crop_options = {
+        "--crop-margin": req.crop_margin is not None,
+        "--interpolation": req.interpolation is not None,
+        "--accept-grey": req.accept_grey,
+        "--hflip-tta": req.hflip_tta,
+        "--ood-energy-threshold": req.ood_energy_threshold is not None,
+    }
+    given = [name for name, on in crop_options.items() if on]
+    if given and req.task != "classifier":
+        raise click.UsageError(f"{', '.join(given)}: only for --task classifier (the crop contract, TTA and OOD)")
+    if req.ood_energy_threshold is not None and req.output_kind != "logits":
+        raise click.UsageError("--ood-energy-threshold needs --output-kind logits (energy is computed from logits)")
+    detector = _detector_spec(req.task, req.detector_spec)
     if req.out.exists() and any(req.out.iterdir()):
         fail(f"{req.out} is not empty; fix: pack into a new directory (an old {SIGNATURE_FILE} would go stale)")
     return detector
@@ -192,7 +217,25 @@ def _preprocessing(req: _PackRequest, dims: list[int | str]) -> Preprocessing:
         mean=req.mean or defaults.mean,
         std=req.std or defaults.std,
         resize=req.resize,
+        scale=req.scale,
     )
+
+
+def _sections(req: _PackRequest) -> tuple[CropSpec | None, TtaSpec | None, OodSpec | None]:
+    """The crop contract, TTA and OOD sections; none of them unless an option asks (old behaviour kept)."""
+    crop = None
+    if req.crop_margin is not None or req.interpolation is not None or req.accept_grey:
+        crop = CropSpec(
+            margin=LEGACY_CROP_MARGIN if req.crop_margin is None else req.crop_margin,
+            aspect=req.resize,
+            interpolation=req.interpolation or "auto",
+            color_modes=("color", "grey") if req.accept_grey else ("color",),
+        )
+    tta = TtaSpec(hflip=True) if req.hflip_tta else None
+    ood = None
+    if req.ood_energy_threshold is not None:
+        ood = OodSpec(threshold=req.ood_energy_threshold, temperature=req.ood_temperature)
+    return crop, tta, ood
 
 
 def _write(
@@ -204,6 +247,7 @@ def _write(
     """Write (and, with ``--sign-key``, sign) the bundle; ``model_io`` is (input name, input shape, output name)."""
     input_name, dims, output_name = model_io
     preprocessing = _preprocessing(req, dims)
+    crop, tta, ood = _sections(req)
     try:
         bundle = write_bundle(
             req.out,
@@ -220,6 +264,9 @@ def _write(
             temperature=req.temperature,
             detector=detector,
             full_range_makes=req.full_range_makes,
+            crop=crop,
+            tta=tta,
+            ood=ood,
         )
         return bundle, sign_bundle(req.out, req.sign_key) if req.sign_key else None
     except EngineError as exc:
@@ -284,6 +331,40 @@ def _write(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Sign the bundle with this private key once packed.",
 )
+@click.option(
+    "--scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1 / 255,
+    show_default="1/255",
+    help="Pixel scale before mean/std: (pixel * scale - mean) / std; 1 for a model fed 0..255.",
+)
+@click.option(
+    "--crop-margin",
+    type=click.FloatRange(0, 1),
+    help="Margin around the vehicle box, a fraction of its size (0 = tight, as many models are trained); "
+    "writes the crop contract (default without it: the old 10 %).",
+)
+@click.option(
+    "--interpolation",
+    type=click.Choice(["auto", "area", "linear", "cubic", "nearest"]),
+    help="Resize interpolation of the crop (auto: area when shrinking, linear when enlarging).",
+)
+@click.option("--accept-grey", is_flag=True, help="The model also judges greyscale/infrared frames.")
+@click.option(
+    "--hflip-tta", is_flag=True, help="Average the mirrored crop in (horizontal-flip test-time augmentation)."
+)
+@click.option(
+    "--ood-energy-threshold",
+    type=float,
+    help="Abstain (out_of_distribution) when the energy -T*logsumexp(logits/T) is above this; logits only.",
+)
+@click.option(
+    "--ood-temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="T of the energy score.",
+)
 @json_option
 def pack(**options: Any) -> None:
     """Pack an ONNX model and its labels into a bundle (manifest.json with every sha256).
@@ -295,7 +376,7 @@ def pack(**options: Any) -> None:
     Example:
       iaflash-engines pack model.onnx --labels labels.csv --name vmmr-effnet-b0 \\
           --version 2026.11.0 --out bundle/ --temperature 1.35 --sign-key keys/acme-models.key \\
-          --full-range-make RENAULT --full-range-make PEUGEOT
+          --full-range-make RENAULT --full-range-make PEUGEOT --crop-margin 0 --resize letterbox --hflip-tta
     """
     req = _PackRequest(**options)
     detector = _check_usage(req)

@@ -7,6 +7,9 @@ Two output contracts, chosen by the bundle's :class:`~iaflash.engines.bundle.Det
   packed ``[1,N,6]`` tensor of rows ``(box, score, class)``. See :func:`decode_nms`.
 * ``"yolo"``: one raw ``[1,4+C,N]`` (or ``[1,N,4+C]``) tensor of cxcywh boxes and per-class
   scores, no objectness; thresholding and class-wise NMS run here. See :func:`decode_yolo`.
+* ``"gfl"``: an anchor-free head with distribution-style box regression (NanoDet, GFL): per-stride
+  class scores and distance bins, decoded by softmax expectation, class-wise NMS here. See
+  :func:`decode_gfl`.
 
 The seam with preprocessing: this module never resizes an image (that is ``iaflash.agent.capture.preprocess``,
 OpenCV, and ``engines`` must not import the agent). It only needs the *geometry* of the resize,
@@ -36,6 +39,7 @@ __all__ = [
     "InputGeometry",
     "MultiOutputInference",
     "decode",
+    "decode_gfl",
     "decode_nms",
     "decode_yolo",
     "detector_spec",
@@ -239,10 +243,85 @@ def decode_yolo(
     return _to_detections(boxes[kept], scores[kept], classes[kept], spec.normalized, geometry)
 
 
+def _gfl_points(spec: DetectorSpec, geometry: InputGeometry) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Each stride's map size ``(h, w)`` (ceil of input / stride) and every point's ``(cx, cy, stride)``."""
+    sizes, points = [], []
+    for stride in spec.strides:
+        h, w = -(-geometry.input_h // stride), -(-geometry.input_w // stride)
+        ys, xs = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+        cx, cy = (xs.reshape(-1) + spec.center_offset) * stride, (ys.reshape(-1) + spec.center_offset) * stride
+        points.append(np.stack([cx, cy, np.full(h * w, float(stride))], axis=1))
+        sizes.append((h, w))
+    return sizes, np.concatenate(points)
+
+
+def _gfl_rows(
+    outputs: Mapping[str, np.ndarray], spec: DetectorSpec, sizes: list[tuple[int, int]], num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(class scores [N, C], distance-bin logits [N, 4(R+1)])`` from the packed or per-stride outputs."""
+    bins = 4 * (spec.reg_max + 1)
+    n = sum(h * w for h, w in sizes)
+    if len(spec.outputs) == 1:
+        raw = np.asarray(_tensor(outputs, spec.outputs[0]), dtype=np.float64)
+        rows = raw[0] if raw.ndim == 3 and raw.shape[0] == 1 else raw
+        classes = rows.shape[-1] - bins if rows.ndim == 2 else -1
+        if rows.ndim != 2 or rows.shape[0] != n or classes < 1 or num_classes not in (None, classes):
+            want = f"[1, {n}, {num_classes or 'C'}+{bins}]"
+            raise InferenceError(
+                f"GFL output {spec.outputs[0]!r} has shape {list(raw.shape)}, expected {want} "
+                f"({n} points for strides {list(spec.strides)}, 4 x {spec.reg_max + 1} distance bins); "
+                "fix: check the manifest's detector.strides and reg_max against the export"
+            )
+        return rows[:, :classes], rows[:, classes:]
+    cls_rows, reg_rows = [], []
+    for level, (h, w) in enumerate(sizes):
+        for name, rows_out, depth in (
+            (spec.outputs[2 * level], cls_rows, num_classes),
+            (spec.outputs[2 * level + 1], reg_rows, bins),
+        ):
+            arr = np.asarray(_tensor(outputs, name), dtype=np.float64)
+            if arr.ndim != 4 or arr.shape[0] != 1 or arr.shape[2:] != (h, w) or depth not in (None, arr.shape[1]):
+                raise InferenceError(
+                    f"GFL output {name!r} (stride {spec.strides[level]}) has shape {list(arr.shape)}, "
+                    f"expected [1, {depth or 'C'}, {h}, {w}]; fix: check detector.strides, reg_max and outputs order"
+                )
+            rows_out.append(arr[0].reshape(arr.shape[1], -1).T)
+    return np.concatenate(cls_rows), np.concatenate(reg_rows)
+
+
+def decode_gfl(
+    outputs: Mapping[str, np.ndarray], spec: DetectorSpec, geometry: InputGeometry, *, num_classes: int | None = None
+) -> list[Detection]:
+    """Detections of an anchor-free GFL/NanoDet head (DetectorSpec doc): softmax expectation, NMS here.
+
+    Each side's distance is the expectation of its bins, ``sum softmax(bins)_k * k * stride``; the
+    box is ``(cx - left, cy - top, cx + right, cy + bottom)`` in input pixels.
+    """
+    sizes, points = _gfl_points(spec, geometry)
+    cls, reg = _gfl_rows(outputs, spec, sizes, num_classes)
+    if spec.score_activation == "sigmoid":
+        cls = 1.0 / (1.0 + np.exp(-cls))
+    classes = cls.argmax(axis=1)
+    scores = cls[np.arange(len(cls)), classes]
+    keep = np.flatnonzero(np.isfinite(scores) & (scores >= spec.score_threshold))
+    keep = keep[np.argsort(-scores[keep], kind="stable")][:PRE_NMS_TOP_K]
+    logits = reg[keep].reshape(-1, 4, spec.reg_max + 1)
+    weights = np.exp(logits - logits.max(axis=2, keepdims=True))
+    weights /= weights.sum(axis=2, keepdims=True)
+    distances = (weights @ np.arange(spec.reg_max + 1, dtype=np.float64)) * points[keep, 2:3]
+    cx, cy = points[keep, 0], points[keep, 1]
+    boxes = np.stack([cx - distances[:, 0], cy - distances[:, 1], cx + distances[:, 2], cy + distances[:, 3]], axis=1)
+    scores, classes = scores[keep], classes[keep]
+    kept = _classwise_nms(boxes, scores, classes, spec.iou_threshold)
+    return _to_detections(boxes[kept], scores[kept], classes[kept], spec.normalized, geometry)
+
+
 def decode(
     outputs: Mapping[str, np.ndarray], spec: DetectorSpec, geometry: InputGeometry, *, num_classes: int | None = None
 ) -> list[Detection]:
-    """:func:`decode_nms` or :func:`decode_yolo`, as ``spec.format`` says."""
+    """:func:`decode_nms`, :func:`decode_yolo` or :func:`decode_gfl`, as ``spec.format`` says."""
+    if spec.format == "gfl":
+        return decode_gfl(outputs, spec, geometry, num_classes=num_classes)
     if spec.format == "yolo":
         return decode_yolo(_tensor(outputs, spec.outputs[0]), spec, geometry, num_classes=num_classes)
     return decode_nms(outputs, spec, geometry)

@@ -68,19 +68,35 @@ class DetectorSpec:
     ``format`` "nms": NMS is inside the graph; ``outputs`` names boxes [1,N,4], scores [1,N],
     classes [1,N] (and optionally num_detections [1]), or one packed [1,N,6] tensor of rows
     (box, score, class). "yolo": one raw [1,4+C,N] (or [1,N,4+C]) tensor, NMS on the host.
-    ``normalized``: boxes are in 0..1 of the model input, else in input pixels.
+    "gfl": an anchor-free head with distribution-style box regression (NanoDet, GFL): per point of
+    each stride, C class scores and 4 x (``reg_max`` + 1) distance-bin logits (left, top, right,
+    bottom); one packed [1,N,C+4(reg_max+1)] output, or a class map [1,C,H,W] and a bin map
+    [1,4(reg_max+1),H,W] per stride (``outputs`` in stride order: cls, reg, cls, reg...); points
+    sit at ``(x + center_offset) * stride``; ``score_activation`` sigmoid when the graph outputs
+    logits. ``normalized``: boxes are in 0..1 of the model input, else in input pixels.
     """
 
-    format: Literal["nms", "yolo"]
+    format: Literal["nms", "yolo", "gfl"]
     box_format: Literal["xyxy", "cxcywh"]
     normalized: bool
     vehicle_classes: tuple[int, ...]
     outputs: tuple[str, ...]
     score_threshold: float = 0.35
     iou_threshold: float = 0.5
+    strides: tuple[int, ...] = ()
+    reg_max: int = 7
+    center_offset: float = 0.0
+    score_activation: Literal["none", "sigmoid"] = "none"
 
     def to_dict(self) -> dict[str, Any]:
-        return cast(dict[str, Any], _jsonable(asdict(self)))
+        data = cast(dict[str, Any], _jsonable(asdict(self)))
+        if self.format != "gfl":  # the fields of older formats stay what older agents wrote
+            for key in _GFL_KEYS:
+                del data[key]
+        return data
+
+
+_GFL_KEYS = ("strides", "reg_max", "center_offset", "score_activation")
 
 
 ColorMode = Literal["color", "grey"]
@@ -342,9 +358,12 @@ def _int_list(det: Mapping[str, Any], key: str, fix: str) -> tuple[int, ...]:
 
 
 def _det_outputs(det: Mapping[str, Any], fmt: str, output_name: str) -> tuple[str, ...]:
-    fix = 'nms: ["boxes", "scores", "classes"(, "num_detections")] or one packed [1,N,6]; yolo: one raw output'
+    fix = (
+        'nms: ["boxes", "scores", "classes"(, "num_detections")] or one packed [1,N,6]; yolo: one raw output; '
+        "gfl: one packed output or a cls and a reg map per stride"
+    )
     value = _get(det, "outputs", list, fix)
-    counts = (1, 3, 4) if fmt == "nms" else (1,)
+    counts = {"nms": (1, 3, 4), "yolo": (1,), "gfl": (1, 2 * len(det.get("strides") or ()))}[fmt]
     if len(value) not in counts or not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
         raise _bad("detector.outputs", f"must be {' or '.join(map(str, counts))} distinct names, got {value!r}", fix)
     if output_name not in value:
@@ -373,16 +392,36 @@ def _parse_detector(data: Mapping[str, Any]) -> DetectorSpec | None:
     unknown = sorted(set(det) - _DET_KEYS)
     if unknown:
         raise _bad(f"detector.{unknown[0]}", "is not a known key", f"allowed: {', '.join(sorted(_DET_KEYS))}")
-    fmt = _choice(det, "format", ("nms", "yolo"))
+    fmt = _choice(det, "format", ("nms", "yolo", "gfl"))
+    gfl = fmt == "gfl"  # distances decode to xyxy input pixels: box_format and normalized are implied
     return DetectorSpec(
-        format=cast(Literal["nms", "yolo"], fmt),
-        box_format=cast(Literal["xyxy", "cxcywh"], _choice(det, "box_format", ("xyxy", "cxcywh"))),
-        normalized=bool(_get(det, "normalized", bool, "true if boxes are in 0..1 of the model input")),
+        format=cast(Literal["nms", "yolo", "gfl"], fmt),
+        box_format=cast(
+            Literal["xyxy", "cxcywh"], _choice(det, "box_format", ("xyxy", "cxcywh"), "xyxy" if gfl else ...)
+        ),
+        normalized=bool(
+            _get(det, "normalized", bool, "true if boxes are in 0..1 of the model input", False if gfl else ...)
+        ),
         vehicle_classes=_int_list(det, "vehicle_classes", "list the label indices that are vehicles"),
         outputs=_det_outputs(det, fmt, str(data.get("output_name"))),
         score_threshold=_threshold(det, "score_threshold", DetectorSpec.score_threshold),
         iou_threshold=_threshold(det, "iou_threshold", DetectorSpec.iou_threshold),
+        **(_parse_gfl(det) if gfl else {}),
     )
+
+
+def _parse_gfl(det: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a "gfl" head: strides (required), reg_max, center_offset, score_activation."""
+    fix = "list the head's strides in output order, e.g. [8, 16, 32, 64] (NanoDet-Plus)"
+    strides = _get(det, "strides", list, fix)
+    if not strides or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in strides):
+        raise _bad("detector.strides", f"must be a non-empty list of positive ints, got {strides!r}", fix)
+    reg_max = _get(det, "reg_max", int, "the last distance bin index, 7 for NanoDet-Plus", 7)
+    if reg_max < 1:
+        raise _bad("detector.reg_max", f"must be >= 1, got {reg_max}", "7 for NanoDet-Plus (8 bins per side)")
+    offset = _number(det, "center_offset", "0 (NanoDet-Plus) or 0.5 (points at cell centres)", 0.0)
+    activation = _choice(det, "score_activation", ("none", "sigmoid"), "none")
+    return {"strides": tuple(strides), "reg_max": reg_max, "center_offset": offset, "score_activation": activation}
 
 
 # ---------------------------------------------------------------- crop contract, TTA, OOD (classifier only)

@@ -5,12 +5,14 @@ test-time augmentation, when the bundle's ``tta.hflip`` allows it) and the crop 
 second image. :func:`fuse` turns the ``[V, C]`` outputs of one capture into one probability
 vector:
 
-* each view's output becomes temperature-scaled log-probabilities ``log softmax(z / T)``
-  (probability outputs are read as ``z = log p``);
-* the views are fused by **averaging their log-probabilities** and renormalising, i.e. the
-  normalised geometric mean of the views' probabilities. A class must be likely in *every* view to
-  stay likely: one view that rules a class out pulls it down, which is the cautious reading when
-  the views disagree (averaging probabilities would let one confident view dominate).
+* each view's output becomes calibrated probabilities ``softmax(z / T)`` (probability outputs
+  are read as ``z = log p``);
+* the views are fused by **averaging their probabilities** (the arithmetic mean, a mixture).
+  A flag needs P(registered make/model) to be low, and with the mean it is low only when *every*
+  view finds it unlikely: one view that sees the registered vehicle keeps it at half its
+  probability or more. That is the cautious reading when views disagree (averaging
+  log-probabilities, the geometric mean, would let one view that rules the registered vehicle out
+  pull it down and raise a flag the other view contradicts).
 
 :func:`energy` is the out-of-distribution score of Liu et al. (2020), ``E = -T logsumexp(z / T)``
 on the raw logits: low (very negative) for inputs like the training data, higher for others. A
@@ -24,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Fused", "energy", "fuse", "log_softmax", "raw_logits"]
+from iaflash.engines.manifest import Manifest
+
+__all__ = ["OOD_REASON", "Fused", "energy", "fuse", "log_softmax", "raw_logits", "score_views"]
+
+OOD_REASON = "out_of_distribution"
 
 
 def raw_logits(outputs: np.ndarray, output_kind: str) -> np.ndarray:
@@ -64,7 +70,7 @@ class Fused:
     def evidence(self) -> dict[str, Any]:
         return {
             "views": list(self.views),
-            "fusion": "mean_log_prob" if len(self.views) > 1 else "none",
+            "fusion": "mean_probability" if len(self.views) > 1 else "none",
             "view_top1": list(self.view_top1),
             "views_agree": len(set(self.view_top1)) <= 1,
             "energy": None if self.energy is None else round(self.energy, 4),
@@ -87,11 +93,32 @@ def fuse(
     if arr.ndim != 2 or arr.shape[0] != len(views) or arr.shape[0] == 0:
         raise ValueError(f"expected [V, C] outputs for {len(views)} view(s), got shape {list(arr.shape)}")
     logits = raw_logits(arr, output_kind)
-    mean = log_softmax(logits, temperature).mean(axis=0)
-    probs = np.exp(mean - mean.max())
+    probs = np.exp(log_softmax(logits, temperature)).mean(axis=0)
     probs /= probs.sum()
     score = None
     if energy_temperature is not None and output_kind == "logits":
         score = float(energy(logits, energy_temperature).mean())
     top1 = tuple(int(i) for i in logits.argmax(axis=1))
     return Fused(probs=probs, views=tuple(views), view_top1=top1, energy=score)
+
+
+def score_views(outputs: np.ndarray, views: tuple[str, ...], manifest: Manifest) -> tuple[Fused, str | None]:
+    """One capture's ``[V, C]`` outputs fused as the bundle says, and the OOD gate's problem (or None).
+
+    The daemon's classify step and ``evaluate`` / ``calibrate`` call this, so offline figures fuse
+    and abstain exactly as the daemon does. The problem starts with :data:`OOD_REASON`.
+    """
+    ood = manifest.ood
+    fused = fuse(
+        outputs,
+        views,
+        output_kind=manifest.output_kind,
+        temperature=manifest.temperature,
+        energy_temperature=None if ood is None else ood.temperature,
+    )
+    if ood is not None and fused.energy is not None and fused.energy > ood.threshold:
+        return fused, (
+            f"{OOD_REASON}: energy {fused.energy:.3f} > ood.threshold {ood.threshold} "
+            "(the crop does not look like the model's training data); not judged"
+        )
+    return fused, None

@@ -459,3 +459,71 @@ def test_pack_refuses_a_bad_label_category_with_its_line(runner: CliRunner, tmp_
     assert result.exit_code == 1
     assert "labels.csv:3: category 'minibus' is not a known value" in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_pack_writes_scale_and_the_crop_contract(runner: CliRunner, tmp_path: Path, model: Path) -> None:
+    doc = _pack(
+        runner,
+        model,
+        tmp_path / "bundle",
+        "--scale",
+        "1",
+        "--mean",
+        "123.7,116.3,103.5",
+        "--std",
+        "58.4,57.1,57.4",
+        "--crop-margin",
+        "0",
+        "--resize",
+        "letterbox",
+        "--interpolation",
+        "linear",
+        "--accept-grey",
+        "--hflip-tta",
+        "--ood-energy-threshold",
+        "-4.5",
+    )
+    manifest = load_bundle(tmp_path / "bundle").manifest
+    assert manifest.preprocessing.scale == 1.0 and manifest.preprocessing.resize == "letterbox"
+    assert manifest.crop is not None
+    assert (manifest.crop.margin, manifest.crop.aspect, manifest.crop.interpolation) == (0.0, "letterbox", "linear")
+    assert manifest.crop.color_modes == ("color", "grey")
+    assert manifest.tta is not None and manifest.tta.hflip is True
+    assert manifest.ood is not None and (manifest.ood.threshold, manifest.ood.temperature) == (-4.5, 1.0)
+    assert doc["crop"] == {
+        "margin": 0.0,
+        "aspect": "letterbox",
+        "interpolation": "linear",
+        "color_modes": ["color", "grey"],
+    }
+    assert doc["crop_declared"] is True and doc["tta"] == {"hflip": True}
+    assert doc["preprocessing"]["scale"] == 1.0  # type: ignore[index]
+
+
+def test_pack_without_crop_options_keeps_the_old_crop(runner: CliRunner, tmp_path: Path, model: Path) -> None:
+    """No crop section is written: the agent applies the legacy 10 % margin, colour frames only."""
+    doc = _pack(runner, model, tmp_path / "bundle")
+    raw = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert not {"crop", "tta", "ood"} & set(raw)
+    assert raw["preprocessing"]["scale"] == pytest.approx(1 / 255)
+    assert doc["crop_declared"] is False
+    assert doc["crop"] == {"margin": 0.1, "aspect": "stretch", "interpolation": "auto", "color_modes": ["color"]}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--task", "detector", "--crop-margin", "0"], "--crop-margin: only for --task classifier"),
+        (["--output-kind", "probabilities", "--ood-energy-threshold", "-3"], "needs --output-kind logits"),
+        (["--crop-margin", "1.5"], "1.5 is not in the range 0<=x<=1"),
+        (["--scale", "0"], "0.0 is not in the range x>0"),
+    ],
+)
+def test_pack_crop_options_misused_are_usage_errors(
+    runner: CliRunner, tmp_path: Path, model: Path, extra: list[str], message: str
+) -> None:
+    args = ["pack", str(model), "--labels", str(tmp_path / "labels.csv"), "--name", "t", "--version", "1"]
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "b"), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not (tmp_path / "b").exists()

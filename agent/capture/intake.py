@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from iaflash.agent.capture.crop import CropInfo, prepare_crop
 from iaflash.agent.capture.preprocess import decode_jpeg, inspect_jpeg
 from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.capture.spool import Claimed
-from iaflash.agent.capture.vehicle import Selection, detect_vehicles, select_vehicle
+from iaflash.agent.capture.vehicle import Box, Selection, detect_vehicles, select_vehicle
 from iaflash.agent.config import SpoolConfig
 from iaflash.agent.errors import CaptureRejected, EngineError
 from iaflash.engines.base import Backend
@@ -85,6 +85,17 @@ def choose_reduction(width: int, height: int, box: tuple[int, int, int, int] | N
 def scale_box(box: tuple[int, int, int, int], sx: float, sy: float) -> tuple[int, int, int, int]:
     x, y, w, h = box
     return round(x * sx), round(y * sy), max(1, round(w * sx)), max(1, round(h * sy))
+
+
+def _in_frame(info: CropInfo, sidecar_box: Box | None, frame: tuple[int, int]) -> CropInfo:
+    """The crop info with the radar's own box (exact, not rescaled) and the region clipped to the frame."""
+
+    def clip(b: Box) -> Box:
+        x0, y0 = max(0, b[0]), max(0, b[1])
+        return x0, y0, max(1, min(frame[0], b[0] + b[2]) - x0), max(1, min(frame[1], b[1] + b[3]) - y0)
+
+    box = info.box if sidecar_box is None else sidecar_box
+    return replace(info, box=None if box is None else clip(box), region=clip(info.region))
 
 
 class Preparer:
@@ -154,6 +165,7 @@ class Preparer:
             return None, None, selection.reason, evidence
         whole = selection.source == "none"  # no box and no detector: the whole frame
         tensor, info = prepare_crop(image, None if whole else selection.box, self.manifest, reduction=factor)
+        info = _in_frame(info, box if selection.source == "sidecar" else None, (width, height))
         timings["preprocess"] = timings.get("preprocess", 0.0) + (time.perf_counter() - t) * 1e3
         return tensor, info, info.problem, evidence
 

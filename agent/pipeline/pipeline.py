@@ -29,7 +29,7 @@ from iaflash.agent.registry.plates import normalise_plate, plate_key
 from iaflash.agent.registry.record import RegistryRecord
 from iaflash.engines.base import Backend
 from iaflash.engines.bundle import Bundle
-from iaflash.engines.scores import fuse
+from iaflash.engines.scores import OOD_REASON, score_views
 
 log = logging.getLogger(__name__)
 
@@ -320,25 +320,12 @@ class Pipeline:
 
     def _fuse(self, work: Work, outputs: np.ndarray, views: tuple[str, ...]) -> tuple[np.ndarray, str | None]:
         """One capture's views fused into calibrated probabilities, and the OOD gate's problem if any."""
-        manifest = self.bundle.manifest
-        ood = manifest.ood
-        fused = fuse(
-            outputs,
-            views,
-            output_kind=manifest.output_kind,
-            temperature=manifest.temperature,
-            energy_temperature=None if ood is None else ood.temperature,
-        )
-        evidence = fused.evidence()
-        evidence["ood_threshold"] = None if ood is None else ood.threshold
-        work.evidence["views"] = evidence
-        if ood is not None and fused.energy is not None and fused.energy > ood.threshold:
-            self.errors["out_of_distribution"] += 1
-            return fused.probs, (
-                f"out_of_distribution: energy {fused.energy:.3f} > ood.threshold {ood.threshold} "
-                "(the crop does not look like the model's training data); not judged"
-            )
-        return fused.probs, None
+        ood = self.bundle.manifest.ood
+        fused, problem = score_views(outputs, views, self.bundle.manifest)
+        work.evidence["views"] = {**fused.evidence(), "ood_threshold": None if ood is None else ood.threshold}
+        if problem is not None:
+            self.errors[OOD_REASON] += 1
+        return fused.probs, problem
 
     def _plate(self, capture: Capture) -> tuple[str | None, bytes | None, RegistryRecord | None]:
         """(plate problem, HMAC key, registry record). The plate itself never leaves this function."""
