@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
+from iaflash.central.brokers.templates import broker_config_command
 from iaflash.central.commands import CommandClient
-from iaflash.central.export import export_command
+from iaflash.central.connection import BrokerOptions, broker_options
 from iaflash.central.export import export_command
 from iaflash.central.serve.command import reviewer_command, serve_command
 from iaflash.central.subscriber import DEFAULT_FILTER, Subscriber
@@ -44,8 +45,8 @@ def main() -> None:
 main.add_command(registry_group)
 main.add_command(serve_command)
 main.add_command(reviewer_command)
+main.add_command(broker_config_command)
 main.add_command(train_command)
-main.add_command(export_command)
 main.add_command(export_command)
 
 
@@ -61,11 +62,7 @@ def _line(event: dict[str, Any]) -> str:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Broker host.")
-@click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="Broker port.")
-@click.option(
-    "--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True, help="MQTT protocol version."
-)
+@broker_options
 @click.option("--topic", default=DEFAULT_FILTER, show_default=True, help="Topic filter to subscribe to.")
 @click.option(
     "--client-id", default=None, help="Fixed client id: use a persistent session so events sent while away are kept."
@@ -79,9 +76,7 @@ def _line(event: dict[str, Any]) -> str:
     help="Give up after S seconds (exit 1 if --count was not reached).",
 )
 def listen(
-    host: str,
-    port: int,
-    protocol: str,
+    broker: BrokerOptions,
     topic: str,
     client_id: str | None,
     as_json: bool,
@@ -106,8 +101,9 @@ def listen(
         if count is not None and printed >= count:
             done.set()
 
+    host, port = broker.host, broker.port
     sub = Subscriber(
-        host, port, protocol="5" if protocol == "5" else "3.1.1", topic=topic, client_id=client_id, on_event=show
+        host, port, protocol=broker.protocol, topic=topic, client_id=client_id, on_event=show, configure=broker.apply
     )
     try:
         sub.start(timeout=timeout if timeout is not None else 10.0)
@@ -184,11 +180,7 @@ def _save_evidence(response: dict[str, Any], out: Path) -> None:
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="Central's Ed25519 private key (PEM); its .pub must be in the sites' trust store.",
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Broker host.")
-@click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="Broker port.")
-@click.option(
-    "--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True, help="MQTT protocol version."
-)
+@broker_options
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -210,9 +202,7 @@ def cmd(
     pairs: tuple[str, ...],
     file: Path | None,
     key: Path,
-    host: str,
-    port: int,
-    protocol: str,
+    broker: BrokerOptions,
     timeout: float,
     out: Path | None,
     as_json: bool,
@@ -230,7 +220,9 @@ def cmd(
     """
     args = _args(pairs, file)
     try:
-        client = CommandClient(host, port, protocol="5" if protocol == "5" else "3.1.1", private_key_path=key)
+        client = CommandClient(
+            broker.host, broker.port, protocol=broker.protocol, private_key_path=key, configure=broker.apply
+        )
         with client:
             response = client.send(site, device, command, args, timeout=timeout)
     except (TimeoutError, EngineError) as exc:
