@@ -273,7 +273,8 @@ def _gfl_rows(
                 "fix: check the manifest's detector.strides and reg_max against the export"
             )
         return rows[:, :classes], rows[:, classes:]
-    cls_rows, reg_rows = [], []
+    cls_rows: list[np.ndarray] = []
+    reg_rows: list[np.ndarray] = []
     for level, (h, w) in enumerate(sizes):
         for name, rows_out, depth in (
             (spec.outputs[2 * level], cls_rows, num_classes),
