@@ -80,8 +80,17 @@ def keygen(prefix: Path, as_json: bool) -> None:
     help="The publisher's private key (PREFIX.key from keygen).",
 )
 @click.option("--signer", help="Name recorded in the signature (default: the key file's name).")
+@click.option(
+    "--format",
+    "sig_format",
+    type=click.IntRange(1, 2),
+    default=2,
+    show_default=True,
+    help="Signature format of a file: 2 signs its sha256 and size (checked in bounded memory); 1 signs the "
+    "whole file, for agents older than format 2 (docs/SIGNING.md). A bundle's manifest.sig is always format 1.",
+)
 @json_option
-def sign(target: Path, key_path: Path, signer: str | None, as_json: bool) -> None:
+def sign(target: Path, key_path: Path, signer: str | None, sig_format: int, as_json: bool) -> None:
     """Sign a bundle directory (writes manifest.sig) or any file such as a registry subset (writes FILE.sig).
 
     A bundle is checked (every sha256) before it is signed.
@@ -92,7 +101,10 @@ def sign(target: Path, key_path: Path, signer: str | None, as_json: bool) -> Non
       iaflash-engines sign subset-000042.jsonl.gz --key keys/acme-registry.key
     """
     try:
-        sig = sign_bundle(target, key_path, signer) if target.is_dir() else sign_file(target, key_path, signer)
+        if target.is_dir():
+            sig = sign_bundle(target, key_path, signer)
+        else:
+            sig = sign_file(target, key_path, signer, version=sig_format)
         kid = public_key_id(key_path)
     except EngineError as exc:
         fail(str(exc))

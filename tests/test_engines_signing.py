@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import logging
+import re
 import stat
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,9 @@ from onnx_builders import make_bundle
 
 from iaflash.engines.bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, load_bundle
 from iaflash.engines.errors import BundleError, EngineError, SignatureError, UntrustedKey
+from iaflash.engines.prehash import digest_bytes
 from iaflash.engines.signing import (
+    WHOLE_FILE_LIMIT,
     TrustStore,
     bundle_verifier,
     generate_keypair,
@@ -25,6 +30,7 @@ from iaflash.engines.signing import (
     load_private_key,
     load_public_key,
     load_trusted_bundle,
+    open_trusted_file,
     public_key_bytes,
     read_trusted_file,
     read_verified_file,
@@ -167,7 +173,7 @@ def test_untrusted_key_is_refused_naming_its_id_and_the_trusted_ones(keys: Path,
     ("change", "problem"),
     [
         ({"format": "other"}, "field 'format' is 'other'"),
-        ({"version": 2}, "field 'version' is 2, this agent reads 1"),
+        ({"version": 3}, "field 'version' is 3, this agent reads 1 or 2"),
         ({"version": True}, "field 'version' is True"),
         ({"algorithm": "rsa"}, "field 'algorithm' is 'rsa'"),
         ({"signature": "!!not base64!!"}, "'signature' is not base64"),
@@ -378,3 +384,126 @@ def test_read_trusted_file_for_the_registry_import(
     sign_file(subset, keys / "publisher.key")
     data, verified = read_trusted_file(subset, trust, allow_unsigned=False)
     assert data == subset.read_bytes() and verified is not None and verified.name == "publisher"
+
+
+# ---------------------------------------------------------------- format 2 (prehashed) and streamed checks
+
+
+def test_sign_file_writes_format_2_over_the_files_sha256_and_size(tmp_path: Path, keys: Path, trust: Path) -> None:
+    subset = _subset(tmp_path)
+    doc = json.loads(sign_file(subset, keys / "publisher.key").read_text())
+    data = subset.read_bytes()
+    assert (doc["version"], doc["digest"], doc["sha256"], doc["size"]) == (
+        2,
+        "sha256",
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+    )
+    message = (
+        b"iaflash-signature/2\nsha256 " + hashlib.sha256(data).hexdigest().encode() + f"\nsize {len(data)}\n".encode()
+    )
+    load_public_key(keys / "publisher.pub").verify(base64.b64decode(doc["signature"]), message)  # raises if not
+    assert verify_file(subset, TrustStore.from_dir(trust)) == "publisher"
+    assert TrustStore.from_dir(trust).check(data, doc).name == "publisher"  # from bytes too
+
+
+def test_open_trusted_file_checks_then_streams_the_same_bytes_in_bounded_memory(
+    tmp_path: Path, keys: Path, trust: Path
+) -> None:
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        for i in range(48):  # 48 MiB
+            fh.write(hashlib.sha256(str(i).encode()).digest() * (1 << 15))
+    sign_file(big, keys / "publisher.key")
+    tracemalloc.start()
+    try:
+        with open_trusted_file(big, trust, allow_unsigned=False) as trusted:
+            assert trusted.verified is not None and trusted.verified.name == "publisher"
+            h, n = hashlib.sha256(), 0
+            while chunk := trusted.stream.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+            trusted.confirm()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (h.hexdigest(), n) == (hashlib.sha256(big.read_bytes()).hexdigest(), 48 << 20)
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB for a 48 MiB file"
+
+
+def test_a_file_rewritten_between_check_and_read_is_refused_on_confirm(tmp_path: Path, keys: Path, trust: Path) -> None:
+    subset = _subset(tmp_path)
+    sign_file(subset, keys / "publisher.key")
+    with open_trusted_file(subset, trust, allow_unsigned=False) as trusted:
+        with open(subset, "r+b") as fh:
+            fh.write(b"\x00")
+        trusted.stream.read(5)  # the consumer stops early: confirm reads (and hashes) the rest
+        with pytest.raises(SignatureError, match=r"subset-000042\.jsonl\.gz: changed while it was being read.*fix:"):
+            trusted.confirm()
+
+
+def test_a_format_1_signature_still_verifies_and_is_read_from_memory(tmp_path: Path, keys: Path, trust: Path) -> None:
+    subset = _subset(tmp_path)
+    doc = json.loads(sign_file(subset, keys / "publisher.key", version=1).read_text())
+    assert doc["version"] == 1 and "sha256" not in doc
+    with open_trusted_file(subset, trust, allow_unsigned=False) as trusted:
+        assert trusted.verified is not None and trusted.verified.name == "publisher"
+        original = subset.read_bytes()
+        subset.write_bytes(b"replaced")  # the verified bytes are already in memory
+        assert trusted.stream.read() == original
+        trusted.confirm()
+
+
+def test_a_large_file_with_a_format_1_signature_is_refused_with_the_fix(
+    tmp_path: Path, keys: Path, trust: Path
+) -> None:
+    big = tmp_path / "big.jsonl.gz"
+    with open(big, "wb") as fh:
+        fh.truncate(WHOLE_FILE_LIMIT + 1)  # sparse: nothing is written
+    doc = sign_bytes(b"not read", load_private_key(keys / "publisher.key"), "publisher")  # a format-1 document
+    (tmp_path / "big.jsonl.gz.sig").write_text(json.dumps(doc))
+    with pytest.raises(SignatureError, match=r"format 1 .*64 MiB.*fix: re-sign it at central .*\(format 2\)"):
+        open_trusted_file(big, trust, allow_unsigned=False)
+
+
+def test_check_digest_refuses_a_format_1_document(keys: Path, trust: Path) -> None:
+    doc = sign_bytes(b"payload", load_private_key(keys / "publisher.key"), "publisher")
+    with pytest.raises(SignatureError, match=r"format 1 .*cannot be checked without holding the file in memory"):
+        TrustStore.from_dir(trust).check_digest(digest_bytes(b"payload"), doc)
+
+
+def test_a_truncated_file_names_both_sizes(tmp_path: Path, keys: Path, trust: Path) -> None:
+    subset = _subset(tmp_path)
+    sign_file(subset, keys / "publisher.key")
+    data = subset.read_bytes()
+    subset.write_bytes(data[:-3])
+    with pytest.raises(SignatureError, match=rf"file is {len(data) - 3} bytes, it was signed at {len(data)} bytes"):
+        open_trusted_file(subset, trust, allow_unsigned=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"digest": "md5"}, "'digest' is 'md5'"),
+        ({"sha256": "AB" * 32}, "'sha256' is not 64 lowercase hex"),
+        ({"size": -1}, "'size' is not a byte count"),
+        ({"size": True}, "'size' is not a byte count"),
+    ],
+)
+def test_malformed_format_2_fields_are_refused(
+    tmp_path: Path, keys: Path, trust: Path, change: dict[str, object], problem: str
+) -> None:
+    subset = _subset(tmp_path)
+    sig = sign_file(subset, keys / "publisher.key")
+    sig.write_text(json.dumps({**json.loads(sig.read_text()), **change}))
+    with pytest.raises(SignatureError, match=re.escape(problem)):
+        open_trusted_file(subset, trust, allow_unsigned=False)
+
+
+def test_an_unsigned_file_is_streamed_only_when_allowed(tmp_path: Path, trust: Path) -> None:
+    subset = _subset(tmp_path)
+    with open_trusted_file(subset, trust, allow_unsigned=True) as trusted:
+        assert trusted.verified is None and trusted.stream.read() == subset.read_bytes()
+        trusted.confirm()
+    with pytest.raises(SignatureError, match="not signed"):
+        open_trusted_file(subset, trust, allow_unsigned=False)

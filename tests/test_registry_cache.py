@@ -32,7 +32,7 @@ from iaflash.agent.registry.cache import (
     write_subset,
 )
 from iaflash.agent.registry.plates import key_id, plate_key
-from iaflash.engines.signing import generate_keypair, read_trusted_file, sign_file
+from iaflash.engines.signing import generate_keypair, open_trusted_file, sign_file
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
@@ -529,16 +529,17 @@ def test_no_trust_store_refuses_a_signed_file_naming_it(db: Path, tmp_path: Path
 def test_signed_import_parses_the_bytes_it_checked_not_the_file_again(
     tmp_path: Path, keys: Path, trust: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file swapped on disk right after its signature was checked does not get imported."""
+    """A file swapped on disk (renamed over) right after its signature was checked does not get
+    imported: the import reads the file it opened and checked."""
     file = signed(snapshot(tmp_path / "s.gz"), keys)
 
     def check_then_swap(path: Path, trust_dir: Path | None, allow: bool) -> Any:
-        result = read_trusted_file(path, trust_dir, allow)
+        result = open_trusted_file(path, trust_dir, allow)
         snapshot(path, [("XY-321-ZT", "BMW", "X1", None, None)], seq=9)  # an attacker's file
         return result
 
     monkeypatch.setattr(
-        registry_module, "read_trusted_file", check_then_swap
+        registry_module, "open_trusted_file", check_then_swap
     )  # iaflash.agent.registry.cache's name for it
     state, _ = signed_import(tmp_path / "r.db", file, trust)
     assert (state.seq, state.count) == (1, 4)
@@ -573,3 +574,25 @@ def test_lookup_key_finds_the_same_record_as_lookup_by_plate(tmp_path: Path) -> 
         assert found is not None and (found.make, found.model) == ("RENAULT", "CLIO")
         assert found == reg.lookup("AB-123-CD")
         assert reg.lookup_key(_plate_key(key, "ZZ-999-ZZ")) is None
+
+
+def test_signed_import_refuses_a_file_rewritten_in_place_after_its_check(
+    db: Path, tmp_path: Path, keys: Path, trust: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signature is checked on a first streamed pass; the import's own pass is hashed too and
+    must match, so bytes written into the same file in between are refused before the commit."""
+    file = signed(snapshot(tmp_path / "s.gz", seq=5), keys)
+    attacker = snapshot(tmp_path / "evil.gz", [("XY-321-ZT", "BMW", "X1", None, None)], seq=9).read_bytes()
+
+    def check_then_rewrite(path: Path, trust_dir: Path | None, allow: bool) -> Any:
+        result = open_trusted_file(path, trust_dir, allow)
+        with open(path, "r+b") as fh:  # same inode, new content
+            fh.write(attacker)
+            fh.truncate()
+        return result
+
+    monkeypatch.setattr(registry_module, "open_trusted_file", check_then_rewrite)
+    with pytest.raises(SignatureError, match=r"s\.gz: changed while it was being read .*nothing was imported; fix:"):
+        signed_import(db, file, trust)
+    assert read_state(db).seq == 1  # type: ignore[union-attr]  # db fixture imported seq 1
+    assert opened(db).lookup("XY-321-ZT") is None

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import sqlite_utils
 
@@ -47,7 +47,7 @@ from iaflash.agent.registry.subset_file import (
     write_subset,
 )
 from iaflash.agent.sqlite import sqlite_errors
-from iaflash.engines.signing import Verified, read_trusted_file, signature_path
+from iaflash.engines.signing import TrustedFile, open_trusted_file, signature_path
 
 __all__ = [
     "FORMAT",
@@ -254,13 +254,15 @@ def import_subset(
     *,
     expected_key_id: str | None,
     progress: Progress | None = None,
-    data: bytes | None = None,
+    data: bytes | IO[bytes] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> RegistryState:
     """Apply a snapshot (replaces everything) or a delta (must follow the cache's seq) in one transaction.
 
     No signature is checked here: see :func:`import_signed_subset`. ``data`` is the file's content
-    already read: it is parsed instead of ``file``, which then only names it in messages.
-    ``progress(done, total)`` is called every 10,000 records and at the end.
+    already read, or a binary stream of it: it is parsed instead of ``file``, which then only names
+    it in messages. ``before_commit`` runs after the last record, inside the transaction: if it
+    raises, nothing is imported. ``progress(done, total)`` is called every 10,000 records and at the end.
     """
     file, db_path = Path(file), Path(db_path)
     with SubsetReader(file, data) as reader, _db_errors("registry import", db_path):
@@ -270,6 +272,8 @@ def import_subset(
             conn.execute("BEGIN IMMEDIATE")
             try:
                 state = _import(conn, reader, expected_key_id, progress)
+                if before_commit is not None:
+                    before_commit()
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
@@ -283,19 +287,19 @@ def import_subset(
     return state
 
 
-def _read_signed(file: Path, trust_dir: Path | None, allow_unsigned: bool) -> tuple[bytes, Verified | None]:
-    """iaflash.engines.signing.read_trusted_file, with messages that name the subset file and the fix."""
+def _open_signed(file: Path, trust_dir: Path | None, allow_unsigned: bool) -> TrustedFile:
+    """iaflash.engines.signing.open_trusted_file, with messages that name the subset file and the fix."""
     if not file.is_file():
         raise RegistryFileError(f"{file}: no such file; fix: check the path of the subset file")
     sig = signature_path(file)
-    if not allow_unsigned and not sig.exists():  # the clearer message; read_trusted_file refuses it anyway
+    if not allow_unsigned and not sig.exists():  # the clearer message; open_trusted_file refuses it anyway
         raise SignatureError(
             f"{file}: not signed ({sig} is missing); fix: sign it at central with "
             f"`iaflash-engines sign {file} --key PUBLISHER.key` and copy both files "
             "(security.allow_unsigned = true accepts unsigned files, for development only)"
         )
     try:
-        return read_trusted_file(file, trust_dir, allow_unsigned)
+        return open_trusted_file(file, trust_dir, allow_unsigned)
     except SignatureError as exc:
         if str(file) in str(exc):
             raise
@@ -313,8 +317,11 @@ def import_signed_subset(
 ) -> tuple[RegistryState, str | None]:
     """Check ``file``'s detached signature (``<file>.sig``) against ``trust_dir``, then import it.
 
-    The file is read once; the bytes whose signature was checked are the bytes parsed (from memory),
-    so the file cannot be swapped between the check and the import. Returns the new state and the
+    Memory stays bounded whatever the file size (docs/SIGNING.md, format 2): a first streamed pass
+    over the open file checks the signature, a second pass over the same open file parses it while
+    hashing it, and the import commits only if that second pass hashes to the checked digest, so
+    the file cannot be swapped or rewritten between the check and the import. A small file signed
+    in format 1 is checked and parsed from memory; a large one is refused with the fix. Returns the new state and the
     trust store's name of the signing key, or None when the file was accepted unsigned because of
     ``allow_unsigned`` (for development only; iaflash.engines.signing logs a warning).
 
@@ -323,12 +330,24 @@ def import_signed_subset(
     :func:`import_subset` raises. A refusal leaves the cache as it was.
     """
     file = Path(file)
-    data, verified = _read_signed(file, trust_dir, allow_unsigned)
-    if verified is not None:
-        log.info(
-            "registry file %s: signed by %s (key id %s) at %s", file, verified.name, verified.key_id, verified.signed_at
+    with _open_signed(file, trust_dir, allow_unsigned) as trusted:
+        verified = trusted.verified
+        if verified is not None:
+            log.info(
+                "registry file %s: signed by %s (key id %s) at %s",
+                file,
+                verified.name,
+                verified.key_id,
+                verified.signed_at,
+            )
+        state = import_subset(
+            db_path,
+            file,
+            expected_key_id=expected_key_id,
+            progress=progress,
+            data=trusted.stream,
+            before_commit=trusted.confirm,
         )
-    state = import_subset(db_path, file, expected_key_id=expected_key_id, progress=progress, data=data)
     return state, None if verified is None else verified.name
 
 

@@ -216,13 +216,15 @@ def _refuse_line(file: Path, lineno: int, line: bytes) -> NoReturn:
 # ---------------------------------------------------------------- reading
 
 
-def _open(file: Path, data: bytes | None) -> gzip.GzipFile:
-    if data is not None:
+def _open(file: Path, data: bytes | IO[bytes] | None) -> gzip.GzipFile:
+    if isinstance(data, bytes):
         return gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
+    if data is not None:  # a stream of the file (e.g. hashed while read, after its signature was checked)
+        return gzip.GzipFile(fileobj=data, mode="rb")
     return gzip.GzipFile(file, mode="rb")
 
 
-def _chunks(file: Path, data: bytes | None) -> Generator[tuple[int, list[bytes]], None, None]:
+def _chunks(file: Path, data: bytes | IO[bytes] | None) -> Generator[tuple[int, list[bytes]], None, None]:
     """(number of the first line, lines) for each chunk of the decompressed file.
 
     gzip damage becomes RegistryFileError; a last line without a newline is still a line.
@@ -271,12 +273,12 @@ def _segments(file: Path, first: int, lines: list[bytes], snapshot: bool) -> Ite
 class SubsetReader:
     """One pass over a subset file: :attr:`header` at once, then :meth:`segments`.
 
-    ``data`` is the file's content already read (for instance after checking its signature): it is
-    parsed instead of the file, and ``file`` only names it in messages. Use it as a context manager,
-    or call :meth:`close`, to release the file.
+    ``data`` is the file's content already read, or a binary stream of it (for instance after
+    checking its signature): it is parsed instead of the file, and ``file`` only names it in
+    messages. Use it as a context manager, or call :meth:`close`, to release the file.
     """
 
-    def __init__(self, file: Path, data: bytes | None = None) -> None:
+    def __init__(self, file: Path, data: bytes | IO[bytes] | None = None) -> None:
         self.file = Path(file)
         if data is None and not self.file.is_file():
             raise RegistryFileError(f"{self.file}: no such file; fix: check the path of the subset file")
