@@ -16,6 +16,7 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     ├── CalibrationError       calibration or fitting cannot run (bad inputs, unwritable output)
     ├── DatasetError           an evaluation dataset is unusable (file and row named)
     ├── AnonymiseError         an image could not be anonymised; it is not sent (docs/EVIDENCE.md)
+    ├── ExportError            a dataset export cannot run (bad source, output folder not empty)
     └── EngineError            (iaflash.engines.errors, re-exported)
         ├── BackendUnavailable
         ├── BundleError
@@ -60,6 +61,7 @@ __all__ = [
     "CudaError",
     "DatasetError",
     "EngineError",
+    "ExportError",
     "IaflashError",
     "InferenceError",
     "InstanceLocked",
@@ -151,3 +153,7 @@ class DatasetError(IaflashError):
 
 class AnonymiseError(IaflashError):
     """An image could not be anonymised (decode, detector, encode, metadata check): it never leaves the box."""
+
+
+class ExportError(IaflashError):
+    """``iaflash-central export-dataset`` cannot run: a bad source or an output folder that is not empty."""

@@ -33,7 +33,7 @@ from typing import Any
 import click
 
 from iaflash.agent.config import EvidenceConfig
-from iaflash.agent.errors import AnonymiseError
+from iaflash.agent.errors import AnonymiseError, ExportError
 from iaflash.agent.evidence.anonymise import ANONYMISER, ANONYMISER_VERSION, anonymise_jpeg
 from iaflash.engines.cli_common import CONTEXT, EXIT_USAGE, emit, fail, json_option
 
@@ -49,10 +49,6 @@ __all__ = [
 
 DATASET_SCHEMA = "iaflash.dataset/1"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class ExportError(Exception):
-    """The export cannot run (bad source, output not empty); the message says what and how to fix it."""
 
 
 @dataclass(frozen=True)

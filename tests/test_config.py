@@ -176,7 +176,9 @@ def test_unknown_section_lists_the_allowed_sections(tmp_path: Path) -> None:
     """An unknown top-level table is named, and the fix lists the real sections."""
     _, issue = _only_issue(tmp_path, "[mqqt]\nhost = 'x'\n")
     assert issue.key == "mqqt"
-    assert "allowed keys here: decision, log, model, mqtt, outbox, registry, security, site, spool" in issue.fix
+    assert (
+        "allowed keys here: decision, evidence, log, model, mqtt, outbox, registry, security, site, spool" in issue.fix
+    )
 
 
 def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
