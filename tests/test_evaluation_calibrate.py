@@ -22,7 +22,7 @@ from iaflash.agent.evaluation.calibrate import (
     reliability,
     write_calibrated_bundle,
 )
-from iaflash.agent.evaluation.evaluate import load_dataset, run_inference
+from iaflash.agent.evaluation.evaluate import classified, load_dataset, run_inference
 from iaflash.engines.bundle import MANIFEST_FILE, Bundle, load_bundle, sha256_file
 
 
@@ -121,15 +121,16 @@ def test_calibrate_command_fits_writes_and_reports_before_and_after(tmp_path: Pa
     doc = json.loads(result.stdout)
 
     inference = run_inference(bundle, load_dataset(dataset))
-    fitted = fit_temperature(inference.logits, inference.labels)
+    ok = classified(inference)  # the night image is not classified by the daemon's intake (NaN logits)
+    fitted = fit_temperature(inference.logits[ok], inference.labels[ok])
     new = load_bundle(out)
     assert new.manifest.temperature == pytest.approx(fitted) and new.manifest.temperature != 1.0
     assert (new.manifest.version, doc["version"]) == ("1.0.0+cal", "1.0.0+cal")
     assert doc["temperature"] == {"before": 1.0, "after": pytest.approx(fitted, abs=1e-6)}
     assert doc["nll"]["after"] < doc["nll"]["before"]
-    assert doc["nll"]["before"] == pytest.approx(nll(inference.logits, inference.labels), abs=1e-6)
-    probs = softmax(inference.logits, fitted)
-    assert doc["ece"]["after"] == pytest.approx(expected_calibration_error(probs, inference.labels), abs=1e-6)
+    assert doc["nll"]["before"] == pytest.approx(nll(inference.logits[ok], inference.labels[ok]), abs=1e-6)
+    probs = softmax(inference.logits[ok], fitted)
+    assert doc["ece"]["after"] == pytest.approx(expected_calibration_error(probs, inference.labels[ok]), abs=1e-6)
     assert (doc["samples"], doc["evaluated"], doc["unsupported"]) == (26, 24, 2)
 
 

@@ -1,17 +1,17 @@
-"""agent.evaluation.evaluate and .report, the ``evaluate`` command: datasets, figures, operating curve, report.
+"""agent.evaluation.evaluate/simulate/report and ``iaflash-agent evaluate``, on generated data only.
 
-The figures are checked on hand-made scores; the command runs end to end on the trained demo
-classifier and rendered demo-fleet images, and its --json document is compared with a direct
-computation through the library.
+The demo classifier (trained on drawn vehicles) is run on demo-fleet frames written as labelled
+captures (sidecar + frame + truth.csv) and as labelled photos; every figure comes through the
+daemon's own intake (Preparer.prepare_capture) and decision (decide).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -21,43 +21,84 @@ from click.testing import CliRunner
 from iaflash.agent.cli.eval import commands
 from iaflash.agent.config import DecisionConfig
 from iaflash.agent.decision.taxonomy import Taxonomy
-from iaflash.agent.decision.verdict import softmax
 from iaflash.agent.demo.fleet import CLASSES, encode_jpeg, render_scene
 from iaflash.agent.demo.model import build_demo_bundle
-from iaflash.agent.evaluation.calibrate import expected_calibration_error, nll
-from iaflash.agent.evaluation.evaluate import (
-    CurvePoint,
-    DatasetError,
-    Inference,
-    Pair,
-    accuracy,
-    evaluate,
-    flag_rates,
-    load_dataset,
-    operating_curve,
-    outcome_rates,
-    pair_outcomes,
-    recommend,
-    run_inference,
+from iaflash.agent.errors import DatasetError
+from iaflash.agent.evaluation.dataset import load_dataset
+from iaflash.agent.evaluation.evaluate import daemon_scores, evaluate, run_inference
+from iaflash.agent.evaluation.report import render_html
+from iaflash.agent.evaluation.simulate import (
+    Rates,
+    joint_sweep,
+    pair_verdicts,
+    rates,
     simulate_pairs,
     sweep_config,
+    upper_bound,
 )
-from iaflash.agent.evaluation.report import render_html
-from iaflash.agent.registry.record import RegistryRecord
-from iaflash.engines.bundle import Bundle, Label, load_bundle
+from iaflash.engines.bundle import Bundle
 
-NOISY_ROWS = (2, 9, 17)  # rows labelled with the next class: annotation noise, so the model makes "mistakes"
+NOISY = (2, 9, 17)  # photos labelled with the next class: genuine items the model will flag
 UNSUPPORTED = ("TESLA", "MODEL 3")
 
 
 def cli() -> click.Group:
-    """The two commands on a local group, as iaflash.agent.cli.main.main will carry them."""
-    group = click.Group("iaflash-agent", commands={c.name or "": c for c in commands})
-    return group
+    return click.Group("iaflash-agent", commands={c.name or "": c for c in commands})
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The demo classifier, trained on 8 drawn images per class."""
+    return build_demo_bundle(tmp_path_factory.mktemp("bundle") / "b", per_class=8, seed=1)[0]
+
+
+def _truth_row(n: int, style_index: int) -> tuple[str, str, str, str]:
+    """Every third capture genuine, then a clone of another make, then of another model of the make."""
+    style = CLASSES[style_index]
+    kind = ("genuine", "clone_make", "clone_model")[n % 3]
+    if kind == "genuine":
+        return kind, "", "", ""
+    if kind == "clone_make":
+        other = next(c for c in CLASSES if c.make != style.make)
+        return kind, other.make, other.model, ""
+    sibling = [c for c in CLASSES if c.make == style.make and c.model != style.model]
+    return ("clone_model", sibling[0].make, sibling[0].model, "") if sibling else ("genuine", "", "", "")
+
+
+def write_captures(root: Path, count: int = 24) -> list[dict[str, Any]]:
+    """Demo frames with sidecars (half with a vehicle box) and truth.csv; returns what was written."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    written, rows = [], []
+    for n in range(count):
+        style_index = n % len(CLASSES)
+        image, box = render_scene(CLASSES[style_index], rng)
+        cid = f"cap{n:03d}"
+        (root / f"{cid}.jpg").write_bytes(encode_jpeg(image))
+        with_box = n % 2 == 0
+        sidecar = {
+            "schema_version": 1,
+            "capture_id": cid,
+            "site_id": "site-1",
+            "captured_at": "2026-12-01T10:00:00Z",
+            "plate": "AB-123-CD",
+            "vehicle_box": list(box) if with_box else None,
+            "images": [f"{cid}.jpg"],
+        }
+        (root / f"{cid}.json").write_text(json.dumps(sidecar))
+        truth, reg_make, reg_model, _ = _truth_row(n, style_index)
+        style = CLASSES[style_index]
+        rows.append([cid, style.make, style.model, truth, reg_make, reg_model])
+        written.append({"id": cid, "box": list(box) if with_box else None, "truth": truth})
+    with (root / "truth.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["capture", "make", "model", "truth", "registered_make", "registered_model"])
+        w.writerows(rows)
+    return written
 
 
 def write_demo_dataset(root: Path, images: int = 24) -> Path:
-    """Demo-fleet JPEGs and a CSV with boxes: 3 noisy labels, 1 night image, 2 unsupported rows."""
+    """Demo-fleet JPEGs and a CSV with boxes: 3 noisy labels, 1 night image, 2 unsupported rows (calibrate's tests)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(2026)
     rows = []
@@ -65,7 +106,7 @@ def write_demo_dataset(root: Path, images: int = 24) -> Path:
         style = CLASSES[n % len(CLASSES)]
         image, box = render_scene(style, rng, night=n == 5)
         (root / f"img{n:03d}.jpg").write_bytes(encode_jpeg(image))
-        label = CLASSES[(n + 1) % len(CLASSES)] if n in NOISY_ROWS else style
+        label = CLASSES[(n + 1) % len(CLASSES)] if n in NOISY else style
         rows.append([f"img{n:03d}.jpg", label.make, label.model, *box])
     rows += [[rows[k][0], *UNSUPPORTED, "", "", "", ""] for k in (0, 1)]
     path = root / "data.csv"
@@ -76,298 +117,205 @@ def write_demo_dataset(root: Path, images: int = 24) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Bundle, Path]:
-    """The demo classifier (trained on 8 images per class) and a 26-row labelled CSV dataset."""
-    root = tmp_path_factory.mktemp("demo-eval")
-    bundle, _ = build_demo_bundle(root / "bundle", per_class=8, seed=1)
-    return bundle, write_demo_dataset(root / "data")
-
-
-# ---------------------------------------------------------------- datasets
-
-
-def _csv(path: Path, text: str) -> Path:
-    path.write_text(text)
+def write_photos(root: Path, count: int = 24) -> Path:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(2026)
+    rows = []
+    for n in range(count):
+        image, box = render_scene(CLASSES[n % len(CLASSES)], rng)
+        (root / f"img{n:03d}.jpg").write_bytes(encode_jpeg(image))
+        label = CLASSES[(n + 1) % len(CLASSES)] if n in NOISY else CLASSES[n % len(CLASSES)]
+        rows.append([f"img{n:03d}.jpg", label.make, label.model, *box])
+    path = root / "data.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "make", "model", "x", "y", "w", "h"])
+        w.writerows(rows)
     return path
 
 
-def _jpeg(path: Path) -> Path:
-    image, _ = render_scene(CLASSES[0], np.random.default_rng(0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_jpeg(image))
-    return path
+# ---------------------------------------------------------------- the finite-sample rule
 
 
-def test_csv_dataset_reads_paths_relative_to_the_csv_and_optional_boxes(tmp_path: Path) -> None:
-    _jpeg(tmp_path / "imgs" / "a.jpg")
-    path = _csv(
-        tmp_path / "d.csv", "image,make,model,x,y,w,h\nimgs/a.jpg,RENAULT,CLIO,1,2,30,40\nimgs/a.jpg,PEUGEOT,208,,,,\n"
+def test_met_is_judged_on_the_upper_bound_not_the_point_estimate() -> None:
+    """1 flag in 1,221 genuine is a 0.08 % point estimate but a 0.39 % bound: NOT met for 0.1 %."""
+    one = Rates(
+        genuine=1221,
+        genuine_flagged=1,
+        genuine_abstained=0,
+        make_clones=0,
+        make_detected=0,
+        model_clones=0,
+        model_detected=0,
     )
-    samples = load_dataset(path)
-    assert [(s.image, s.make, s.model, s.box) for s in samples] == [
-        (tmp_path / "imgs" / "a.jpg", "RENAULT", "CLIO", (1, 2, 30, 40)),
-        (tmp_path / "imgs" / "a.jpg", "PEUGEOT", "208", None),
-    ]
-    assert samples[1].where == f"{path}:3"
+    assert one.false_flag_rate < 0.001
+    assert one.false_flag_upper == pytest.approx(0.00388, abs=2e-5)
+    assert not one.met(0.001)
+    none = Rates(1221, 0, 0, 0, 0, 0, 0)
+    assert none.false_flag_upper == pytest.approx(1 - 0.05 ** (1 / 1221))
+    assert none.met(0.0025) and not none.met(0.001)
+    assert upper_bound(0, 0) == 1.0
+
+
+def test_simulated_pairs_have_make_and_model_level_clones(bundle: Bundle) -> None:
+    taxonomy = Taxonomy(bundle.labels)
+    labels = np.arange(len(CLASSES))
+    pairs = simulate_pairs(labels, taxonomy, clones_per_image=1, seed=0)
+    for p in pairs:
+        own = CLASSES[p.sample]
+        if p.kind == "make":
+            assert p.record.make != own.make
+        elif p.kind == "model":
+            assert (p.record.make, p.record.model != own.model) == (own.make, True)
+    # RENAULT and PEUGEOT have two models each: 4 images get a model-level clone, all 8 a make-level one
+    assert sum(p.kind == "model" for p in pairs) == 4
+    assert sum(p.kind == "make" for p in pairs) == len(CLASSES)
+
+
+# ---------------------------------------------------------------- captures through the daemon's path
+
+
+def test_evaluate_on_labelled_captures_runs_the_daemons_intake(bundle: Bundle, tmp_path: Path) -> None:
+    written = write_captures(tmp_path / "caps")
+    result = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(tmp_path / "caps"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "iaflash.evaluation/2"
+    assert doc["dataset"]["kind"] == "captures"
+    assert doc["dataset"]["evaluated"] == len(written)
+    rows = {r["capture_id"]: r for r in doc["rows"]}
+    for w in written:
+        row = rows[w["id"]]
+        assert row["truth"]["kind"] == {"genuine": "genuine", "clone_make": "make", "clone_model": "model"}[w["truth"]]
+        if w["box"] is not None:  # the sidecar's box is the one the intake classified
+            assert row["vehicle_source"] == "sidecar"
+            # in frame pixels, after the reduced decode's rounding (within one reduction step)
+            step = row["intake"]["decode_reduction"]
+            assert all(abs(a - b) <= step for a, b in zip(row["box"], w["box"], strict=True))
+        else:  # no box and no detector: the daemon classifies the whole frame
+            assert row["vehicle_source"] == "none"
+            assert row["box"] == [0, 0, *row["frame_size"]]
+        configured = [p for p in row["pairs"] if p["point"] == "configured"]
+        assert [p["kind"] for p in configured] == [row["truth"]["kind"]]
+    sim = doc["simulation"]
+    kinds = [r["truth"]["kind"] for r in doc["rows"]]
+    assert (sim["genuine_pairs"], sim["make_pairs"], sim["model_pairs"]) == (
+        kinds.count("genuine"),
+        kinds.count("make"),
+        kinds.count("model"),
+    )
+
+
+def test_json_rows_carry_image_sha256_top1_and_verdicts(bundle: Bundle, tmp_path: Path) -> None:
+    data = write_photos(tmp_path / "photos")
+    result = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert len(doc["rows"]) == 24
+    for row in doc["rows"]:
+        assert row["sha256"] == hashlib.sha256(Path(row["image"]).read_bytes()).hexdigest()
+        assert row["top1"]["p"] > 0
+        assert {p["kind"] for p in row["pairs"] if p["point"] == "configured"} >= {"genuine", "make"}
+    assert doc["dataset"]["listing_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert doc["bundle"]["model_sha256"] == hashlib.sha256(bundle.model_path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def test_the_joint_sweep_moves_min_top1_and_abstains_more_as_it_rises(bundle: Bundle, tmp_path: Path) -> None:
+    samples = load_dataset(write_photos(tmp_path / "photos"))
+    inference = run_inference(bundle, samples)
+    grid = (0.0, 0.99, 0.995, 0.998)  # the demo classifier is sure of itself: top-1 p from 0.986 to 0.999
+    doc = evaluate(bundle, inference, DecisionConfig(), target=0.05, min_top1_grid=grid)
+    assert {p["min_top1"] for p in doc["sweep"]} == set(grid)
+    at = {(p["min_top1"]): p for p in doc["sweep"] if p["make_threshold"] == 0.01 and p["model_threshold"] == 0.01}
+    abstained = [at[m]["genuine_abstained"] for m in sorted(at)]
+    assert abstained == sorted(abstained) and abstained[-1] > abstained[0]
+    flagged = [at[m]["genuine_flagged"] for m in sorted(at)]
+    assert flagged == sorted(flagged, reverse=True)
+
+
+def test_sweep_counts_equal_decide_at_every_point(bundle: Bundle, tmp_path: Path) -> None:
+    """The sweep is decide() itself: every point re-run alone through pair_verdicts gives the same counts."""
+    samples = load_dataset(write_photos(tmp_path / "photos", count=16))
+    inference = run_inference(bundle, samples)
+    taxonomy = Taxonomy(bundle.labels)
+    probs, problems = daemon_scores(inference, bundle.manifest)
+    pairs = simulate_pairs(inference.labels, taxonomy, 1, 0)
+    base = DecisionConfig.model_validate({})
+    sweep = joint_sweep(probs, pairs, problems, taxonomy, base, min_top1_grid=(0.0, 0.995), threshold_grid=(0.01, 0.2))
+    assert len(sweep) == 2 * 2 * 2
+    for point in sweep:
+        cfg = sweep_config(base, min_top1=point.min_top1, make=point.make_threshold, model=point.model_threshold)
+        assert rates(pair_verdicts(probs, pairs, problems, taxonomy, cfg), pairs) == point.rates
+    assert len({p.rates for p in sweep}) > 1  # the grid points differ
+
+
+# ---------------------------------------------------------------- flagged genuine items, warnings, report
+
+
+def test_flagged_genuine_items_are_listed_with_their_box_and_a_thumbnail(bundle: Bundle, tmp_path: Path) -> None:
+    data = write_photos(tmp_path / "photos")
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(data), "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    flagged = doc["flagged_genuine"]["configured"]
+    configured = next(p for p in doc["operating_points"] if p["name"] == "configured")
+    assert len(flagged) == configured["genuine_flagged"] > 0
+    noisy = {f"{data}:{n + 2}" for n in NOISY}
+    assert {f["where"] for f in flagged} <= noisy | {r["where"] for r in doc["rows"] if not r["correct"]}
+    for item in flagged:
+        row = doc["rows"][item["index"]]
+        assert item["box"] == row["box"] and item["box"] is not None
+    html = out.read_text()
+    assert html.count('<image href="data:image/png;base64,') >= len(flagged)
+    for item in flagged:
+        assert item["where"] in html
+
+
+def test_a_warning_says_loudly_when_configured_thresholds_miss_the_target(bundle: Bundle, tmp_path: Path) -> None:
+    data = write_photos(tmp_path / "photos")
+    result = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(data)])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: The configured thresholds MISS the target" in result.stderr
+    assert "genuine samples with no flag" in result.stderr  # 24 images cannot show 0.1 %
+    assert "configured   false flags" in result.stdout
+
+
+def test_report_has_a_log_false_flag_axis_and_the_target_line(bundle: Bundle, tmp_path: Path) -> None:
+    samples = load_dataset(write_photos(tmp_path / "photos"))
+    doc = evaluate(bundle, run_inference(bundle, samples), DecisionConfig(), target=0.01)
+    html = render_html(doc)
+    assert "false-flag rate on genuine (log scale)" in html
+    assert "target 1%" in html
+    assert "95% upper bound" in html
+    assert "Most confused label pairs" in html
+
+
+# ---------------------------------------------------------------- refused datasets
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("row", "message"),
     [
         (
-            "image,make,model\na.jpg,RENAULT,CLIO\nmissing.jpg,RENAULT,CLIO\n",
-            r"d\.csv:3: image 'missing\.jpg' not found",
+            "cap000,RENAULT,CLIO,stolen,,",
+            r"truth\.csv:2: truth 'stolen' is not one of genuine, clone_make, clone_model",
         ),
-        ("image,make\na.jpg,RENAULT\n", r"d\.csv:1: missing column\(s\) model"),
-        ("image,make,model,x,y\na.jpg,RENAULT,CLIO,1,2\n", r"box columns must be all of x,y,w,h"),
-        ("image,make,model,x,y,w,h\na.jpg,RENAULT,CLIO,1,2,0,5\n", r"d\.csv:2: box width and height must be > 0"),
-        ("image,make,model,x,y,w,h\na.jpg,RENAULT,CLIO,1,2,a,5\n", r"d\.csv:2: box .* must be four integers"),
-        ("image,make,model\na.jpg,,CLIO\n", r"d\.csv:2: image, make and model must all be filled"),
-        ("image,make,model\n", r"holds no labelled image"),
+        (
+            "cap000,RENAULT,CLIO,clone_make,RENAULT,MEGANE",
+            r"clone_make but the registered make 'RENAULT' is the vehicle's own",
+        ),
+        ("cap000,RENAULT,CLIO,clone_model,PEUGEOT,208", r"clone_model but the registered make 'PEUGEOT' differs"),
+        ("cap999,RENAULT,CLIO,genuine,,", r"capture 'cap999': cannot read .*cap999\.json"),
     ],
 )
-def test_bad_csv_rows_are_refused_naming_the_row(tmp_path: Path, text: str, message: str) -> None:
-    _jpeg(tmp_path / "a.jpg")
+def test_bad_truth_rows_are_refused_with_file_and_line(tmp_path: Path, row: str, message: str) -> None:
+    write_captures(tmp_path / "caps", count=1)
+    (tmp_path / "caps" / "truth.csv").write_text(
+        "capture,make,model,truth,registered_make,registered_model\n" + row + "\n"
+    )
     with pytest.raises(DatasetError, match=message):
-        load_dataset(_csv(tmp_path / "d.csv", text))
-
-
-def test_folder_dataset_takes_make_and_model_from_the_folders(tmp_path: Path) -> None:
-    _jpeg(tmp_path / "RENAULT" / "CLIO" / "1.jpg")
-    _jpeg(tmp_path / "PEUGEOT" / "208" / "2.JPEG")
-    (tmp_path / "PEUGEOT" / "208" / "notes.txt").write_text("not an image")
-    samples = load_dataset(tmp_path)
-    assert [(s.make, s.model, s.image.name) for s in samples] == [
-        ("PEUGEOT", "208", "2.JPEG"),
-        ("RENAULT", "CLIO", "1.jpg"),
-    ]
-
-
-def test_folder_image_at_the_wrong_depth_is_refused(tmp_path: Path) -> None:
-    _jpeg(tmp_path / "RENAULT" / "CLIO" / "1.jpg")
-    stray = _jpeg(tmp_path / "RENAULT" / "stray.jpg")
-    with pytest.raises(DatasetError, match=re.escape(f"{stray}: not at <make>/<model>/<image>.jpg")):
-        load_dataset(tmp_path)
-
-
-def test_missing_dataset_path_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="no such file or directory"):
-        load_dataset(tmp_path / "nope.csv")
-
-
-def test_an_undecodable_image_is_refused_naming_its_row(tmp_path: Path, demo: tuple[Bundle, Path]) -> None:
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg at all")
-    samples = load_dataset(_csv(tmp_path / "d.csv", "image,make,model\nbad.jpg,RENAULT,CLIO\n"))
-    with pytest.raises(DatasetError, match=r"d\.csv:2: .*bad\.jpg: image does not start with the JPEG SOI"):
-        run_inference(demo[0], samples)
-
-
-# ---------------------------------------------------------------- figures on hand-made scores
-
-LABELS = (
-    Label(0, "RENAULT", "CLIO"),
-    Label(1, "RENAULT", "MEGANE"),
-    Label(2, "PEUGEOT", "208"),
-    Label(3, "CITROEN", "C3"),
-    Label(4, "DACIA", "SANDERO"),
-    Label(5, "TOYOTA", "YARIS"),
-    Label(6, "VOLKSWAGEN", "GOLF"),
-)
-
-
-def test_top1_top5_and_make_accuracy_on_hand_made_scores() -> None:
-    scores = np.array(
-        [
-            [9, 1, 0, 0, 0, 0, 0],  # true CLIO, says CLIO: all right
-            [5, 6, 0, 0, 0, 0, 0],  # true CLIO, says MEGANE: right make, CLIO in the top 5
-            [9, 8, 0, 7, 6, 5, 4],  # true 208, says CLIO: wrong make, 208 ranked 7th of 7
-            [0, 0, 9, 0, 0, 0, 0],  # true 208, says 208
-        ],
-        dtype=float,
-    )
-    labels = np.array([0, 0, 2, 2])
-    assert accuracy(scores, labels, Taxonomy(LABELS)) == {"top1": 0.5, "top5": 0.75, "make": 0.75}
-
-
-def _hand_case() -> tuple[np.ndarray, list[Pair], Taxonomy]:
-    """3 images (CLIO, 208, an unsure MEGANE), each with its genuine record and hand-picked clones."""
-    taxonomy = Taxonomy(LABELS[:3])
-    probs = np.array([[0.90, 0.08, 0.02], [0.30, 0.04, 0.66], [0.40, 0.35, 0.25]])
-
-    def rec(i: int) -> RegistryRecord:
-        return RegistryRecord(LABELS[i].make, LABELS[i].model, None, None)
-
-    pairs = [
-        Pair(0, rec(0), False),
-        Pair(0, rec(1), True),
-        Pair(0, rec(2), True),
-        Pair(1, rec(2), False),
-        Pair(1, rec(0), True),
-        Pair(1, rec(1), True),
-        Pair(2, rec(1), False),
-        Pair(2, rec(2), True),
-    ]
-    return probs, pairs, taxonomy
-
-
-def test_operating_curve_matches_hand_computed_rates() -> None:
-    """t=0.05: only the 208-vs-RENAULT make clone and the 4% MEGANE model clone flag (2 of 5); the unsure
-    image (top-1 0.40 < min_top1) never flags. t=0.4 flags every clone of the sure images (4 of 5)
-    and no genuine pair; t=0.7 also flags the genuine 208 (P(make)=0.66): 1 of 3."""
-    probs, pairs, taxonomy = _hand_case()
-    curve = operating_curve(probs, pairs, [None] * 3, taxonomy, DecisionConfig(), thresholds=(0.05, 0.4, 0.7))
-    assert [(p.threshold, p.false_flag_rate, p.detection_rate) for p in curve] == [
-        (0.05, 0.0, pytest.approx(2 / 5)),
-        (0.4, 0.0, pytest.approx(4 / 5)),
-        (0.7, pytest.approx(1 / 3), pytest.approx(4 / 5)),
-    ]
-    assert recommend(curve, 0.001) == curve[1]
-
-
-def test_outcome_rates_at_a_threshold_split_genuine_and_clone_pairs() -> None:
-    probs, pairs, taxonomy = _hand_case()
-    outcomes = pair_outcomes(probs, pairs, [None] * 3, taxonomy, sweep_config(DecisionConfig(), 0.05))
-    assert outcome_rates(outcomes, pairs) == {
-        "genuine": {"inconclusive": pytest.approx(1 / 3), "match": pytest.approx(2 / 3)},
-        "clone": {"inconclusive": 0.4, "match": 0.2, "mismatch/make": 0.2, "mismatch/model": 0.2},
-    }
-    assert flag_rates(outcomes, pairs) == (0.0, pytest.approx(0.4))
-
-
-def test_a_poor_image_is_inconclusive_and_never_flags() -> None:
-    probs, pairs, taxonomy = _hand_case()
-    outcomes = pair_outcomes(probs, pairs[:3], ["poor image: too dark", None, None], taxonomy, DecisionConfig())
-    assert outcomes == ["inconclusive"] * 3
-
-
-def test_recommend_takes_best_detection_within_target_and_says_none_when_nothing_meets_it() -> None:
-    curve = [
-        CurvePoint(0.01, 0.0, 0.5),
-        CurvePoint(0.02, 0.0, 0.7),
-        CurvePoint(0.05, 0.0, 0.7),
-        CurvePoint(0.1, 0.002, 0.9),
-    ]
-    assert recommend(curve, 0.001) == CurvePoint(0.02, 0.0, 0.7)
-    assert recommend(curve, 0.005) == CurvePoint(0.1, 0.002, 0.9)
-    assert recommend([CurvePoint(0.01, 0.01, 0.5)], 0.001) is None
-
-
-def test_sweep_config_keeps_min_top1_and_raises_match_threshold_when_needed() -> None:
-    base = DecisionConfig(min_top1=0.42, match_threshold=0.3)
-    low, high = sweep_config(base, 0.01), sweep_config(base, 0.6)
-    assert (low.make_threshold, low.model_threshold, low.match_threshold, low.min_top1) == (0.01, 0.01, 0.3, 0.42)
-    assert (high.model_threshold, high.match_threshold, high.min_top1) == (0.6, 0.6, 0.42)
-
-
-def test_simulated_clones_are_other_labels_drawn_reproducibly() -> None:
-    taxonomy = Taxonomy((*LABELS[:4], Label(4, "OTHER", "VEHICLE")))
-    labels = np.array([0, 1, 2, 3, 0])
-    pairs = simulate_pairs(labels, taxonomy, 3, seed=7)
-    assert len(pairs) == 5 * 4
-    for n, y in enumerate(labels):
-        mine = [p for p in pairs if p.sample == n]
-        assert [(p.record.make, p.record.model) for p in mine if not p.clone] == [(LABELS[y].make, LABELS[y].model)]
-        clones = {(p.record.make, p.record.model) for p in mine if p.clone}
-        assert len(clones) == 3 and (LABELS[y].make, LABELS[y].model) not in clones
-        assert ("OTHER", "VEHICLE") not in clones
-    assert simulate_pairs(labels, taxonomy, 3, seed=7) == pairs
-
-
-# ---------------------------------------------------------------- the command, end to end
-
-
-def test_evaluate_command_writes_the_report_and_json_matching_a_direct_computation(
-    tmp_path: Path, demo: tuple[Bundle, Path]
-) -> None:
-    bundle, dataset = demo
-    report = tmp_path / "report.html"
-    result = CliRunner().invoke(
-        cli(),
-        [
-            "evaluate",
-            str(bundle.path),
-            str(dataset),
-            "--out",
-            str(report),
-            "--json",
-            "--clones-per-image",
-            "3",
-            "--seed",
-            "5",
-        ],
-    )
-    assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
-
-    inference = run_inference(load_bundle(bundle.path), load_dataset(dataset))
-    taxonomy, probs = Taxonomy(bundle.labels), softmax(inference.logits, 1.0)
-    pairs = simulate_pairs(inference.labels, taxonomy, 3, seed=5)
-    curve = operating_curve(probs, pairs, inference.image_problems, taxonomy, DecisionConfig())
-    best = recommend(curve, 0.001)
-    assert doc["dataset"] | {"path": None} == {
-        "samples": 26,
-        "evaluated": 24,
-        "unsupported": 2,
-        "poor_image": 1,
-        "unsupported_labels": {"TESLA MODEL 3": 2},
-        "path": None,
-    }
-    assert doc["accuracy"] == pytest.approx(accuracy(probs, inference.labels, taxonomy), abs=1e-6)
-    assert doc["accuracy"]["top1"] <= 21 / 24  # the three noisy labels can't be right
-    assert doc["calibration"]["ece"] == pytest.approx(expected_calibration_error(probs, inference.labels), abs=1e-6)
-    assert doc["calibration"]["nll"] == pytest.approx(nll(inference.logits, inference.labels), abs=1e-6)
-    assert [(p["threshold"], p["false_flag_rate"], p["detection_rate"]) for p in doc["operating_curve"]] == [
-        pytest.approx((p.threshold, p.false_flag_rate, p.detection_rate), abs=1e-6) for p in curve
-    ]
-    assert doc["simulation"] == {"clones_per_image": 3, "seed": 5, "genuine_pairs": 24, "clone_pairs": 72}
-    rec = doc["recommended"]
-    assert rec["met"] is (best is not None)
-    if best is not None:
-        assert rec["threshold"] == pytest.approx(best.threshold)
-        assert rec["sentence"].startswith("Recommended operating point: make_threshold = model_threshold = ")
-    html = report.read_text()
-    assert "<svg" in html and rec["sentence"] in html.replace("&lt;", "<").replace("&gt;", ">")
-    svgs = re.findall(r"<svg.*?</svg>", html, re.S)
-    assert len(svgs) == 3 and all(ET.fromstring(s).tag.endswith("svg") for s in svgs)
-    assert "http" not in html.replace("http://www.w3.org/2000/svg", "")  # self-contained
-
-
-def test_report_says_so_when_no_threshold_meets_the_target(demo: tuple[Bundle, Path]) -> None:
-    """A genuine image the model is sure shows another make is flagged at every threshold of the grid."""
-    bundle = demo[0]
-    logits = np.zeros((2, len(bundle.labels)))
-    logits[0, 2], logits[1, 1] = 30.0, 30.0  # image 0 (a RENAULT CLIO) looks like a PEUGEOT 208
-    samples = load_dataset(demo[1])[:2]
-    inference = Inference(tuple(samples), logits, np.array([0, 1]), (None, None), ())
-    doc = evaluate(bundle, inference, DecisionConfig(), target=0.001, clones_per_image=2, seed=0)
-    rec = doc["recommended"]
-    assert (rec["met"], rec["threshold"], rec["detection_rate"]) == (False, None, None)
-    assert rec["sentence"] == (
-        "No recommended operating point: no threshold in the sweep keeps the genuine "
-        "false-flag rate at or below the target 0.10%; the lowest reached is 50.00% "
-        "at threshold 0.0001."
-    )
-    assert min(p["false_flag_rate"] for p in doc["operating_curve"]) == 0.5
-    html = render_html(doc)
-    assert f'<p class="rec warn">{rec["sentence"]}</p>' in html
-    assert "With 2 genuine pairs" in rec["notes"][0] and "at least 3000 genuine images" in rec["notes"][0]
-
-
-def test_evaluate_text_output_and_exit_codes(tmp_path: Path, demo: tuple[Bundle, Path]) -> None:
-    bundle, dataset = demo
-    ok = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(dataset)])
-    assert ok.exit_code == 0 and "accuracy     top-1" in ok.stdout and "classifying images: 24/24" in ok.stderr
-    usage = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(dataset), "--clones-per-image", "0"])
-    assert usage.exit_code == 2
-    bad = _csv(tmp_path / "bad.csv", "image,make,model\nnope.jpg,RENAULT,CLIO\n")
-    error = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(bad)])
-    assert error.exit_code == 1 and f"error: {bad}:2: image 'nope.jpg' not found" in error.stderr
-    no_bundle = CliRunner().invoke(cli(), ["evaluate", str(tmp_path), str(dataset)])
-    assert no_bundle.exit_code == 1 and "manifest.json: missing" in no_bundle.stderr
-
-
-@pytest.mark.parametrize("name", ["calibrate", "evaluate"])
-def test_every_command_has_help_with_an_example(name: str) -> None:
-    result = CliRunner().invoke(cli(), [name, "-h"])
-    assert result.exit_code == 0 and "Example:" in result.stdout and f"iaflash-agent {name}" in result.stdout
+        load_dataset(tmp_path / "caps")

@@ -113,12 +113,15 @@ def calibrate(bundle_dir: Path, dataset: Path, out_dir: Path, batch_size: int, t
       iaflash-agent calibrate /models/classifier-1.4.0 val/labels.csv --out /models/classifier-1.4.0+cal
     """
     from iaflash.agent.evaluation.calibrate import calibration_summary, fit_temperature, write_calibrated_bundle  # noqa: PLC0415
+    from iaflash.agent.evaluation.evaluate import classified  # noqa: PLC0415
 
     bundle, inference = _load(bundle_dir, dataset, batch_size, threads)
     samples = len(inference.samples) + len(inference.unsupported)
-    temperature = fit_temperature(inference.logits, inference.labels)
-    before = calibration_summary(inference.logits, inference.labels, bundle.manifest.temperature)
-    after = calibration_summary(inference.logits, inference.labels, temperature)
+    ok = classified(inference)  # items the daemon's intake leaves unclassified (no vehicle, poor image) have no logits
+    logits, labels = inference.logits[ok], inference.labels[ok]
+    temperature = fit_temperature(logits, labels)
+    before = calibration_summary(logits, labels, bundle.manifest.temperature)
+    after = calibration_summary(logits, labels, temperature)
     new = write_calibrated_bundle(bundle, temperature, out_dir)
     doc = {
         "schema": "iaflash.calibration/1",

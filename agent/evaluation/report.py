@@ -1,283 +1,250 @@
-"""The evaluation report: one self-contained HTML page with inline SVG plots. No plotting library.
+"""The evaluation report: one self-contained HTML page (inline SVG plots, inline thumbnails).
 
-:func:`render_html` takes the document :func:`iaflash.agent.evaluation.evaluate.evaluate` returns (the same one
-``--json`` prints), so the page and the JSON can never disagree. The plots are drawn by
-:func:`line_plot` and :func:`reliability_plot`, small SVG writers with linear or log axes.
+:func:`render_html` takes the document :func:`iaflash.agent.evaluation.evaluate.evaluate` returns
+(the same one ``--json`` prints), so the page and the JSON can never disagree. It shows, in order:
+the loud warnings, provenance, headline figures, the operating points (configured, shipped,
+recommended) with make-level and model-level clone detection, the operating curve on a LOG
+false-flag axis with the target line and the 95 % upper bounds, the Pareto table of the joint
+sweep, the most confused label pairs, every flagged genuine item with its thumbnail and box,
+and the calibration.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from html import escape
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Series", "line_plot", "reliability_plot", "render_html"]
+from iaflash.agent.evaluation.plots import COLORS, Series, line_plot, reliability_plot
+from iaflash.agent.evaluation.thumbnail import thumbnail_svg
 
-WIDTH, HEIGHT = 520, 340
-LEFT, RIGHT, TOP, BOTTOM = 60, 20, 20, 50
-LEGEND_ROW = 16
-COLORS = ("#1f6fb2", "#d1495b", "#2e9e5b", "#8a5cbf")
+__all__ = ["Series", "line_plot", "pareto", "reliability_plot", "render_html"]
 
-
-@dataclass(frozen=True)
-class Series:
-    """A named polyline; ``markers`` draws a dot at every point too."""
-
-    name: str
-    points: Sequence[tuple[float, float]]
-    color: str = COLORS[0]
-    markers: bool = False
-    dashed: bool = False
+THUMBNAILS = 200
+"""At most this many flagged items get a thumbnail per operating point (all are listed)."""
 
 
-@dataclass(frozen=True)
-class _Axes:
-    x0: float
-    x1: float
-    y0: float
-    y1: float
-    log_x: bool
-
-    def px(self, x: float) -> float:
-        if self.log_x:
-            x, lo, hi = math.log10(max(x, self.x0)), math.log10(self.x0), math.log10(self.x1)
-        else:
-            lo, hi = self.x0, self.x1
-        return LEFT + (x - lo) / (hi - lo or 1) * (WIDTH - LEFT - RIGHT)
-
-    def py(self, y: float) -> float:
-        return HEIGHT - BOTTOM - (y - self.y0) / (self.y1 - self.y0 or 1) * (HEIGHT - TOP - BOTTOM)
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}%}"
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    th = "".join(f"<th>{escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def _nice_step(span: float) -> float:
-    raw = span / 5 or 1.0
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    return magnitude * next(m for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+def pareto(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep points no other point beats on both the upper bound and make-level detection."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda q: (q["false_flag_upper"], -q["make_detection"], -q["model_detection"])):
+        if p["make_detection"] > best:
+            front.append(p)
+            best = p["make_detection"]
+    return front
 
 
-def _linear_ticks(lo: float, hi: float) -> list[float]:
-    step = _nice_step(hi - lo)
-    first = math.ceil(lo / step - 1e-9)
-    return [round(k * step, 12) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
-
-
-def _ticks(axes: _Axes) -> tuple[list[float], list[float]]:
-    if axes.log_x:
-        lo, hi = math.floor(math.log10(axes.x0)), math.ceil(math.log10(axes.x1))
-        xs = [10.0**e for e in range(lo, hi + 1) if axes.x0 <= 10.0**e <= axes.x1]
-    else:
-        xs = _linear_ticks(axes.x0, axes.x1)
-    return xs, _linear_ticks(axes.y0, axes.y1)
-
-
-def _frame(axes: _Axes, x_label: str, y_label: str) -> list[str]:
-    xs, ys = _ticks(axes)
-    bottom, right = HEIGHT - BOTTOM, WIDTH - RIGHT
-    parts = [f'<rect x="{LEFT}" y="{TOP}" width="{right - LEFT}" height="{bottom - TOP}" fill="none" stroke="#999"/>']
-    for x in xs:
-        px = axes.px(x)
-        parts.append(f'<line x1="{px:.1f}" y1="{TOP}" x2="{px:.1f}" y2="{bottom}" stroke="#eee"/>')
-        parts.append(f'<text x="{px:.1f}" y="{bottom + 16}" text-anchor="middle">{_fmt(x)}</text>')
-    for y in ys:
-        py = axes.py(y)
-        parts.append(f'<line x1="{LEFT}" y1="{py:.1f}" x2="{right}" y2="{py:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{LEFT - 6}" y="{py + 4:.1f}" text-anchor="end">{_fmt(y)}</text>')
-    parts.append(f'<text x="{(LEFT + right) / 2}" y="{HEIGHT - 12}" text-anchor="middle">{escape(x_label)}</text>')
-    parts.append(
-        f'<text transform="translate(14 {(TOP + bottom) / 2}) rotate(-90)" '
-        f'text-anchor="middle">{escape(y_label)}</text>'
-    )
-    return parts
-
-
-def _series(axes: _Axes, s: Series) -> list[str]:
-    coords = " ".join(f"{axes.px(x):.1f},{axes.py(y):.1f}" for x, y in s.points)
-    dash = ' stroke-dasharray="5 4"' if s.dashed else ""
-    parts = [
-        f'<polyline points="{coords}" fill="none" stroke="{s.color}" stroke-width="2"{dash}>'
-        f"<title>{escape(s.name)}</title></polyline>"
-    ]
-    if s.markers:
-        parts.extend(
-            f'<circle cx="{axes.px(x):.1f}" cy="{axes.py(y):.1f}" r="4" fill="{s.color}">'
-            f"<title>{escape(s.name)}: ({_fmt(x)}, {_fmt(y)})</title></circle>"
-            for x, y in s.points
-        )
-    return parts
-
-
-def _legend(series: Sequence[Series]) -> list[str]:
-    """One row per series below the plot (the SVG is made taller for it)."""
-    parts = []
-    for n, s in enumerate(series):
-        y = HEIGHT + 4 + LEGEND_ROW * n
-        dash = ' stroke-dasharray="5 4"' if s.dashed else ""
-        parts.append(
-            f'<line x1="{LEFT}" y1="{y - 4}" x2="{LEFT + 22}" y2="{y - 4}" stroke="{s.color}" '
-            f'stroke-width="3"{dash}/><text x="{LEFT + 28}" y="{y}">{escape(s.name)}</text>'
-        )
-    return parts
-
-
-def _svg(title: str, body: list[str], legend_rows: int) -> str:
-    height = HEIGHT + LEGEND_ROW * legend_rows
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
-        f'height="{height}" font-family="sans-serif" font-size="11" role="img" aria-label="{escape(title)}">'
-        f"<title>{escape(title)}</title>" + "".join(body) + "</svg>"
-    )
-
-
-def line_plot(
-    title: str,
-    series: Sequence[Series],
-    *,
-    x_label: str,
-    y_label: str,
-    log_x: bool = False,
-    x_range: tuple[float, float] | None = None,
-    y_range: tuple[float, float] = (0.0, 1.0),
-) -> str:
-    """An SVG line plot of ``series``; with ``log_x`` non-positive x values are clamped to the axis start."""
-    xs = [x for s in series for x, _ in s.points if not log_x or x > 0]
-    lo, hi = x_range or ((min(xs), max(xs)) if xs else (0.0, 1.0))
-    if log_x:
-        lo = max(lo, 1e-6)
-        hi = max(hi, lo * 10)
-    axes = _Axes(lo, hi if hi > lo else lo + 1, y_range[0], y_range[1], log_x)
-    body = _frame(axes, x_label, y_label)
-    for s in series:
-        body.extend(_series(axes, s))
-    return _svg(title, body + _legend(series), len(series))
-
-
-def reliability_plot(bins: Sequence[dict[str, Any]]) -> str:
-    """Reliability diagram: accuracy per confidence bin (bars; opacity grows with the bin's share)."""
-    axes = _Axes(0.0, 1.0, 0.0, 1.0, log_x=False)
-    body = _frame(axes, "confidence (top-1 probability)", "accuracy")
-    total = max(sum(int(b["count"]) for b in bins), 1)
-    for b in bins:
-        if not b["count"]:
-            continue
-        x0, x1, top = axes.px(b["lo"]), axes.px(b["hi"]), axes.py(b["accuracy"])
-        share = int(b["count"]) / total
-        body.append(
-            f'<rect x="{x0 + 1:.1f}" y="{top:.1f}" width="{x1 - x0 - 2:.1f}" '
-            f'height="{axes.py(0) - top:.1f}" fill="{COLORS[0]}" fill-opacity="{0.35 + 0.65 * share:.2f}">'
-            f"<title>{_fmt(b['lo'])}–{_fmt(b['hi'])}: {b['count']} predictions, accuracy "
-            f"{_fmt(b['accuracy'])}, mean confidence {_fmt(b['confidence'])}</title></rect>"
-        )
-    diagonal = Series("perfect calibration", [(0.0, 0.0), (1.0, 1.0)], COLORS[1], dashed=True)
-    body.extend(_series(axes, diagonal))
-    return _svg("Reliability diagram", body + _legend([diagonal]), 1)
-
-
-def _curve_plots(doc: dict[str, Any]) -> tuple[str, str]:
-    curve = doc["operating_curve"]
-    rec, conf = doc["recommended"], doc["configured"]
-    roc = [
+def _curve(doc: dict[str, Any]) -> str:
+    sweep, target = doc["sweep"], doc["target"]["false_flag_rate"]
+    levels = sorted({p["min_top1"] for p in sweep})
+    shown = levels if len(levels) <= 4 else [levels[0], *levels[len(levels) // 2 : len(levels) // 2 + 1], *levels[-2:]]
+    series = [
         Series(
-            "sweep (make = model threshold)",
-            [(p["false_flag_rate"], p["detection_rate"]) for p in curve],
-            COLORS[0],
+            f"min_top1 {m:g}: 95% upper bound → make-level detection",
+            [(p["false_flag_upper"], p["make_detection"]) for p in pareto([q for q in sweep if q["min_top1"] == m])],
+            COLORS[n % len(COLORS)],
             markers=True,
-        ),
-        Series("configured thresholds", [(conf["false_flag_rate"], conf["detection_rate"])], COLORS[3], markers=True),
+        )
+        for n, m in enumerate(shown)
     ]
-    if rec["met"]:
-        roc.append(Series("recommended", [(rec["false_flag_rate"], rec["detection_rate"])], COLORS[2], markers=True))
-    target = rec["target_false_flag_rate"]
-    roc.append(Series(f"target false-flag rate {target:g}", [(target, 0.0), (target, 1.0)], COLORS[1], dashed=True))
-    hi_x = max([p["false_flag_rate"] for p in curve] + [conf["false_flag_rate"], target * 2, 0.01])
-    operating = line_plot(
+    for n, p in enumerate(doc["operating_points"]):
+        series.append(
+            Series(
+                f"{p['name']}: point estimate and 95% upper bound",
+                [(max(p["false_flag_rate"], 1e-5), p["make_detection"]), (p["false_flag_upper"], p["make_detection"])],
+                COLORS[(n + 3) % len(COLORS)],
+                markers=True,
+                dashed=True,
+            )
+        )
+    series.append(Series(f"target {target * 100:g}%", [(target, 0.0), (target, 1.0)], COLORS[1], dashed=True))
+    lo = min([target / 10, *(p["false_flag_upper"] for p in sweep)])
+    return line_plot(
         "Operating curve",
-        roc,
-        x_label="false-flag rate on genuine pairs",
-        y_label="clone detection rate",
-        x_range=(0.0, min(1.0, hi_x * 1.05)),
-    )
-    rates = line_plot(
-        "Rates by threshold",
-        [
-            Series("clone detection rate", [(p["threshold"], p["detection_rate"]) for p in curve], COLORS[0]),
-            Series("genuine false-flag rate", [(p["threshold"], p["false_flag_rate"]) for p in curve], COLORS[1]),
-        ],
-        x_label="make_threshold = model_threshold (log scale)",
-        y_label="rate",
+        series,
+        x_label="false-flag rate on genuine (log scale)",
+        y_label="make-level clone detection",
         log_x=True,
+        x_range=(lo * 0.8, 1.0),
     )
-    return operating, rates
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2%}"
-
-
-def _outcome_table(doc: dict[str, Any]) -> str:
-    outcomes = doc["configured"]["outcomes"]
-    names = sorted(set(outcomes["genuine"]) | set(outcomes["clone"]))
-    rows = "".join(
-        f"<tr><td>{escape(n)}</td><td>{_pct(outcomes['genuine'].get(n, 0.0))}</td>"
-        f"<td>{_pct(outcomes['clone'].get(n, 0.0))}</td></tr>"
-        for n in names
+def _points_table(doc: dict[str, Any]) -> str:
+    rows = []
+    for p in doc["operating_points"]:
+        t = p["thresholds"]
+        rows.append(
+            [
+                escape(p["name"]),
+                f"{t['min_top1']:g} / {t['make_threshold']:g} / {t['model_threshold']:g}",
+                f"{p['genuine_flagged']} / {p['genuine']}",
+                _pct(p["false_flag_rate"], 3),
+                _pct(p["false_flag_upper"], 3),
+                "met" if p["met"] else "<b>NOT met</b>",
+                _pct(p["genuine_abstained"] / p["genuine"] if p["genuine"] else None, 1),
+                f"{_pct(p['make_detection'], 1)} of {p['make_clones']}",
+                f"{_pct(p['model_detection'], 1)} of {p['model_clones']}",
+            ]
+        )
+    head = (
+        "point",
+        "min_top1 / make / model",
+        "genuine flagged",
+        "rate",
+        "95% upper bound",
+        "target",
+        "genuine abstained",
+        "make-level clones caught",
+        "model-level clones caught",
     )
-    return f"<table><tr><th>outcome</th><th>genuine pairs</th><th>simulated clones</th></tr>{rows}</table>"
+    return _table(head, rows)
+
+
+def _sweep_table(doc: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"{p['min_top1']:g}",
+            f"{p['make_threshold']:g}",
+            f"{p['model_threshold']:g}",
+            f"{p['genuine_flagged']} / {p['genuine']}",
+            _pct(p["false_flag_upper"], 3),
+            _pct(p["make_detection"], 1),
+            _pct(p["model_detection"], 1),
+        ]
+        for p in pareto(doc["sweep"])
+    ]
+    head = (
+        "min_top1",
+        "make_threshold",
+        "model_threshold",
+        "genuine flagged",
+        "95% upper bound",
+        "make-level detection",
+        "model-level detection",
+    )
+    return _table(head, rows)
+
+
+def _confusions(doc: dict[str, Any]) -> str:
+    rows = [
+        [escape(c["true"]), escape(c["predicted"]), str(c["count"]), "yes" if c["same_make"] else "no"]
+        for c in doc["confusions"]
+    ]
+    return _table(("true label", "predicted top-1", "count", "same make"), rows) if rows else "<p>No mistakes.</p>"
+
+
+def _flagged(doc: dict[str, Any]) -> str:
+    parts = []
+    for name, items in doc["flagged_genuine"].items():
+        parts.append(f"<h3>At the {escape(name)} point: {len(items)} genuine item(s) flagged</h3>")
+        rows = []
+        for n, item in enumerate(items):
+            top1 = item["top1"] or {}
+            thumb = (
+                thumbnail_svg(Path(item["image"]), item["box"], item["frame_size"], item["where"])
+                if n < THUMBNAILS
+                else ""
+            )
+            rows.append(
+                [
+                    thumb,
+                    escape(item["where"]),
+                    escape(f"{item['truth']['make']} {item['truth']['model']}"),
+                    escape(f"{top1.get('make', '')} {top1.get('model', '')} (p {top1.get('p', 0):.3f})"),
+                    escape(str(item["box"])),
+                    escape(str(item["vehicle_source"])),
+                    escape(f"{item['outcome']}: {item['reason']}"),
+                ]
+            )
+        if rows:
+            parts.append(
+                _table(("frame and box classified", "item", "truth", "top-1", "box", "box from", "verdict"), rows)
+            )
+    return "".join(parts)
+
+
+def _provenance(doc: dict[str, Any]) -> str:
+    b, d, sig = doc["bundle"], doc["dataset"], doc["bundle"]["signature"]
+    signer = (
+        "unsigned" if not sig["signed"] else f"{sig.get('signer')} (key {sig.get('key_id')}, {sig.get('signed_at')})"
+    )
+    items = [
+        ("bundle", f"{b['name']} {b['version']} at {b['path']}"),
+        ("manifest sha256", b["manifest_sha256"]),
+        ("model sha256", b["model_sha256"]),
+        ("signature (read, not verified here)", signer),
+        ("dataset", f"{d['kind']} at {d['path']}"),
+        ("dataset sha256 (labels + images)", d["sha256"]),
+        ("listing sha256", d.get("listing_sha256", "—")),
+        (
+            "items",
+            f"{d['samples']} listed, {d['evaluated']} evaluated, {d['unsupported']} unsupported, "
+            f"{d['rejected']} rejected, {d['poor_image']} not classified",
+        ),
+        ("created", doc["created_at"]),
+    ]
+    return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in items) + "</table>"
 
 
 def _headline(doc: dict[str, Any]) -> str:
-    acc, cal, data, sim = doc["accuracy"], doc["calibration"], doc["dataset"], doc["simulation"]
+    acc, cal, sim = doc["accuracy"], doc["calibration"], doc["simulation"]
     items = [
-        ("top-1 accuracy", _pct(acc["top1"])),
-        ("top-5 accuracy", _pct(acc["top5"])),
-        ("make accuracy", _pct(acc["make"])),
-        (f"expected calibration error ({cal['bins']} bins)", f"{cal['ece']:.4f}"),
-        ("NLL", f"{cal['nll']:.4f}"),
+        (
+            "top-1 / top-5 / make accuracy (daemon crops)",
+            f"{_pct(acc['top1'])} / {_pct(acc['top5'])} / {_pct(acc['make'])}",
+        ),
+        ("classified", str(acc["classified"])),
+        (f"ECE ({cal['bins']} bins) / NLL", f"{cal['ece']:.4f} / {cal['nll']:.4f}"),
         ("temperature", f"{doc['bundle']['temperature']:g}"),
         (
-            "images evaluated",
-            f"{data['evaluated']} of {data['samples']} ({data['unsupported']} unsupported, "
-            f"{data['poor_image']} poor image)",
+            "pairs",
+            f"{sim['pairs']}: {sim['genuine_pairs']} genuine, {sim['make_pairs']} make-level clones, "
+            f"{sim['model_pairs']} model-level clones",
         ),
-        (
-            "simulated pairs",
-            f"{sim['genuine_pairs']} genuine, {sim['clone_pairs']} clones "
-            f"({sim['clones_per_image']} per image, seed {sim['seed']})",
-        ),
+        ("genuine samples the target needs (0 flags)", str(doc["target"]["genuine_needed"])),
     ]
     return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in items) + "</table>"
 
 
 _CSS = (
-    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"
-    ".rec{font-size:1.15em;padding:.8em;background:#eef6ee;border-left:4px solid #2e9e5b}"
-    ".warn{background:#fff4e5;border-left-color:#d98e04}.plots{display:flex;flex-wrap:wrap;gap:1em}"
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;"
+    "vertical-align:top}.warn{font-size:1.15em;padding:.8em;margin:.5em 0;background:#fde8e8;"
+    "border-left:6px solid #c00;color:#700;font-weight:bold}.ok{padding:.8em;background:#eef6ee;"
+    "border-left:4px solid #2e9e5b}"
 )
 
 
 def render_html(doc: dict[str, Any]) -> str:
     """The whole report page for an evaluation document; self-contained (no external resource)."""
-    operating, rates = _curve_plots(doc)
-    rec, bundle, conf = doc["recommended"], doc["bundle"], doc["configured"]
+    bundle, target = doc["bundle"], doc["target"]["false_flag_rate"]
     title = f"Evaluation of {bundle['name']} {bundle['version']}"
-    notes = "".join(f"<p>{escape(n)}</p>" for n in rec["notes"])
-    thresholds = ", ".join(f"{k} = {v:g}" for k, v in conf["thresholds"].items())
+    warnings = "".join(f'<p class="warn">WARNING: {escape(w)}</p>' for w in doc["warnings"])
+    if not warnings:
+        warnings = (
+            f'<p class="ok">Every operating point shown meets the target {target:.3%} on its 95% upper bound.</p>'
+        )
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>"
-        f'<p class="rec{"" if rec["met"] else " warn"}">{escape(rec["sentence"])}</p>{notes}'
-        f"<h2>Headline figures</h2>{_headline(doc)}"
-        f'<h2>Mismatch operating curve</h2><div class="plots">{operating}{rates}</div>'
-        f"<h2>Outcomes at the configured thresholds</h2><p>{escape(thresholds)}: genuine false-flag rate "
-        f"{_pct(conf['false_flag_rate'])}, clone detection rate {_pct(conf['detection_rate'])}.</p>"
-        f"{_outcome_table(doc)}"
+        f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>{warnings}"
+        f"<h2>Provenance</h2>{_provenance(doc)}<h2>Headline figures</h2>{_headline(doc)}"
+        f"<h2>Operating points (target: 95% upper bound ≤ {target:.3%})</h2>{_points_table(doc)}"
+        f"<h2>Operating curve</h2>{_curve(doc)}"
+        f"<h2>Joint sweep: the Pareto front</h2>{_sweep_table(doc)}"
+        f"<h2>Most confused label pairs</h2>{_confusions(doc)}"
+        f"<h2>Flagged genuine items</h2>{_flagged(doc)}"
         f"<h2>Calibration</h2>{reliability_plot(doc['calibration']['reliability'])}"
-        f"<p>Schema {escape(doc['schema'])}. The same figures are printed by <code>--json</code>.</p>"
-        "</body></html>\n"
+        f"<p>Schema {escape(doc['schema'])}. The same figures, and one row per item, are printed by "
+        "<code>--json</code>.</p></body></html>\n"
     )
