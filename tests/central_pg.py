@@ -30,7 +30,7 @@ def pg_bindir() -> Path | None:
 
 
 class PgServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, fsync: bool = False) -> None:
         bindir = pg_bindir()
         if bindir is None:
             pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql, or ./run test)")
@@ -49,7 +49,7 @@ class PgServer:
             "-w",
             "start",
             "-o",
-            f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
+            f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync={'on' if fsync else 'off'}",
         )
 
     def _run(self, tool: str, *args: str) -> None:

@@ -4,6 +4,9 @@ Several ``serve`` instances subscribe to ``$share/<group>/<filter>``; the broker
 one of them. Each instance keeps a persistent session (fixed client id, session expiry), so events
 queued for an instance that is down are delivered when it comes back, and acknowledges a message
 (manual PUBACK) only after the store has committed it: an instance killed mid-burst loses nothing.
+paho's network thread only enqueues; one writer thread stores everything waiting in ONE transaction
+(group commit, one fsync per batch) and then acknowledges each message of the batch. A store that
+fails (database down) is retried with backoff, nothing acknowledged meanwhile.
 
 Site and device are taken from the topic (``<prefix>/<site>/<device>/events/<outcome>``), which the
 broker's ACL binds to the device's authenticated identity, never from the payload. A payload naming
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from typing import Any, Literal
 
@@ -26,7 +30,7 @@ from paho.mqtt.properties import Properties
 
 from iaflash.agent.outbox.events import validate_event
 from iaflash.central.connection import BrokerOptions
-from iaflash.central.serve.store import Store
+from iaflash.central.serve.store import Accepted, Refused, Store
 
 __all__ = ["DEFAULT_FILTER", "Ingester", "parse_topic"]
 
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FILTER = "iaflash/v1/+/+/events/#"
 SESSION_EXPIRY_S = 7 * 24 * 3600
+MAX_BATCH = 500
 
 
 def parse_topic(topic: str, prefix: str = "iaflash/v1") -> tuple[str, str, str] | None:
@@ -69,6 +74,9 @@ class Ingester:
         self.stored = self.duplicates = self.refused = 0
         self._subscribed = threading.Event()
         self._lock = threading.Lock()
+        self._inbox: queue.Queue[tuple[int, int, str, bytes]] = queue.Queue()
+        self._stopping = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="serve-writer", daemon=True)
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -88,6 +96,7 @@ class Ingester:
         self._client.connect_async(
             self.broker.host, self.broker.port, keepalive=30, clean_start=False, properties=props
         )
+        self._writer.start()
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             self.stop()
@@ -99,8 +108,12 @@ class Ingester:
         return self
 
     def stop(self) -> None:
+        """Disconnect, then store what was received (its PUBACKs may not go out: the broker resends)."""
         self._client.disconnect()
         self._client.loop_stop()
+        self._stopping.set()
+        if self._writer.is_alive():
+            self._writer.join(30)
 
     def counters(self) -> dict[str, int]:
         with self._lock:
@@ -122,45 +135,76 @@ class Ingester:
         self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            self.handle(message.topic, bytes(message.payload))
-        except Exception:
-            # Not acknowledged: the broker redelivers it (to this session) after a reconnect.
-            log.exception("could not store the message on %s; left unacknowledged for redelivery", message.topic)
-            return
-        client.ack(message.mid, message.qos)
+        # paho's network thread only enqueues; the writer thread stores and acknowledges.
+        self._inbox.put((message.mid, message.qos, message.topic, bytes(message.payload)))
+
+    def _write_loop(self) -> None:
+        """Group commit: everything waiting is stored in one transaction, then each message is acknowledged."""
+        while not self._stopping.is_set() or not self._inbox.empty():
+            try:
+                batch = [self._inbox.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._store_until_done(batch)
+
+    def _store_until_done(self, batch: list[tuple[int, int, str, bytes]]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                self.handle_many([(topic, payload) for _, _, topic, payload in batch])
+                break
+            except Exception:
+                # Not acknowledged: kept by the broker for this session; retried here until the store is back.
+                log.exception(
+                    "could not store %d message(s); retrying in %.1f s (nothing acknowledged)", len(batch), delay
+                )
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, 30.0)
+        for mid, qos, _, _ in batch:
+            self._client.ack(mid, qos)
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Validate and store one message; ``stored``, ``duplicate`` or ``refused.<reason>``."""
-        outcome = self._check(topic, payload)
-        if len(outcome) == 2:  # (reason, message): refused
-            reason, text = outcome
-            log.warning("refused a message on %s: %s: %s", topic, reason, text.splitlines()[0])
-            self.store.refuse(topic=topic, reason=reason, message=text, payload=payload)
-            with self._lock:
-                self.refused += 1
-            return f"refused.{reason}"
-        doc, site, device, payload_site = outcome  # type: ignore[misc]  # the accepted 4-tuple
-        if payload_site is not None:
-            log.warning(
-                "event %s on %s names site %s in its payload; stored under the topic's",
-                doc["event_id"],
-                topic,
-                payload_site,
-            )
-            self.store.count("identity_rewritten")
-        stored = self.store.ingest(doc, site=site, device=device, topic=topic, payload_site=payload_site)
-        with self._lock:
-            if stored:
-                self.stored += 1
-            else:
-                self.duplicates += 1
-        return "stored" if stored else "duplicate"
+        return self.handle_many([(topic, payload)])[0]
 
-    def _check(self, topic: str, payload: bytes) -> tuple[str, str] | tuple[dict[str, Any], str, str, str | None]:
+    def handle_many(self, messages: list[tuple[str, bytes]]) -> list[str]:
+        """Validate and store messages in one transaction; for each ``stored``, ``duplicate`` or ``refused.<r>``."""
+        items: list[Accepted | Refused] = []
+        for topic, payload in messages:
+            item = self._check(topic, payload)
+            if isinstance(item, Refused):
+                log.warning("refused a message on %s: %s: %s", topic, item.reason, item.message.splitlines()[0])
+            elif item.payload_site is not None:
+                log.warning(
+                    "event %s on %s names %s in its payload; stored under the topic's",
+                    item.doc["event_id"], topic, item.payload_site,
+                )  # fmt: skip
+            items.append(item)
+        added = self.store.write_batch(items)
+        outcomes = []
+        with self._lock:
+            for item, new in zip(items, added, strict=True):
+                if isinstance(item, Refused):
+                    self.refused += 1
+                    outcomes.append(f"refused.{item.reason}")
+                elif new:
+                    self.stored += 1
+                    outcomes.append("stored")
+                else:
+                    self.duplicates += 1
+                    outcomes.append("duplicate")
+        return outcomes
+
+    def _check(self, topic: str, payload: bytes) -> Accepted | Refused:
         parsed = parse_topic(topic, self.prefix)
         if parsed is None:
-            return "topic", f"{topic} is not <prefix>/<site>/<device>/events/<outcome>"
+            return Refused(topic, "topic", f"{topic} is not <prefix>/<site>/<device>/events/<outcome>", payload)
         site, device, outcome = parsed
         try:
             doc = json.loads(payload)
@@ -168,14 +212,16 @@ class Ingester:
                 raise ValueError("payload is not a JSON object")
             validate_event(doc)
         except ValueError as exc:  # JSON, UTF-8 and schema errors are ValueErrors
-            return "invalid", str(exc)
+            return Refused(topic, "invalid", str(exc), payload)
         if doc["verdict"]["outcome"] != outcome:
-            return "outcome", f"verdict.outcome {doc['verdict']['outcome']!r} does not match the topic's {outcome!r}"
+            text = f"verdict.outcome {doc['verdict']['outcome']!r} does not match the topic's {outcome!r}"
+            return Refused(topic, "outcome", text, payload)
         named = (doc["site_id"], doc["device_id"])
         if named == (site, device):
-            return doc, site, device, None
+            return Accepted(doc, site, device, topic)
         text = f"payload names {named[0]}/{named[1]} but arrived on {site}/{device}'s topic"
         if self.identity == "refuse":
-            return "identity", text + " (fix: the box's site.site_id/device_id must match its certificate)"
-        payload_site = f"{named[0]}/{named[1]}"
-        return {**doc, "site_id": site, "device_id": device}, site, device, payload_site
+            return Refused(
+                topic, "identity", text + " (fix: the box's site.site_id/device_id must match its certificate)", payload
+            )
+        return Accepted({**doc, "site_id": site, "device_id": device}, site, device, topic, f"{named[0]}/{named[1]}")

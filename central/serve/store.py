@@ -18,15 +18,16 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from iaflash.central.serve.migrations import DIALECT_TYPES, MIGRATIONS
 
-__all__ = ["ACTIONS", "Store", "StoreError", "log_lr", "parse_time"]
+__all__ = ["ACTIONS", "Accepted", "Refused", "Store", "StoreError", "log_lr", "parse_time"]
 
 ACTIONS = {"confirmed_clone": "closed", "false_flag": "dismissed", "cannot_tell": "cannot_tell"}
 P_CLIP = 1e-6
@@ -178,44 +179,41 @@ class Store:
     # ----- ingestion ----------------------------------------------------------------------------
     def ingest(self, doc: dict[str, Any], *, site: str, device: str, topic: str, payload_site: str | None) -> bool:
         """Store one validated event under ``site``/``device`` (from the topic); False if already stored."""
-        verdict = doc["verdict"]
-        p = p_registered(verdict)
-        row = (
-            doc["event_id"],
-            site,
-            device,
-            topic,
-            doc["capture_id"],
-            doc["captured_at"],
-            parse_time(doc["captured_at"]),
-            time.time(),
-            verdict["outcome"],
-            verdict.get("level"),
-            doc.get("plate_key"),
-            p,
-            log_lr(p) if verdict["outcome"] == "mismatch" else 0.0,
-            "open",
-            None,
-            payload_site,
-            json.dumps(doc, separators=(",", ":"), sort_keys=True),
-        )
-        marks = ", ".join("?" * len(row))
-        sql = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({marks}) ON CONFLICT (event_id) DO NOTHING"  # noqa: S608  # bound values
-        with self._tx() as cur:
-            self._exec(cur, sql, row)
-            stored = cur.rowcount == 1
-            self._bump(cur, "stored" if stored else "duplicates")
-        return bool(stored)
+        [stored] = self.write_batch([Accepted(doc, site, device, topic, payload_site)])
+        return stored
 
     def refuse(self, *, topic: str, reason: str, message: str, payload: bytes) -> None:
         """Keep a refused message (and count it under ``refused.<reason>``)."""
+        self.write_batch([Refused(topic, reason, message, payload)])
+
+    def write_batch(self, items: Sequence[Accepted | Refused]) -> list[bool]:
+        """Store accepted events and refused messages in ONE transaction (one fsync for the batch).
+
+        For each item: True when it added a row (a new event, or a refusal kept), False for a duplicate.
+        """
+        results: list[bool] = []
+        counts: dict[str, int] = {}
+        now = time.time()
         with self._tx() as cur:
-            self._exec(
-                cur,
-                "INSERT INTO refused (received_ts, topic, reason, message, payload) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), topic, reason, message[:2000], payload),
-            )
-            self._bump(cur, f"refused.{reason}")
+            for item in items:
+                if isinstance(item, Refused):
+                    self._exec(
+                        cur,
+                        "INSERT INTO refused (received_ts, topic, reason, message, payload) VALUES (?, ?, ?, ?, ?)",
+                        (now, item.topic, item.reason, item.message[:2000], item.payload),
+                    )
+                    name, added = f"refused.{item.reason}", True
+                else:
+                    self._exec(cur, _INSERT_EVENT, _event_row(item, now))
+                    added = cur.rowcount == 1
+                    name = "stored" if added else "duplicates"
+                    if added and item.payload_site is not None:
+                        counts["identity_rewritten"] = counts.get("identity_rewritten", 0) + 1
+                counts[name] = counts.get(name, 0) + 1
+                results.append(bool(added))
+            for name, n in sorted(counts.items()):
+                self._bump(cur, name, n)
+        return results
 
     def count(self, name: str, n: int = 1) -> None:
         with self._tx() as cur:
@@ -342,6 +340,41 @@ class Store:
             self._bump(cur, "purged.flags", flags)
             self._bump(cur, "purged.evidence", images)
         return {"flags": flags, "evidence": images}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A validated event, bound to the site and device of its topic."""
+
+    doc: dict[str, Any]
+    site: str
+    device: str
+    topic: str
+    payload_site: str | None = None  # "site/device" the payload named, when it differed
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A message kept aside with the reason it was refused."""
+
+    topic: str
+    reason: str
+    message: str
+    payload: bytes
+
+
+_INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 17)}) ON CONFLICT (event_id) DO NOTHING"  # noqa: S608  # bound values
+
+
+def _event_row(item: Accepted, now: float) -> tuple[Any, ...]:
+    doc, verdict = item.doc, item.doc["verdict"]
+    p = p_registered(verdict)
+    return (
+        doc["event_id"], item.site, item.device, item.topic, doc["capture_id"], doc["captured_at"],
+        parse_time(doc["captured_at"]), now, verdict["outcome"], verdict.get("level"), doc.get("plate_key"), p,
+        log_lr(p) if verdict["outcome"] == "mismatch" else 0.0, "open", None, item.payload_site,
+        json.dumps(doc, separators=(",", ":"), sort_keys=True),
+    )  # fmt: skip
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
