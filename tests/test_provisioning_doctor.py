@@ -29,6 +29,7 @@ CHECK_NAMES = [
     "registry",
     "model",
     "detector",
+    "evidence",
     "backends",
     "spool folders",
     "spool queue",
@@ -139,6 +140,20 @@ def test_unsigned_model_bundle_fails_with_a_fix(site: Site) -> None:
     assert model["status"] == "fail" and "is not signed" in model["finding"]
     assert "reinstall the bundle signed by the model publisher" in model["fix"] and "trust" in model["fix"]
     assert check(doc, "detector")["status"] == "ok"
+
+
+def test_a_missing_evidence_detector_bundle_fails_naming_the_key_and_the_fix(site: Site) -> None:
+    """The healthy site masks evidence by geometry (ok); a configured but absent face detector fails."""
+    _, doc = doctor(site)
+    assert "evidence masked by geometry (fill: everything outside the vehicle box" in check(doc, "evidence")["finding"]
+    missing = site.config_file.parent / "faces-bundle"
+    with site.config_file.open("a", encoding="utf-8") as f:
+        f.write(f'\n[evidence]\ndetector_bundle = "{missing}"\n')
+    code, doc = doctor(site)
+    evidence = check(doc, "evidence")
+    assert code == 3 and evidence["status"] == "fail"
+    assert "evidence.detector_bundle" in evidence["finding"] and "no such bundle directory" in evidence["finding"]
+    assert evidence["fix"].startswith("install the bundle there or unset evidence.detector_bundle")
 
 
 def test_box_key_that_is_not_the_registry_key_fails(site: Site) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from iaflash.agent.config import Config, load_config, read_secret
 from iaflash.agent.config_checks import semantic_issues
-from iaflash.agent.errors import ConfigError, ConfigIssue, RegistryError
+from iaflash.agent.errors import AnonymiseError, ConfigError, ConfigIssue, RegistryError
+from iaflash.agent.evidence.detector import load_finder
 from iaflash.agent.registry.cache import read_state
 from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.engines.errors import EngineError
@@ -216,12 +217,35 @@ def check_detector(cfg: Config) -> Check:
     return check_bundle(cfg, "detector", cfg.model.detector_bundle, "detector")
 
 
+def check_evidence(cfg: Config) -> Check:
+    """How evidence images are anonymised; the face/person/plate detector bundle loads, when one is set."""
+    ev = cfg.evidence
+    masks = ("everything outside the vehicle box" if ev.mask_outside_vehicle else "") + (
+        f", occupant_region {ev.occupant_region}" if ev.occupant_region else ""
+    )
+    if ev.detector_bundle is None:
+        return Check("evidence", "ok", f"evidence masked by geometry ({ev.method}: {masks.strip(', ')}); no detector")
+    try:
+        finder = load_finder(cfg)
+    except AnonymiseError as exc:
+        finding, fix = split_fix(str(exc), "install a signed face/person/plate detector bundle (docs/EVIDENCE.md)")
+        return Check("evidence", "fail", finding, fix)
+    assert finder is not None  # detector_bundle is set
+    info = finder.info
+    finder.close()
+    detail = f"detector {info['name']} {info['version']} masks {', '.join(info['classes'])}"
+    return Check(
+        "evidence", "ok", f"evidence masked ({ev.method}: {masks.strip(', ') or 'detector boxes only'}); {detail}"
+    )
+
+
 def _site_checks(cfg: Config, where: str, broker_timeout_s: float, user: str | None) -> list[Check]:
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("hmac key", lambda: check_hmac_key(cfg)),
         ("registry", lambda: check_registry(cfg, where)),
         ("model", lambda: check_bundle(cfg, "model", cfg.model.bundle, "classifier")),
         ("detector", lambda: check_detector(cfg)),
+        ("evidence", lambda: check_evidence(cfg)),
         ("backends", lambda: check_backends(cfg)),
         ("spool folders", lambda: check_spool_dirs(cfg, user)),
         ("spool queue", lambda: check_spool_queue(cfg)),
