@@ -103,9 +103,7 @@ def main() -> None:
                     rows.append(("postgresql", k, run(server.new_database(), k, args.events, work)))
             finally:
                 server.stop()
-    print(
-        f"{'store':<11} {'instances':>9} {'events/s':>9}   ({args.events} events; group commit: one transaction per batch received)"
-    )
+    print(f"{'store':<11} {'instances':>9} {'events/s':>9}   ({args.events} events, group commit)")
     for store, k, rate in rows:
         print(f"{store:<11} {k:>9} {rate:>9.0f}")
 
