@@ -154,6 +154,12 @@ class DecisionConfig(_Section):
         le=1,
         description="Abstain when the bundle's other/unknown classes hold this much probability, even below the top-1.",
     )
+    override_operating_point: bool = Field(
+        False,
+        description="Use these thresholds as given, even looser than the bundle's fitted operating point, and flag "
+        "with a bundle that has none (logged at start, named in every verdict). Without it, thresholds set here "
+        "may only make the bundle's operating point stricter, and a bundle without one never flags.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> DecisionConfig:

@@ -41,6 +41,7 @@ from iaflash.engines.manifest import (
     DetectorSpec,
     Manifest,
     OodSpec,
+    OperatingPoint,
     Preprocessing,
     TtaSpec,
 )
@@ -59,9 +60,12 @@ __all__ = [
     "Manifest",
     "ManifestVerifier",
     "OodSpec",
+    "OperatingPoint",
     "Preprocessing",
     "TtaSpec",
     "check_full_range_makes",
+    "check_lookalike_groups",
+    "check_unique_names",
     "labels_csv",
     "load_bundle",
     "parse_labels",
@@ -71,6 +75,8 @@ __all__ = [
 
 LABELS_HEADER = ("index", "make", "model", "aliases")
 LABELS_HEADER_WITH_CATEGORY = (*LABELS_HEADER, "category")
+LABELS_OPTIONAL_COLUMNS = ("category", "group")
+"""Optional labels.csv columns, after the 4 base ones, in this order: ``category``, then ``group``."""
 LABEL_CATEGORIES = ("car", "van", "truck", "bus", "motorcycle")
 """Values of labels.csv's optional ``category`` column (iaflash.agent.decision.verdict compares them with the genre)."""
 _CHUNK = 1 << 20
@@ -84,6 +90,8 @@ class Label:
     """One class of the classifier: a (make, model) pair in canonical spelling, plus aliases.
 
     ``category`` is one of :data:`LABEL_CATEGORIES`, or "" when labels.csv does not say.
+    ``group`` is the registry model this label is one variant of (model years, body or cab variants:
+    ``GOLF`` for ``GOLF HATCHBACK 1991`` and ``GOLF HATCHBACK 2012``), or "" for a label of its own.
     """
 
     index: int
@@ -91,10 +99,16 @@ class Label:
     model: str
     aliases: tuple[str, ...] = ()
     category: str = ""
+    group: str = ""
 
     @property
     def name(self) -> str:
         return f"{self.make} {self.model}"
+
+    @property
+    def group_name(self) -> str:
+        """The registry make/model this label counts for: ``MAKE GROUP``, or its own name."""
+        return f"{self.make} {self.group}" if self.group else self.name
 
 
 @dataclass(frozen=True)
@@ -140,14 +154,23 @@ def _verify_files(root: Path, files: Mapping[str, str]) -> None:
             )
 
 
+_LABELS_HEADERS = (
+    LABELS_HEADER,
+    LABELS_HEADER_WITH_CATEGORY,
+    (*LABELS_HEADER, "group"),
+    (*LABELS_HEADER, *LABELS_OPTIONAL_COLUMNS),
+)
+
+
 def _labels_header(rows: Sequence[list[str]], where: str) -> tuple[str, ...]:
-    """The header of labels.csv: the 4 base columns, optionally followed by ``category``."""
+    """The header of labels.csv: the 4 base columns, optionally followed by ``category`` and/or ``group``."""
     header = tuple(c.strip() for c in rows[0]) if rows else ()
-    if header not in (LABELS_HEADER, LABELS_HEADER_WITH_CATEGORY):
+    if header not in _LABELS_HEADERS:
         got = ",".join(rows[0]) if rows else "an empty file"
         raise BundleError(
-            f"{where}:1: header must be '{','.join(LABELS_HEADER)}' or "
-            f"'{','.join(LABELS_HEADER_WITH_CATEGORY)}', got {got!r}; fix: add that header line"
+            f"{where}:1: header must be '{','.join(LABELS_HEADER)}' optionally followed by "
+            f"',{','.join(LABELS_OPTIONAL_COLUMNS)}' (either or both, in that order), got {got!r}; "
+            "fix: add that header line"
         )
     return header
 
@@ -180,8 +203,9 @@ def _parse_label_row(row: list[str], line: int, where: str, header: tuple[str, .
     if not make or not model:
         raise BundleError(f"{where}:{line}: make and model must not be empty; fix: fill both columns")
     aliases = tuple(a.strip() for a in row[3].split("|") if a.strip())
-    category = _parse_category(row[4], line, where) if len(row) > len(LABELS_HEADER) else ""
-    return Label(index=index, make=make, model=model, aliases=aliases, category=category)
+    category = _parse_category(row[header.index("category")], line, where) if "category" in header else ""
+    group = " ".join(row[header.index("group")].split()) if "group" in header else ""
+    return Label(index=index, make=make, model=model, aliases=aliases, category=category, group=group)
 
 
 def _by_index(labels: Sequence[Label], where: str) -> tuple[Label, ...]:
@@ -204,6 +228,36 @@ def _by_index(labels: Sequence[Label], where: str) -> tuple[Label, ...]:
     return tuple(by_index[i] for i in range(len(labels)))
 
 
+def _name_key(make: str, text: str) -> tuple[str, str]:
+    """A spelling-insensitive key (upper case, letters and digits, one space) for duplicate checks."""
+
+    def clean(t: str) -> str:
+        return " ".join("".join(c if c.isalnum() else " " for c in t.upper()).split())
+
+    return clean(make), clean(text)
+
+
+def check_unique_names(labels: Sequence[Label], where: str = LABELS_FILE) -> None:
+    """A model name, group name or alias may name one group only (labels of one group may share it).
+
+    An alias given to labels of two different groups used to let the first label win silently: refused.
+    """
+    owner: dict[tuple[str, str], Label] = {}
+    for label in labels:
+        names = [("model", label.model), *(("alias", a) for a in label.aliases)]
+        if label.group:
+            names.append(("group", label.group))
+        for kind, text in names:
+            other = owner.setdefault(_name_key(label.make, text), label)
+            if other is label or _name_key(other.make, other.group_name) == _name_key(label.make, label.group_name):
+                continue
+            raise BundleError(
+                f"{where}: {kind} {text!r} of label {label.index} ({label.name!r}) also names label {other.index} "
+                f"({other.name!r}) of another group; fix: keep it on one label only, or give both labels the "
+                "same value in the group column so that they count as one registry model"
+            )
+
+
 def parse_labels(text: str, where: str = LABELS_FILE) -> tuple[Label, ...]:
     """Parse ``labels.csv`` text; rows may come in any order but indices must be exactly 0..n-1.
 
@@ -214,7 +268,9 @@ def parse_labels(text: str, where: str = LABELS_FILE) -> tuple[Label, ...]:
     labels = [_parse_label_row(row, n, where, header) for n, row in enumerate(rows[1:], start=2) if row]
     if not labels:
         raise BundleError(f"{where}: has no label rows; fix: one row per class of the model")
-    return _by_index(labels, where)
+    ordered = _by_index(labels, where)
+    check_unique_names(ordered, where)
+    return ordered
 
 
 def check_full_range_makes(makes: Sequence[str], labels: Sequence[Label], where: str = MANIFEST_FILE) -> None:
@@ -256,6 +312,25 @@ def _read_manifest(root: Path, verify: ManifestVerifier | None) -> Manifest:
         raise BundleError(f"{root}/{exc}") from exc
 
 
+def check_lookalike_groups(
+    groups: Sequence[Sequence[str]], labels: Sequence[Label], where: str = MANIFEST_FILE
+) -> None:
+    """Each look-alike group names labels of the bundle (``MAKE MODEL``), of at least two makes."""
+    known = {label.name: label for label in labels}
+    for n, group in enumerate(groups):
+        missing = [name for name in group if name not in known]
+        if missing:
+            raise BundleError(
+                f"{where}: field 'lookalike_groups[{n}]' names {missing[0]!r}, which is no label of {LABELS_FILE}; "
+                "fix: spell it 'MAKE MODEL' exactly as the label's make and model columns"
+            )
+        if len({known[name].make for name in group}) < 2:
+            raise BundleError(
+                f"{where}: field 'lookalike_groups[{n}]' holds labels of one make only; fix: look-alike groups are "
+                "across makes (badge twins); labels of one make that count as one model go in one label group"
+            )
+
+
 def load_bundle(path: Path, *, verify: ManifestVerifier | None = None) -> Bundle:
     """Read and verify the bundle in directory ``path``; any problem raises :class:`BundleError`."""
     root = Path(path)
@@ -272,6 +347,7 @@ def load_bundle(path: Path, *, verify: ManifestVerifier | None = None) -> Bundle
         raise BundleError(f"{labels_path}: not UTF-8 text; fix: save it as UTF-8") from exc
     labels = parse_labels(text, str(labels_path))
     check_full_range_makes(manifest.full_range_makes, labels, str(root / MANIFEST_FILE))
+    check_lookalike_groups(manifest.lookalike_groups, labels, str(root / MANIFEST_FILE))
     return Bundle(
         path=root,
         manifest=manifest,
@@ -287,16 +363,16 @@ def load_bundle(path: Path, *, verify: ManifestVerifier | None = None) -> Bundle
 def labels_csv(labels: Sequence[Label]) -> bytes:
     """The ``labels.csv`` bytes for ``labels`` (header included).
 
-    The ``category`` column is written only when some label has a category, so a table without
-    categories keeps exactly the 4-column bytes (and sha256) it always had.
+    The ``category`` and ``group`` columns are written only when some label has one, so a table
+    without them keeps exactly the 4-column bytes (and sha256) it always had.
     """
-    with_category = any(label.category for label in labels)
+    optional = [c for c in LABELS_OPTIONAL_COLUMNS if any(getattr(label, c) for label in labels)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(LABELS_HEADER_WITH_CATEGORY if with_category else LABELS_HEADER)
+    writer.writerow([*LABELS_HEADER, *optional])
     for label in sorted(labels, key=lambda lb: lb.index):
         row: list[object] = [label.index, label.make, label.model, "|".join(label.aliases)]
-        writer.writerow([*row, label.category] if with_category else row)
+        writer.writerow([*row, *(getattr(label, c) for c in optional)])
     return out.getvalue().encode("utf-8")
 
 
@@ -321,6 +397,8 @@ def write_bundle(
     crop: CropSpec | None = None,
     tta: TtaSpec | None = None,
     ood: OodSpec | None = None,
+    lookalike_groups: Sequence[Sequence[str]] = (),
+    operating_point: OperatingPoint | None = None,
 ) -> Bundle:
     """Write a bundle into directory ``path`` (created if needed) and return it, loaded and verified.
 
@@ -351,10 +429,13 @@ def write_bundle(
             **({} if crop is None else {"crop": crop.to_dict()}),
             **({} if tta is None else {"tta": tta.to_dict()}),
             **({} if ood is None else {"ood": ood.to_dict()}),
+            **({"lookalike_groups": [list(g) for g in lookalike_groups]} if lookalike_groups else {}),
+            **({} if operating_point is None else {"operating_point": operating_point.to_dict()}),
             "files": {n: hashlib.sha256(b).hexdigest() for n, b in payloads.items()},
         }
     )
     check_full_range_makes(manifest.full_range_makes, parsed)
+    check_lookalike_groups(manifest.lookalike_groups, parsed)
     root.mkdir(parents=True, exist_ok=True)
     for file_name, payload in payloads.items():
         write_atomic(root / file_name, payload)

@@ -20,12 +20,14 @@ __all__ = [
     "LABELS_FILE",
     "MANIFEST_FILE",
     "MODEL_FILE",
+    "OPERATING_POINT_THRESHOLDS",
     "SCHEMA_VERSION",
     "SIGNATURE_FILE",
     "CropSpec",
     "DetectorSpec",
     "Manifest",
     "OodSpec",
+    "OperatingPoint",
     "Preprocessing",
     "TtaSpec",
 ]
@@ -97,6 +99,44 @@ class DetectorSpec:
 
 
 _GFL_KEYS = ("strides", "reg_max", "center_offset", "score_activation")
+
+
+OPERATING_POINT_THRESHOLDS = ("min_top1", "make_threshold", "model_threshold", "other_threshold", "match_threshold")
+"""Threshold names an operating point may fix (the first three are required); see docs/DECISION.md."""
+_OP_REQUIRED_THRESHOLDS = OPERATING_POINT_THRESHOLDS[:3]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatingPoint:
+    """The decision thresholds fitted for a target false-flag rate (classifier only), and what they reached.
+
+    Written by ``iaflash-agent fit`` (iaflash.agent.evaluation.fit). ``upper_bound`` is the Clopper-Pearson
+    upper confidence bound (``confidence``, ``sided``) of the false-flag rate, ``flags`` flags in
+    ``n_genuine`` genuine samples; ``met`` is ``upper_bound <= target``. ``temperature`` is the one the
+    thresholds were fitted at (it must equal the manifest's). ``dataset_sha256`` names the fitting set.
+    """
+
+    id: str
+    target: float
+    confidence: float = 0.95
+    sided: Literal["one", "two"] = "one"
+    thresholds: dict[str, float]
+    temperature: float
+    n_genuine: int
+    flags: int
+    upper_bound: float
+    met: bool
+    n_clones: int = 0
+    clones_caught: int = 0
+    fitted_at: str
+    dataset_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return cast(dict[str, Any], _jsonable(asdict(self)))
+
+    def summary(self) -> dict[str, Any]:
+        """What a verdict's evidence names: id, target, bound, met."""
+        return {"id": self.id, "target": self.target, "upper_bound": self.upper_bound, "met": self.met}
 
 
 ColorMode = Literal["color", "grey"]
@@ -183,6 +223,8 @@ class Manifest:
     crop: CropSpec | None = None
     tta: TtaSpec | None = None
     ood: OodSpec | None = None
+    lookalike_groups: tuple[tuple[str, ...], ...] = ()
+    operating_point: OperatingPoint | None = None
 
     @property
     def crop_spec(self) -> CropSpec:
@@ -204,6 +246,10 @@ class Manifest:
         for key in ("crop", "tta", "ood"):
             if data[key] is None:
                 del data[key]
+        if not self.lookalike_groups:
+            del data["lookalike_groups"]
+        if self.operating_point is None:
+            del data["operating_point"]
         return data
 
     @classmethod
@@ -348,6 +394,93 @@ def _parse_full_range_makes(data: Mapping[str, Any]) -> tuple[str, ...]:
         twice = next(m for m in value if value.count(m) > 1)
         raise _bad("full_range_makes", f"lists {twice!r} twice", "list each make once")
     return tuple(value)
+
+
+def _parse_lookalike_groups(data: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """Lists of >= 2 label names ("MAKE MODEL" as in labels.csv) that look alike across makes; classifier only."""
+    fix = 'list label names spelt "MAKE MODEL" as in labels.csv, e.g. [["CHEVROLET EXPRESS", "GMC SAVANA"]]'
+    value = _get(data, "lookalike_groups", list, fix, [])
+    if value and data.get("task") != "classifier":
+        raise _bad("lookalike_groups", "is only allowed for task classifier", "remove it from this manifest")
+    seen: set[str] = set()
+    groups = []
+    for n, group in enumerate(value):
+        ok = isinstance(group, list) and len(group) >= 2 and all(isinstance(g, str) and g.strip() for g in group)
+        if not ok:
+            raise _bad(f"lookalike_groups[{n}]", f"must be a list of at least 2 label names, got {group!r}", fix)
+        twice = next((g for g in group if g in seen or group.count(g) > 1), None)
+        if twice is not None:
+            raise _bad(f"lookalike_groups[{n}]", f"lists {twice!r} a second time", "put each label in one group once")
+        seen.update(group)
+        groups.append(tuple(group))
+    return tuple(groups)
+
+
+def _unit(op: Mapping[str, Any], key: str, fix: str, default: Any = ..., *, open_low: bool = False) -> float:
+    value = _number(op, key, fix, default)
+    if not (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0):
+        raise _bad(f"operating_point.{key}", f"must be within {'(0' if open_low else '[0'}, 1], got {value}", fix)
+    return value
+
+
+def _count(op: Mapping[str, Any], key: str, default: Any = ...) -> int:
+    value = cast(int, _get(op, key, int, "give a whole number >= 0", default))
+    if value < 0:
+        raise _bad(f"operating_point.{key}", f"must be >= 0, got {value}", "give a whole number >= 0")
+    return value
+
+
+def _op_thresholds(op: Mapping[str, Any]) -> dict[str, float]:
+    fix = f"give {', '.join(_OP_REQUIRED_THRESHOLDS)} (and optionally other_threshold, match_threshold), each 0..1"
+    raw = _get(op, "thresholds", dict, fix)
+    _refuse_unknown(raw, frozenset(OPERATING_POINT_THRESHOLDS), "operating_point.thresholds.")
+    out = {}
+    for key in OPERATING_POINT_THRESHOLDS:
+        if key in raw or key in _OP_REQUIRED_THRESHOLDS:
+            value = _number(raw, key, fix)
+            if not 0.0 <= value <= 1.0:
+                raise _bad(f"operating_point.thresholds.{key}", f"must be within 0..1, got {value}", fix)
+            out[key] = value
+    return out
+
+
+def _parse_operating_point(data: Mapping[str, Any], temperature: float) -> OperatingPoint | None:
+    """The fitted ``operating_point`` (classifier only), consistent with itself and the manifest's temperature."""
+    if "operating_point" not in data:
+        return None
+    refit = "re-fit it with `iaflash-agent fit` rather than editing it by hand"
+    op = _get(data, "operating_point", dict, refit)
+    if data.get("task") != "classifier":
+        raise _bad("operating_point", "is only allowed for task classifier", "remove it from this manifest")
+    _refuse_unknown(op, frozenset(OperatingPoint.__dataclass_fields__), "operating_point.")
+    point = OperatingPoint(
+        id=_text(op, "id", refit),
+        target=_unit(op, "target", "give the target false-flag rate, e.g. 0.001", open_low=True),
+        confidence=_unit(op, "confidence", "usually 0.95", 0.95, open_low=True),
+        sided=cast(Literal["one", "two"], _choice(op, "sided", ("one", "two"), "one")),
+        thresholds=_op_thresholds(op),
+        temperature=_number(op, "temperature", refit),
+        n_genuine=_count(op, "n_genuine"),
+        flags=_count(op, "flags"),
+        upper_bound=_unit(op, "upper_bound", refit),
+        met=bool(_get(op, "met", bool, refit)),
+        n_clones=_count(op, "n_clones", 0),
+        clones_caught=_count(op, "clones_caught", 0),
+        fitted_at=_text(op, "fitted_at", refit),
+        dataset_sha256=_text(op, "dataset_sha256", refit),
+    )
+    if point.flags > point.n_genuine or point.clones_caught > point.n_clones:
+        raise _bad("operating_point", "counts more flags (or caught clones) than samples", refit)
+    if point.met != (point.upper_bound <= point.target):
+        raise _bad("operating_point.met", f"is {point.met} but upper_bound {point.upper_bound} vs target", refit)
+    if not math.isclose(point.temperature, temperature, rel_tol=1e-9):
+        raise _bad(
+            "operating_point.temperature",
+            f"is {point.temperature}, the manifest's temperature is {temperature}: the thresholds were fitted "
+            "at another temperature",
+            refit,
+        )
+    return point
 
 
 def _int_list(det: Mapping[str, Any], key: str, fix: str) -> tuple[int, ...]:
@@ -543,4 +676,6 @@ def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
         crop=crop,
         tta=_parse_tta(data),
         ood=_parse_ood(data),
+        lookalike_groups=_parse_lookalike_groups(data),
+        operating_point=_parse_operating_point(data, temperature),
     )

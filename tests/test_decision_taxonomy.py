@@ -164,7 +164,14 @@ def test_fuzzy_resolution_carries_its_score() -> None:
     res = TAX.resolve_detail("RENAULT", "MEGANNE")
     assert (res.index, res.method) == (1, "fuzzy")
     assert res.score == pytest.approx(92.307, abs=1e-3)
-    assert res.to_dict() == {"index": 1, "method": "fuzzy", "score": 92.31, "normalised": "RENAULT MEGANNE"}
+    assert res.to_dict() == {
+        "index": 1,
+        "method": "fuzzy",
+        "score": 92.31,
+        "normalised": "RENAULT MEGANNE",
+        "group": "RENAULT MEGANE",
+        "labels": [1],
+    }
 
 
 def test_fuzzy_below_min_score_is_unsupported() -> None:

@@ -571,13 +571,29 @@ def test_extended_to_dict_adds_p_other_resolution_and_evidence() -> None:
     verdict = _decide(_probs(0.01, 0.01, 0.78, 0.20), CLIO, taxonomy=TAX_OTHER)
     doc = verdict.to_dict(extended=True)
     assert doc["p_other"] == pytest.approx(0.2)
-    assert doc["resolution"] == {"index": 0, "method": "exact", "score": 100.0, "normalised": "RENAULT CLIO"}
+    assert doc["resolution"] == {
+        "index": 0,
+        "method": "exact",
+        "score": 100.0,
+        "normalised": "RENAULT CLIO",
+        "group": "RENAULT CLIO",
+        "labels": [0],
+    }
     assert doc["evidence"] == {
         "genre": "VP",
         "body": "CI",
         "top1_category": None,
         "expected_categories": None,
         "genre_compatible": None,
+        "operating_point": {"id": None, "override": False},
+        "checked": {
+            "p_top1": pytest.approx(0.78),
+            "p_make": pytest.approx(0.02),
+            "p_model": pytest.approx(0.01),
+            "group": "RENAULT CLIO",
+            "lookalikes": [],
+            "p_lookalike": 0.0,
+        },
     }
     assert set(doc) - set(verdict.to_dict()) == {"p_other", "resolution", "evidence"}
 
@@ -661,7 +677,10 @@ def test_motorcycle_genre_vetoes_a_match_on_a_car() -> None:
     verdict = _decide_cats(_probs(0.90, 0.05, 0.04, 0.01), CLIO_MOTO)
     assert verdict.outcome == "inconclusive"
     assert "genre" in verdict.reason
-    assert verdict.evidence == {
+    genre = {
+        k: verdict.evidence[k] for k in ("genre", "body", "top1_category", "expected_categories", "genre_compatible")
+    }
+    assert genre == {
         "genre": "MTT2",
         "body": "SOLO",
         "top1_category": "car",

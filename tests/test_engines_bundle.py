@@ -220,7 +220,7 @@ def test_bad_manifest_field_is_refused_naming_field_and_fix(tmp_path: Path, chan
         ),
         (
             "index,make,model,aliases,category,colour\n0,A,B,,car,red\n",
-            r"labels\.csv:1: header must be 'index,make,model,aliases' or 'index,make,model,aliases,category'",
+            r"labels\.csv:1: header must be 'index,make,model,aliases' optionally followed by ',category,group'",
         ),
     ],
     ids=[

@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iaflash.agent.errors import PlateError, RegistryError
-from iaflash.agent.registry.plates import key_id, load_hmac_key, normalise_plate, plate_key
+from iaflash.agent.registry.plates import (
+    CONFUSABLE,
+    confusable_neighbours,
+    key_id,
+    load_hmac_key,
+    normalise_plate,
+    plate_key,
+)
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
@@ -207,3 +214,43 @@ def test_load_hmac_key_refuses_short_or_invalid_keys_with_a_fix(raw: bytes, why:
     with pytest.raises(RegistryError, match=why) as info:
         load_hmac_key(raw)
     assert "fix:" in str(info.value)
+
+
+# ---------------------------------------------------------------- confusable neighbours (the misread check)
+
+
+@pytest.mark.parametrize(
+    ("plate", "neighbours"),
+    [
+        # SIV letters and digits keep their places: D↔Q (O is never issued), 1↔7, 3↔8, C↔G ...
+        ("AB-123-CD", ("AB-123-CQ", "AB-123-GD", "AB-128-CD", "AB-723-CD")),
+        # FNI: a digit read as a letter (4→A) moves the blocks and is still a valid plate
+        ("1234-AB-75", ("123-AAB-75", "1234-AB-15", "1234-AB-76", "1284-AB-75", "7234-AB-75")),
+    ],
+)
+def test_confusable_neighbours_are_the_valid_plates_one_character_away(plate: str, neighbours: tuple[str, ...]) -> None:
+    assert confusable_neighbours(plate) == neighbours
+
+
+@given(
+    st.text(alphabet=SIV_LETTERS, min_size=2, max_size=2),
+    st.integers(1, 999),
+    st.text(alphabet=SIV_LETTERS, min_size=2, max_size=2),
+)
+def test_every_neighbour_is_valid_differs_by_one_confusable_character_and_is_symmetric(
+    left: str, number: int, right: str
+) -> None:
+    if "SS" in (left, right):
+        return
+    plate = f"{left}-{number:03d}-{right}"
+    for other in confusable_neighbours(plate):
+        assert normalise_plate(other) == other != plate
+        diff = [(a, b) for a, b in zip(plate, other, strict=True) if a != b]
+        assert len(diff) == 1 and diff[0][1] in CONFUSABLE[diff[0][0]]
+        assert plate in confusable_neighbours(other)
+
+
+def test_confusable_neighbours_refuse_an_invalid_plate_without_revealing_it() -> None:
+    with pytest.raises(PlateError) as info:
+        confusable_neighbours("ZZZ-SECRET")
+    assert "SECRET" not in str(info.value)

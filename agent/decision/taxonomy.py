@@ -24,13 +24,14 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, cast
 
+import numpy as np
 from rapidfuzz import fuzz
 
-from iaflash.engines.bundle import Label
+from iaflash.engines.bundle import Bundle, Label
 
 __all__ = [
     "DEFAULT_MIN_SCORE",
@@ -39,6 +40,7 @@ __all__ = [
     "Method",
     "Resolution",
     "Taxonomy",
+    "TaxonomyError",
     "canonical_model",
     "fuzzy_score",
     "norm_make",
@@ -212,6 +214,37 @@ BODY_WORDS = frozenset(
         "SOCIETE",
         "AFFAIRE",
         "AFFAIRES",
+        "CONVERTIBLE",
+        "DECOUVRABLE",
+        "ROADSTER",
+        "WAGON",
+        "HB",
+        "LIFTBACK",
+        "FASTBACK",
+        "VAN",
+        "CARGO VAN",
+        "PASSENGER VAN",
+        "MINIVAN",
+        "MONOSPACE",
+        "FOURGON",
+        "FOURGONNETTE",
+        "PICKUP",
+        "PICK UP",
+        "SUV",
+        "CAB",
+        "REGULAR CAB",
+        "CREW CAB",
+        "EXTENDED CAB",
+        "CLUB CAB",
+        "QUAD CAB",
+        "KING CAB",
+        "DOUBLE CAB",
+        "SUPERCAB",
+        "SUPERCREW",
+        "2 PORTES",
+        "4 PORTES",
+        "2P",
+        "4P",
     }
 )
 # Phrases that name a different vehicle although their words are strippable (BMW 2 Active Tourer ≠ 2 coupé).
@@ -349,6 +382,10 @@ def fuzzy_score(a: str, b: str) -> float:
     return float(fuzz.token_sort_ratio(a, b))
 
 
+class TaxonomyError(ValueError):
+    """The bundle's labels cannot form a taxonomy (one spelling names two label groups)."""
+
+
 @dataclass(frozen=True)
 class Resolution:
     """How a registry make/model mapped onto the taxonomy. ``index`` is None when unsupported.
@@ -356,6 +393,9 @@ class Resolution:
     ``score`` is 100 for exact/alias/rule, the fuzzy score for fuzzy, and the best (rejected) fuzzy
     score for none. ``normalised`` is the "MAKE MODEL" text that matched, or the last one tried.
     ``make`` is the canonical make key ("" when the make string was empty).
+    ``indices`` are every label the registered model counts for (its label group, or the groups a
+    stripped spelling names: ``GOLF`` → ``GOLF HATCHBACK 1991`` and ``2012``); ``index`` is the first.
+    ``group`` names that group ("MAKE MODEL"). Both derive from the match, so equality ignores them.
     """
 
     index: int | None
@@ -363,6 +403,8 @@ class Resolution:
     score: float
     normalised: str
     make: str = ""
+    indices: tuple[int, ...] = field(default=(), compare=False)
+    group: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -370,6 +412,8 @@ class Resolution:
             "method": self.method,
             "score": round(self.score, 2),
             "normalised": self.normalised,
+            "group": self.group or None,
+            "labels": list(self.indices),
         }
 
 
@@ -385,12 +429,27 @@ def _best(query: str, choices: Sequence[tuple[str, int]]) -> tuple[float, int | 
     return best, (next(iter(winners)) if len(winners) == 1 else None)
 
 
+_YEAR = re.compile(r"^(.*\S) (?:19[5-9]\d|20[0-4]\d)$")
+
+
+def _without_year(model: str) -> str:
+    """``GOLF HATCHBACK 2012`` → ``GOLF HATCHBACK``: a model year never tells registry models apart."""
+    match = _YEAR.match(model)
+    return match.group(1) if match else model
+
+
 class Taxonomy:
     """Lookup tables built once from a bundle's labels; resolutions are cached (LRU).
 
+    Labels form *groups*, each one registry make/model: the labels sharing a ``group`` value
+    (labels.csv), or, without one, the labels whose model differs only by a trailing model year.
+    A registered model resolves to a group and ``p_model`` is the group's mass. A spelling (model,
+    alias, group name) that names two groups raises :class:`TaxonomyError`.
+    ``lookalike_groups`` (label names "MAKE MODEL", across makes) are badge twins: inside one, a
+    difference is never a make-level flag (see iaflash.agent.decision.verdict).
     ``full_range_makes`` are makes whose whole range the bundle declares it covers: an unseen model
-    of such a make may still be checked at make level (see iaflash.agent.decision.verdict). ``min_score`` is the
-    fuzzy acceptance score (config ``registry.fuzzy_min_score``).
+    of such a make may still be checked at make level. ``min_score`` is the fuzzy acceptance score
+    (config ``registry.fuzzy_min_score``).
     """
 
     def __init__(
@@ -398,6 +457,7 @@ class Taxonomy:
         labels: Sequence[Label],
         full_range_makes: Iterable[str] = frozenset(),
         min_score: float = DEFAULT_MIN_SCORE,
+        lookalike_groups: Iterable[Sequence[str]] = (),
     ) -> None:
         if not 0 <= min_score <= 100:
             raise ValueError(f"min_score must be within 0..100, got {min_score}; fix registry.fuzzy_min_score")
@@ -407,25 +467,68 @@ class Taxonomy:
         self.other_indices = tuple(i for i, lb in enumerate(self.labels) if norm_make(lb.make) in OTHER_MAKES)
         self._make_of: dict[int, str] = {}
         self._by_make: dict[str, list[int]] = {}
+        self._group_of: dict[int, tuple[str, str]] = {}
+        self._members: dict[tuple[str, str], list[int]] = {}
         self._plain: dict[tuple[str, str], tuple[int, Method]] = {}
         self._canon: dict[tuple[str, str], int] = {}
+        self._derived: dict[tuple[str, str], list[int]] = {}
         self._choices: dict[str, list[tuple[str, int]]] = {}
         for i, label in enumerate(self.labels):
             if i not in self.other_indices:
                 self._add(i, label)
+        for key, members in self._members.items():
+            for stripped in strip_candidates(canonical_model(key[0], key[1]))[1:]:
+                self._derived.setdefault((key[0], stripped), []).append(members[0])
+        self.lookalike_groups = self._lookalikes(lookalike_groups)
+        keys = list(self._members)
+        self._group_ids = np.array(
+            [keys.index(self._group_of[i]) if i in self._group_of else len(keys) + i for i in range(len(self.labels))]
+        )
         self._cached = lru_cache(maxsize=CACHE_SIZE)(self._resolve)
 
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, min_score: float = DEFAULT_MIN_SCORE) -> Taxonomy:
+        """The taxonomy of a bundle: its labels, full-range makes and look-alike groups."""
+        m = bundle.manifest
+        return cls(bundle.labels, m.full_range_makes, min_score, m.lookalike_groups)
+
+    def _lookalikes(self, groups: Iterable[Sequence[str]]) -> tuple[frozenset[int], ...]:
+        by_name = {label.name: i for i, label in enumerate(self.labels)}
+        out = []
+        for group in groups:
+            unknown = [name for name in group if name not in by_name]
+            if unknown:
+                raise TaxonomyError(
+                    f"look-alike group {list(group)} names {unknown[0]!r}, no label; fix: spell labels 'MAKE MODEL'"
+                )
+            out.append(frozenset(by_name[name] for name in group))
+        return tuple(out)
+
+    def _claim(self, other: int, key: tuple[str, str], index: int, text: str) -> None:
+        """``key`` (already naming label ``other``) is a spelling of ``index``: refused across groups."""
+        if self._group_of.get(other) != self._group_of[index]:
+            raise TaxonomyError(
+                f"labels.csv: {text!r} (label {index}, {self.labels[index].name!r}) reads as {key[0]} {key[1]!r}, "
+                f"which already names label {other} ({self.labels[other].name!r}) of another group; fix: remove the "
+                "alias from one of them, or give both labels the same group"
+            )
+
     def _add(self, index: int, label: Label) -> None:
-        make, _ = split_make(norm_make(label.make), norm_text(label.model))
+        make, model = split_make(norm_make(label.make), norm_text(label.model))
+        group = norm_text(label.group) if label.group else _without_year(model)
         self._make_of[index] = make
         self._by_make.setdefault(make, []).append(index)
-        for text, method in ((label.model, "exact"), *((alias, "alias") for alias in label.aliases)):
+        self._group_of[index] = (make, group)
+        self._members.setdefault((make, group), []).append(index)
+        spellings = [(label.model, "exact"), *((alias, "alias") for alias in label.aliases)]
+        spellings += [(text, "exact") for text in {_without_year(model), group} - {model}]
+        for text, method in spellings:
             key = split_make(norm_make(label.make), norm_text(text))
             if key[0] != make:  # an alias spelt with the other make's prefix (CITROEN "DS3") still counts
                 key = (make, key[1])
-            self._plain.setdefault(key, (index, "exact" if method == "exact" else "alias"))
+            self._claim(self._plain.setdefault(key, (index, cast(Method, method)))[0], key, index, text)
             canon = canonical_model(make, key[1])
-            self._canon.setdefault((make, canon), index)
+            self._claim(self._canon.setdefault((make, canon), index), (make, canon), index, text)
             self._choices.setdefault(make, []).append((canon, index))
 
     # -- public API ------------------------------------------------------------------------
@@ -435,7 +538,7 @@ class Taxonomy:
         return self.resolve_detail(make, model).index
 
     def resolve_detail(self, make: str, model: str) -> Resolution:
-        """The full :class:`Resolution` (index, method, score, normalised text, make key); cached."""
+        """The full :class:`Resolution` (index, group, method, score, normalised text, make key); cached."""
         return self._cached(make, model)
 
     def make_indices(self, make: str) -> tuple[int, ...]:
@@ -445,6 +548,21 @@ class Taxonomy:
     def make_of(self, index: int) -> str:
         """The canonical make key of a label ("" for an 'other' class)."""
         return self._make_of.get(index, "")
+
+    def group_indices(self, index: int) -> tuple[int, ...]:
+        """Every label of the group of label ``index`` (itself alone for an 'other' class)."""
+        key = self._group_of.get(index)
+        return (index,) if key is None else tuple(self._members[key])
+
+    def top1_mass(self, probs: np.ndarray) -> float:
+        """The largest probability of one label group (a model split over its model years is sure of the model)."""
+        return float(np.bincount(self._group_ids, weights=probs).max())
+
+    def lookalikes(self, indices: Iterable[int]) -> tuple[int, ...]:
+        """Labels of the look-alike groups holding any of ``indices``, other than ``indices`` themselves."""
+        own = frozenset(indices)
+        twins = frozenset().union(*(g for g in self.lookalike_groups if g & own)) - own
+        return tuple(sorted(frozenset().union(*(self.group_indices(i) for i in twins)) - own)) if twins else ()
 
     def is_full_range(self, make_key: str) -> bool:
         """True when the bundle declares this make's whole range and has labels of it."""
@@ -464,6 +582,16 @@ class Taxonomy:
             return None, score
         return list(self._by_make)[winner], score
 
+    def _hit(self, index: int, method: Method, score: float, model: str, make_key: str) -> Resolution:
+        """A resolution to ``index``'s group, widened by the groups ``model`` names once they are stripped."""
+        text = f"{make_key} {model}"
+        groups = [index, *self._derived.get((make_key, model), ())]
+        indices = tuple(dict.fromkeys(i for g in groups for i in self.group_indices(g)))
+        name = " ".join(self._group_of[index])
+        if len(indices) > len(self.group_indices(index)):
+            name = " | ".join(dict.fromkeys(" ".join(self._group_of[g]) for g in groups))
+        return Resolution(index, method, score, text, make_key, indices, name)
+
     def _resolve(self, make: str, model: str) -> Resolution:
         raw_make, model_text = split_make(norm_make(make), norm_text(model))
         if raw_make in OTHER_MAKES:
@@ -476,13 +604,15 @@ class Taxonomy:
         plain = self._plain.get((make_key, model_text))
         if plain is not None:
             method: Method = "fuzzy" if fuzzy_make else plain[1]
-            return Resolution(plain[0], method, make_score, f"{make_key} {model_text}", make_key)
+            return self._hit(plain[0], method, make_score, model_text, make_key)
         candidates = strip_candidates(canonical_model(make_key, model_text)) or [model_text]
         for candidate in candidates:
             index = self._canon.get((make_key, candidate))
+            if index is None and (make_key, candidate) in self._derived:
+                index = self._derived[(make_key, candidate)][0]
             if index is not None:
                 method = "fuzzy" if fuzzy_make else "rule"
-                return Resolution(index, method, make_score, f"{make_key} {candidate}", make_key)
+                return self._hit(index, method, make_score, candidate, make_key)
         return self._fuzzy_model(make_key, make_score, candidates)
 
     def _fuzzy_model(self, make_key: str, make_score: float, candidates: Sequence[str]) -> Resolution:
@@ -494,4 +624,4 @@ class Taxonomy:
         score = min(best, make_score)
         if winner is None or score < self.min_score:
             return Resolution(None, "none", score, f"{make_key} {text}".strip(), make_key)
-        return Resolution(winner, "fuzzy", score, f"{make_key} {text}", make_key)
+        return self._hit(winner, "fuzzy", score, text, make_key)

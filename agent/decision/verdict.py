@@ -14,21 +14,30 @@ Order of the rules (the first that applies wins; docs/DECISION.md has worked exa
 5. top-1 probability below ``min_top1``                 → ``inconclusive`` (abstain)
 6. mass on the explicit "other" classes ≥ the top-1,
    or ≥ ``other_threshold``                              → ``inconclusive`` (abstain)
-7. p_make = P(any model of the registered make)
+7. p_make = P(any model of the registered make, or a
+   look-alike twin of the registered model)
    < ``make_threshold``                                  → ``mismatch`` level ``make``
-8. p_model = P(registered model) < ``model_threshold``  → ``mismatch`` level ``model``
+8. p_model = P(registered model's label group, or a
+   look-alike twin) < ``model_threshold``              → ``mismatch`` level ``model``
+   A mismatch of rule 7 or 8 becomes ``inconclusive`` when
+   - the plate read is one confusable character away from another registered plate whose record
+     fits the photo (``misread``: the records of those plates)  → "plate probably misread";
+   - the caller says flags are not allowed (``no_flag_reason``, e.g. the bundle has no fitted
+     operating point: reason ``no_operating_point``).
 9. p_model ≥ ``match_threshold``                        → ``match``, unless the registered genre (J.1)
    is incompatible with the top-1 label's category      → ``inconclusive`` (the genre never flags)
 10. otherwise                                            → ``inconclusive`` (between thresholds)
 
 Every verdict records the thresholds, p_make, p_model, p_other, how the registry text resolved
-(method and score), the genre/body evidence and whether the registry cache is stale.
+(method, score, label group), the genre/body evidence, the probabilities actually compared with
+the thresholds (``evidence.checked``, look-alike mass included), the operating point the thresholds
+come from (``evidence.operating_point``), the misread check, and whether the registry cache is stale.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +45,7 @@ import numpy as np
 from iaflash.agent.config import DecisionConfig
 from iaflash.agent.decision.taxonomy import Resolution, Taxonomy
 from iaflash.agent.registry.record import RegistryRecord
+from iaflash.engines.bundle import OperatingPoint
 
 __all__ = [
     "GENRE_CATEGORIES",
@@ -189,11 +199,18 @@ def decide(
     image_problem: str | None = None,
     other_threshold: float | None = None,
     label_categories: Sequence[str] | None = None,
+    operating_point: OperatingPoint | None = None,
+    no_flag_reason: str | None = None,
+    misread: Sequence[RegistryRecord] | None = None,
 ) -> Verdict:
     """Return the verdict for one capture. ``plate_problem``/``image_problem`` say why an input is unusable.
 
     ``other_threshold`` defaults to ``cfg.other_threshold``.
     ``label_categories`` (one per label: car, van, truck, bus, motorcycle) enables genre evidence.
+    ``operating_point`` is the fitted point ``cfg``'s thresholds come from (named in the evidence).
+    ``no_flag_reason``: when set, a would-be mismatch is ``inconclusive`` with this reason.
+    ``misread``: registry records of the plates one confusable character away from the plate read
+    (:func:`iaflash.agent.registry.plates.confusable_neighbours`); None when the check did not run.
     """
     if other_threshold is None:
         other_threshold = cfg.other_threshold
@@ -210,7 +227,13 @@ def decide(
         return Verdict("unknown_plate", "plate not in the registry subset", **base)
     resolution = taxonomy.resolve_detail(record.make, record.model)
     base["resolution"] = resolution
-    base["evidence"] = genre_evidence(record, probs, label_categories)
+    base["evidence"] = {
+        **genre_evidence(record, probs, label_categories),
+        "operating_point": {
+            **({"id": None} if operating_point is None else operating_point.summary()),
+            "override": cfg.override_operating_point,
+        },
+    }
     make_only = resolution.index is None and taxonomy.is_full_range(resolution.make)
     if resolution.index is None and not make_only:
         return Verdict(
@@ -222,7 +245,47 @@ def decide(
     gate = _Gate(taxonomy, resolution, cfg, other_threshold, make_only)
     if probs is None or image_problem is not None:
         return gate.abstain(image_problem or "no usable image", base)
-    return gate.judge(probs, base)
+    verdict = gate.judge(probs, base)
+    if not verdict.is_flag:
+        return verdict
+    if misread is not None:
+        verdict = _misread_check(verdict, probs, taxonomy, cfg, other_threshold, misread)
+    if verdict.is_flag and no_flag_reason is not None:
+        verdict = _held(verdict, no_flag_reason)
+    return verdict
+
+
+def _held(verdict: Verdict, reason: str) -> Verdict:
+    """The would-be flag as ``inconclusive``; the evidence keeps what it would have been."""
+    evidence = {**verdict.evidence, "held_flag": {"level": verdict.level, "reason": verdict.reason}}
+    return replace(verdict, outcome="inconclusive", level=None, reason=reason, evidence=evidence)
+
+
+def _misread_check(
+    verdict: Verdict,
+    probs: np.ndarray,
+    taxonomy: Taxonomy,
+    cfg: DecisionConfig,
+    other_threshold: float,
+    neighbours: Sequence[RegistryRecord],
+) -> Verdict:
+    """A flag whose plate is one confusable character from a registered plate that fits the photo is held."""
+    fitting = 0
+    for record in neighbours:
+        other = decide(
+            probs=probs, taxonomy=taxonomy, record=record, plate_problem=None, cfg=cfg, other_threshold=other_threshold
+        )
+        supported = other.resolution is not None and other.resolution.index is not None
+        fitting += supported and other.outcome in ("match", "inconclusive")
+    evidence = {**verdict.evidence, "misread_check": {"registered_neighbours": len(neighbours), "fitting": fitting}}
+    verdict = replace(verdict, evidence=evidence)
+    if not fitting:
+        return verdict
+    return _held(
+        verdict,
+        f"plate probably misread: {fitting} registered plate(s) one confusable character away "
+        "(O/0, I/1, B/8, ...) fit the photo; never flagged",
+    )
 
 
 @dataclass(frozen=True)
@@ -246,11 +309,28 @@ class _Gate:
 
     def judge(self, probs: np.ndarray, base: dict[str, Any]) -> Verdict:
         tax, cfg, res = self.taxonomy, self.cfg, self.resolution
-        p_make = float(probs[list(tax.make_indices(res.make))].sum())
-        p_model = None if res.index is None else float(probs[res.index])
-        p_top1 = float(probs.max())
+        make_labels = tax.make_indices(res.make)
+        group = res.indices or (() if res.index is None else (res.index,))
+        twins = tax.lookalikes(group)
+        p_make = float(probs[list(make_labels)].sum())
+        p_model = float(probs[list(group)].sum()) if group else None
+        p_twins_other_make = float(probs[[i for i in twins if i not in set(make_labels)]].sum()) if twins else 0.0
+        p_twins = float(probs[list(twins)].sum()) if twins else 0.0
+        p_top1 = tax.top1_mass(probs)
         p_other = float(probs[list(tax.other_indices)].sum()) if tax.other_indices else 0.0
-        base = {**base, "p_make": p_make, "p_model": p_model, "p_other": p_other}
+        make_checked = p_make + p_twins_other_make
+        model_checked = None if p_model is None else p_model + p_twins
+        twin_names = [tax.labels[i].name for i in twins]
+        checked = {
+            "p_top1": p_top1,
+            "p_make": make_checked,
+            "p_model": model_checked,
+            "group": res.group or None,
+            "lookalikes": twin_names,
+            "p_lookalike": round(p_twins, 6),
+        }
+        evidence = {**base["evidence"], "checked": checked}
+        base = {**base, "p_make": p_make, "p_model": p_model, "p_other": p_other, "evidence": evidence}
         if p_top1 < cfg.min_top1:
             return self.abstain(f"classifier unsure: top-1 p={p_top1:.3f} < min_top1 {cfg.min_top1}", base)
         if p_other >= p_top1 or p_other >= self.other_threshold:
@@ -258,22 +338,28 @@ class _Gate:
                 f"vehicle looks outside the taxonomy: p(other)={p_other:.3f} (other_threshold {self.other_threshold})",
                 base,
             )
-        if p_make < cfg.make_threshold:
-            return Verdict("mismatch", f"P(registered make)={p_make:.4f} < {cfg.make_threshold}", level="make", **base)
-        if p_model is None:
+        if make_checked < cfg.make_threshold:
+            twin = f" (look-alikes included: {', '.join(twin_names)})" if twins else ""
+            return Verdict(
+                "mismatch",
+                f"P(registered make)={make_checked:.4f} < {cfg.make_threshold}{twin}",
+                level="make",
+                **base,
+            )
+        if p_model is None or model_checked is None:
             return Verdict(
                 "unsupported",
                 f"P(registered make)={p_make:.3f} fits; the registered model is outside "
                 "the taxonomy, so it is checked at make level only",
                 **base,
             )
-        return self._model_level(p_model, base)
+        return self._model_level(p_model, model_checked, base)
 
-    def _model_level(self, p_model: float, base: dict[str, Any]) -> Verdict:
+    def _model_level(self, p_model: float, p_checked: float, base: dict[str, Any]) -> Verdict:
         cfg = self.cfg
-        if p_model < cfg.model_threshold:
+        if p_checked < cfg.model_threshold:
             return Verdict(
-                "mismatch", f"P(registered model)={p_model:.4f} < {cfg.model_threshold}", level="model", **base
+                "mismatch", f"P(registered model)={p_checked:.4f} < {cfg.model_threshold}", level="model", **base
             )
         if p_model >= cfg.match_threshold:
             if base["evidence"].get("genre_compatible") is False:

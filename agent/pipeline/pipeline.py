@@ -7,6 +7,7 @@ commit thread (agent/committer.py). OpenCV and ONNX Runtime release the GIL, so 
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -19,13 +20,14 @@ from iaflash.agent.capture.intake import Preparer, Work
 from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.capture.spool import Spool
 from iaflash.agent.config import Config
+from iaflash.agent.decision.operating import decision_policy
 from iaflash.agent.decision.taxonomy import Taxonomy
 from iaflash.agent.decision.verdict import Verdict, decide
 from iaflash.agent.errors import CaptureRejected, EngineError, PlateError, RegistryUnavailable
 from iaflash.agent.health import Liveness
 from iaflash.agent.pipeline.committer import Committer, Decided, VerdictCallback
 from iaflash.agent.registry.cache import Registry
-from iaflash.agent.registry.plates import normalise_plate, plate_key
+from iaflash.agent.registry.plates import confusable_neighbours, normalise_plate, plate_key
 from iaflash.agent.registry.record import RegistryRecord
 from iaflash.engines.base import Backend
 from iaflash.engines.bundle import Bundle
@@ -52,11 +54,11 @@ class Pipeline:
     ) -> None:
         self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
         self.registry, self.hmac_key = registry, hmac_key
-        self.taxonomy = Taxonomy(
-            bundle.labels,
-            full_range_makes=frozenset(bundle.manifest.full_range_makes),
-            min_score=cfg.registry.fuzzy_min_score,
-        )
+        self.taxonomy = Taxonomy.from_bundle(bundle, min_score=cfg.registry.fuzzy_min_score)
+        # The bundle's fitted operating point; [decision] may only make it stricter (agent/decision/operating.py).
+        self.policy = decision_policy(cfg.decision, bundle.manifest.operating_point)
+        for note in self.policy.notes:
+            log.warning("%s", note)
         self.label_categories = (
             tuple(lb.category for lb in bundle.labels) if any(lb.category for lb in bundle.labels) else None
         )
@@ -327,35 +329,46 @@ class Pipeline:
             self.errors[OOD_REASON] += 1
         return fused.probs, problem
 
-    def _plate(self, capture: Capture) -> tuple[str | None, bytes | None, RegistryRecord | None]:
-        """(plate problem, HMAC key, registry record). The plate itself never leaves this function."""
+    def _plate(self, capture: Capture) -> tuple[str | None, bytes | None, RegistryRecord | None, tuple[bytes, ...]]:
+        """(plate problem, HMAC key, registry record, keys of the confusable neighbours).
+
+        The plate itself never leaves this function: the neighbours (one confusable character away,
+        registry.plates.confusable_neighbours) leave as HMAC keys, looked up only for a would-be flag.
+        """
         if not capture.plate:
-            return "radar could not read the plate", None, None
+            return "radar could not read the plate", None, None, ()
         conf = capture.plate_confidence
         if conf is not None and conf < self.cfg.decision.min_plate_confidence:
-            return f"radar plate confidence {conf:.2f} < {self.cfg.decision.min_plate_confidence}", None, None
+            return f"radar plate confidence {conf:.2f} < {self.cfg.decision.min_plate_confidence}", None, None, ()
         try:
             plate = normalise_plate(capture.plate)
         except PlateError as exc:
-            return str(exc), None, None
+            return str(exc), None, None, ()
         key = plate_key(self.hmac_key, plate)
-        return None, key, self.registry.lookup_key(key)
+        neighbours = tuple(plate_key(self.hmac_key, p) for p in confusable_neighbours(plate))
+        return None, key, self.registry.lookup_key(key), neighbours
 
     def _process(self, work: Work, probs: np.ndarray | None, image_problem: str | None) -> None:
         capture = work.claimed.capture
         t = time.perf_counter()
-        plate_problem, key, record = self._plate(capture)
+        plate_problem, key, record, neighbours = self._plate(capture)
         stale = self.registry.is_stale(self.cfg.registry.max_age_hours)
-        verdict = decide(
+        decide_this = functools.partial(
+            decide,
             probs=probs,
             taxonomy=self.taxonomy,
             record=record,
             plate_problem=plate_problem,
-            cfg=self.cfg.decision,
+            cfg=self.policy.cfg,
             registry_stale=stale,
             model_info=self._model_info(),
             image_problem=image_problem,
             label_categories=self.label_categories,
+            operating_point=self.policy.operating_point,
+            no_flag_reason=self.policy.no_flag_reason,
         )
+        verdict = decide_this()
+        if verdict.is_flag:  # the misread check: only a would-be flag pays for the neighbours' lookups
+            verdict = decide_this(misread=[r for r in map(self.registry.lookup_key, neighbours) if r is not None])
         work.timings["decide"] = (time.perf_counter() - t) * 1e3
         self.committer.put(Decided(work, verdict, key))

@@ -25,7 +25,15 @@ import re
 
 from iaflash.agent.errors import PlateError, RegistryError
 
-__all__ = ["MIN_KEY_BYTES", "key_id", "load_hmac_key", "normalise_plate", "plate_key"]
+__all__ = [
+    "CONFUSABLE",
+    "MIN_KEY_BYTES",
+    "confusable_neighbours",
+    "key_id",
+    "load_hmac_key",
+    "normalise_plate",
+    "plate_key",
+]
 
 MIN_KEY_BYTES = 32
 _MAX_RAW_LEN = 32
@@ -74,6 +82,38 @@ def normalise_plate(raw: str) -> str:
     if fni is not None:
         return _fni(raw, *fni.groups())
     raise _refuse(raw, f"matches neither {_FORMATS} format")
+
+
+_CONFUSABLE_PAIRS = (
+    "O0", "Q0", "D0", "U0", "I1", "L1", "T1", "B8", "S5", "Z2", "G6", "A4", "T7", "E3",  # letter / digit
+    "OD", "OQ", "DQ", "CG", "EF", "PR", "MN", "KX", "UV", "IJ", "HN",  # letter / letter
+    "17", "38", "56", "68", "08", "69",  # digit / digit
+)  # fmt: skip
+CONFUSABLE: dict[str, frozenset[str]] = {
+    c: frozenset(o for pair in _CONFUSABLE_PAIRS if c in pair for o in pair if o != c)
+    for c in sorted(set("".join(_CONFUSABLE_PAIRS)))
+}
+"""For each character, those a plate reader commonly confuses it with (O/0, I/1, B/8, S/5, Z/2, G/6, D/0, Q/0 ...)."""
+
+
+def confusable_neighbours(plate: str) -> tuple[str, ...]:
+    """Every valid normalised plate one confusable character away from ``plate`` (normalised first).
+
+    Pure: the pipeline hashes these and looks them up, so that a plate probably misread by one
+    character is never flagged when another registered plate fits the photo. Sorted, without ``plate``.
+    Raises :class:`PlateError` when ``plate`` itself is not a valid plate.
+    """
+    canonical = normalise_plate(plate)
+    compact = canonical.replace("-", "")
+    out = set()
+    for i, char in enumerate(compact):
+        for other in CONFUSABLE.get(char, ()):
+            try:
+                out.add(normalise_plate(compact[:i] + other + compact[i + 1 :]))
+            except PlateError:
+                continue
+    out.discard(canonical)
+    return tuple(sorted(out))
 
 
 def plate_key(hmac_key: bytes, plate: str) -> bytes:

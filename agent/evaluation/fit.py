@@ -1,0 +1,543 @@
+"""Fit a bundle's operating point: temperature and thresholds for a target false-flag rate.
+
+The public API (used by ``iaflash-agent fit``, ``evaluate`` and the demo):
+
+* :func:`clopper_pearson_upper` — the Clopper–Pearson upper confidence bound of a rate seen as
+  ``flags`` out of ``n`` (one-sided by default: 0 flags in n gives ``1 - 0.05**(1/n)``; two-sided
+  95 % gives ``1 - 0.025**(1/n)``). Pure Python: a bisection on the binomial CDF, summed in log space.
+* :func:`genuine_needed` — how many genuine samples the target needs (with 0, 1, ... flags).
+* :class:`FitSample` — one labelled capture: its raw logits, the registry record read for it,
+  and whether that record is its own (*genuine*) or a simulated clone (of another make or model).
+* :func:`fit_operating_point` — fits the temperature (NLL on the genuine samples, unless given),
+  then the thresholds (``min_top1``, ``make_threshold``, ``model_threshold``, ``other_threshold``)
+  on a grid, each point judged through the daemon's own :func:`~iaflash.agent.decision.verdict.decide`.
+  "Met" means the upper bound of the genuine false-flag rate is at or below the target; among the
+  points that meet it, the one catching most clones wins. The chosen point is re-run through
+  ``decide`` sample by sample and must give the same counts. Returns a :class:`FitResult` whose
+  ``operating_point`` (:class:`~iaflash.engines.bundle.OperatingPoint`) goes into the manifest.
+* :func:`write_fitted_bundle` — a new bundle with that operating point and temperature.
+
+The grid is scanned on features computed once per sample by ``decide`` itself (the probabilities it
+compares with each threshold), so the scan is a vectorised reading of the same rule; the final
+check through ``decide`` guards that reading. Thresholds chosen on a set are optimistic on that same
+set: report figures out of fold (``evaluate`` cross-fits) and fit on data the model never trained on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from iaflash.agent.config import DecisionConfig
+from iaflash.agent.decision.taxonomy import Taxonomy
+from iaflash.agent.decision.verdict import Verdict, decide, softmax
+from iaflash.agent.evaluation.calibrate import (  # _check_out_dir: the one out-dir rule
+    CalibrationError,
+    _check_out_dir,
+    bumped_version,
+    fit_temperature,
+)
+from iaflash.agent.registry.record import RegistryRecord
+from iaflash.engines.bundle import MODEL_FILE, Bundle, OperatingPoint, write_bundle
+
+__all__ = [
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_TARGET",
+    "MAKE_GRID",
+    "MIN_TOP1_GRID",
+    "MODEL_GRID",
+    "OTHER_GRID",
+    "FitResult",
+    "FitSample",
+    "GridPoint",
+    "clopper_pearson_upper",
+    "count_flags",
+    "fit_operating_point",
+    "genuine_needed",
+    "samples_sha256",
+    "write_fitted_bundle",
+]
+
+DEFAULT_TARGET = 0.001
+DEFAULT_CONFIDENCE = 0.95
+MIN_TOP1_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995)
+MAKE_GRID: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+MODEL_GRID: tuple[float, ...] = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+OTHER_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+Sided = Literal["one", "two"]
+Progress = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------- the finite-sample rule
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed term by term in log space."""
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 1.0 if k >= n else 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    log_n = math.lgamma(n + 1.0)
+    terms = [
+        log_n - math.lgamma(i + 1.0) - math.lgamma(n - i + 1.0) + i * log_p + (n - i) * log_q for i in range(k + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def _alpha(confidence: float, sided: Sided) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be within (0, 1), got {confidence}")
+    return (1.0 - confidence) / (2.0 if sided == "two" else 1.0)
+
+
+@functools.lru_cache(maxsize=65536)
+def clopper_pearson_upper(flags: int, n: int, confidence: float = DEFAULT_CONFIDENCE, sided: Sided = "one") -> float:
+    """Upper Clopper–Pearson bound of a rate seen as ``flags`` out of ``n`` (1.0 when n = 0 or flags = n).
+
+    It is the p at which P(Binomial(n, p) <= flags) = alpha, alpha = 1 - confidence (one-sided) or
+    (1 - confidence) / 2 (the upper end of the two-sided interval): the Beta(flags + 1, n - flags)
+    quantile 1 - alpha. Closed form for 0 flags: ``1 - alpha ** (1 / n)``.
+    """
+    if flags < 0 or n < 0 or flags > n:
+        raise ValueError(f"need 0 <= flags <= n, got flags={flags}, n={n}")
+    alpha = _alpha(confidence, sided)
+    if n in (0, flags):
+        return 1.0
+    if flags == 0:
+        return float(1.0 - alpha ** (1.0 / n))
+    lo, hi = flags / n, 1.0
+    for _ in range(100):  # the CDF falls as p grows
+        mid = (lo + hi) / 2
+        if _binom_cdf(flags, n, mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def genuine_needed(target: float, confidence: float = DEFAULT_CONFIDENCE, sided: Sided = "one", flags: int = 0) -> int:
+    """The fewest genuine samples for which ``flags`` flags keep the upper bound at or below ``target``."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target must be within (0, 1), got {target}")
+    if flags == 0:
+        n = math.ceil(math.log(_alpha(confidence, sided)) / math.log1p(-target))
+        while n > 1 and clopper_pearson_upper(0, n - 1, confidence, sided) <= target:
+            n -= 1
+        while clopper_pearson_upper(0, n, confidence, sided) > target:
+            n += 1
+        return n
+    lo, hi = flags + 1, max(flags + 2, 16)
+    while clopper_pearson_upper(flags, hi, confidence, sided) > target:
+        lo, hi = hi, hi * 2
+    while lo < hi:  # the bound falls as n grows with flags fixed
+        mid = (lo + hi) // 2
+        if clopper_pearson_upper(flags, mid, confidence, sided) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+# ---------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True)
+class FitSample:
+    """One labelled capture run through the daemon's intake: its raw logits and the record read for it.
+
+    ``logits`` are the model's raw output for the crop (``log p`` for a bundle that outputs
+    probabilities), before the temperature. ``genuine`` is True when ``record`` is the vehicle's own
+    registration, False for a simulated clone; ``level`` says at which level a clone differs
+    ("make" or "model"). ``label`` is the true label index (used to fit the temperature).
+    ``image_problem`` is what the daemon's intake said about the image (None when usable).
+    """
+
+    logits: np.ndarray
+    record: RegistryRecord
+    genuine: bool
+    label: int | None = None
+    level: Literal["make", "model"] | None = None
+    image_problem: str | None = None
+    sample_id: str = ""
+    view: str | None = None
+
+
+def samples_sha256(samples: Sequence[FitSample]) -> str:
+    """A sha256 naming the fitting set: logits bytes, records and truth of every sample, in order."""
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(np.ascontiguousarray(s.logits, dtype=np.float32).tobytes())
+        meta = [s.record.make, s.record.model, s.genuine, s.label, s.level, s.image_problem, s.sample_id]
+        digest.update(json.dumps(meta).encode("utf-8"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One point of the threshold grid, counted over the fitting set."""
+
+    thresholds: dict[str, float]
+    flags: int
+    n_genuine: int
+    upper_bound: float
+    clones_caught: int
+    n_clones: int
+    make_caught: int = 0
+    n_make_clones: int = 0
+    model_caught: int = 0
+    n_model_clones: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "thresholds": dict(self.thresholds),
+            "flags": self.flags,
+            "n_genuine": self.n_genuine,
+            "upper_bound": self.upper_bound,
+            "clones_caught": self.clones_caught,
+            "n_clones": self.n_clones,
+            "make_caught": self.make_caught,
+            "n_make_clones": self.n_make_clones,
+            "model_caught": self.model_caught,
+            "n_model_clones": self.n_model_clones,
+        }
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The fitted operating point, the grid it was chosen from, and what the target needs."""
+
+    operating_point: OperatingPoint
+    chosen: GridPoint
+    grid: tuple[GridPoint, ...]
+    genuine_needed: int
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operating_point": self.operating_point.to_dict(),
+            "chosen": self.chosen.to_dict(),
+            "genuine_needed": self.genuine_needed,
+            "warnings": list(self.warnings),
+            "grid_points": len(self.grid),
+        }
+
+
+# ---------------------------------------------------------------- the fit
+
+_PERMISSIVE = {"min_top1": 0.0, "make_threshold": 0.0, "model_threshold": 0.0, "other_threshold": 1.0}
+
+
+@dataclass(frozen=True)
+class _Features:
+    """What decide compares with each threshold, per sample (NaN where the rule never runs)."""
+
+    judged: np.ndarray  # the sample reaches the probability rules (supported, usable image)
+    top1: np.ndarray
+    p_other: np.ndarray
+    p_make: np.ndarray
+    p_model: np.ndarray  # NaN: make-level check only
+    genuine: np.ndarray
+    level: np.ndarray  # "make", "model" or "" per sample
+
+
+def _features(samples: Sequence[FitSample], probs: np.ndarray, taxonomy: Taxonomy, base: DecisionConfig) -> _Features:
+    cfg = _config(base, _PERMISSIVE)
+    n = len(samples)
+    judged = np.zeros(n, dtype=bool)
+    top1, p_other, p_make, p_model = (np.full(n, np.nan) for _ in range(4))
+    for i, s in enumerate(samples):
+        verdict = decide(
+            probs=probs[i],
+            taxonomy=taxonomy,
+            record=s.record,
+            plate_problem=None,
+            cfg=cfg,
+            image_problem=s.image_problem,
+        )
+        checked = verdict.evidence.get("checked")
+        if checked is None:
+            continue
+        judged[i] = True
+        top1[i] = checked["p_top1"]
+        p_other[i] = verdict.p_other or 0.0
+        p_make[i] = checked["p_make"]
+        p_model[i] = np.nan if checked["p_model"] is None else checked["p_model"]
+    return _Features(
+        judged=judged,
+        top1=top1,
+        p_other=p_other,
+        p_make=p_make,
+        p_model=p_model,
+        genuine=np.array([s.genuine for s in samples], dtype=bool),
+        level=np.array([("" if s.genuine else (s.level or "")) for s in samples]),
+    )
+
+
+def _config(base: DecisionConfig, thresholds: dict[str, float]) -> DecisionConfig:
+    data = {**base.model_dump(), **thresholds}
+    data["match_threshold"] = max(data["match_threshold"], data["model_threshold"])
+    return DecisionConfig.model_validate(data)
+
+
+def _flags(f: _Features, t: dict[str, float]) -> np.ndarray:
+    """decide's rules 5-8 on the features: which samples flag at thresholds ``t``."""
+    with np.errstate(invalid="ignore"):
+        gate = f.judged & (f.top1 >= t["min_top1"]) & (f.p_other < f.top1) & (f.p_other < t["other_threshold"])
+        make = gate & (f.p_make < t["make_threshold"])
+        model = gate & ~make & ~np.isnan(f.p_model) & (f.p_model < t["model_threshold"])
+    out: np.ndarray = make | model
+    return out
+
+
+def _point(f: _Features, t: dict[str, float], flagged: np.ndarray, confidence: float, sided: Sided) -> GridPoint:
+    genuine, clones = f.genuine, ~f.genuine
+    k, n = int((flagged & genuine).sum()), int(genuine.sum())
+    make, model = clones & (f.level == "make"), clones & (f.level == "model")
+    return GridPoint(
+        thresholds=dict(t),
+        flags=k,
+        n_genuine=n,
+        upper_bound=clopper_pearson_upper(k, n, confidence, sided),
+        clones_caught=int((flagged & clones).sum()),
+        n_clones=int(clones.sum()),
+        make_caught=int((flagged & make).sum()),
+        n_make_clones=int(make.sum()),
+        model_caught=int((flagged & model).sum()),
+        n_model_clones=int(model.sum()),
+    )
+
+
+def count_flags(
+    samples: Sequence[FitSample],
+    probs: np.ndarray,
+    taxonomy: Taxonomy,
+    cfg: DecisionConfig,
+    confidence: float = DEFAULT_CONFIDENCE,
+    sided: Sided = "one",
+) -> tuple[GridPoint, list[Verdict]]:
+    """Every sample through :func:`decide` at ``cfg``: the counts and the verdicts (for reports)."""
+    verdicts = [
+        decide(
+            probs=probs[i],
+            taxonomy=taxonomy,
+            record=s.record,
+            plate_problem=None,
+            cfg=cfg,
+            image_problem=s.image_problem,
+        )
+        for i, s in enumerate(samples)
+    ]
+    flagged = np.array([v.is_flag for v in verdicts], dtype=bool)
+    f = _Features(
+        judged=np.ones(len(samples), dtype=bool),
+        top1=np.zeros(0),
+        p_other=np.zeros(0),
+        p_make=np.zeros(0),
+        p_model=np.zeros(0),
+        genuine=np.array([s.genuine for s in samples], dtype=bool),
+        level=np.array([("" if s.genuine else (s.level or "")) for s in samples]),
+    )
+    t = {k: float(getattr(cfg, k)) for k in ("min_top1", "make_threshold", "model_threshold", "other_threshold")}
+    return _point(f, t, flagged, confidence, sided), verdicts
+
+
+def _grid(base: DecisionConfig, other_grid: Sequence[float] | None) -> list[dict[str, float]]:
+    others = sorted({*(other_grid or OTHER_GRID), base.other_threshold})
+    return [
+        {"min_top1": a, "make_threshold": b, "model_threshold": c, "other_threshold": d}
+        for a, b, c, d in itertools.product(MIN_TOP1_GRID, MAKE_GRID, MODEL_GRID, others)
+    ]
+
+
+def _distance(t: dict[str, float], base: DecisionConfig) -> float:
+    """How far thresholds ``t`` move from ``base`` (probabilities linear, the two small thresholds in log10)."""
+
+    def log(v: float) -> float:
+        return math.log10(max(v, 1e-4))
+
+    return (
+        abs(t["min_top1"] - base.min_top1)
+        + abs(t["other_threshold"] - base.other_threshold)
+        + abs(log(t["make_threshold"]) - log(base.make_threshold))
+        + abs(log(t["model_threshold"]) - log(base.model_threshold))
+    )
+
+
+def _best(points: Sequence[GridPoint], target: float, base: DecisionConfig) -> tuple[GridPoint, bool]:
+    """Most clones caught among the points that meet the target, else the lowest bound (then most caught).
+
+    Ties go to fewer genuine flags, then to the point nearest ``base`` (the documented defaults): the
+    data moves a threshold only as far as it has to.
+    """
+    met = [p for p in points if p.upper_bound <= target]
+    if met:
+        return min(met, key=lambda p: (-p.clones_caught, p.flags, _distance(p.thresholds, base))), True
+    return min(points, key=lambda p: (p.upper_bound, -p.clones_caught, _distance(p.thresholds, base))), False
+
+
+def _probs(samples: Sequence[FitSample], temperature: float) -> np.ndarray:
+    z = np.stack([np.asarray(s.logits, dtype=np.float64) for s in samples])
+    return softmax(z, temperature)
+
+
+def _temperature(samples: Sequence[FitSample], temperature: float | None) -> float:
+    if temperature is not None:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise CalibrationError(f"temperature must be a positive finite number, got {temperature!r}")
+        return float(temperature)
+    labelled = [s for s in samples if s.genuine and s.label is not None and s.image_problem is None]
+    if not labelled:
+        raise CalibrationError(
+            "no genuine sample with a label to fit the temperature on; fix: give label= or temperature="
+        )
+    return fit_temperature(np.stack([s.logits for s in labelled]), np.array([s.label for s in labelled]))
+
+
+def _check_samples(samples: Sequence[FitSample], taxonomy: Taxonomy) -> None:
+    if not samples:
+        raise CalibrationError("no samples to fit on; fix: give labelled genuine captures (and simulated clones)")
+    if not any(s.genuine for s in samples):
+        raise CalibrationError("no genuine sample: the false-flag rate cannot be measured; fix: add genuine captures")
+    width = len(taxonomy.labels)
+    bad = next((i for i, s in enumerate(samples) if np.shape(s.logits) != (width,)), None)
+    if bad is not None:
+        raise CalibrationError(
+            f"sample {bad} ({samples[bad].sample_id or 'no id'}) has logits of shape {np.shape(samples[bad].logits)}, "
+            f"the taxonomy has {width} labels; fix: give the model's output for one crop per sample"
+        )
+
+
+def fit_operating_point(
+    samples: Sequence[FitSample],
+    *,
+    taxonomy: Taxonomy,
+    target: float = DEFAULT_TARGET,
+    confidence: float = DEFAULT_CONFIDENCE,
+    sided: Sided = "one",
+    base: DecisionConfig | None = None,
+    temperature: float | None = None,
+    other_grid: Sequence[float] | None = None,
+    dataset_sha256: str | None = None,
+    fitted_at: datetime | None = None,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Fit the temperature (unless given) and the thresholds for ``target`` on labelled samples.
+
+    ``base`` supplies the thresholds that are not fitted (``match_threshold``, ``top_k``, ...).
+    Raises :class:`CalibrationError` for unusable input. The result's ``operating_point.met`` is
+    False when no grid point bounds the false-flag rate at ``target`` (too few genuine samples:
+    see ``genuine_needed``, or a model too weak); the daemon never flags with an unmet point.
+    """
+    _check_samples(samples, taxonomy)
+    if not 0.0 < target < 1.0:
+        raise CalibrationError(f"target must be within (0, 1), got {target}; fix: e.g. --target 0.001")
+    base = base or DecisionConfig.model_validate({})
+    t_fit = _temperature(samples, temperature)
+    probs = _probs(samples, t_fit)
+    feats = _features(samples, probs, taxonomy, base)
+    grid = _grid(base, other_grid)
+    points = []
+    for done, t in enumerate(grid, start=1):
+        points.append(_point(feats, t, _flags(feats, t), confidence, sided))
+        if progress is not None and (done % 500 == 0 or done == len(grid)):
+            progress(done, len(grid))
+    chosen, met = _best(points, target, base)
+    checked, _ = count_flags(samples, probs, taxonomy, _config(base, chosen.thresholds), confidence, sided)
+    if (checked.flags, checked.clones_caught) != (chosen.flags, chosen.clones_caught):
+        raise AssertionError(  # a bug: the vectorised scan must read decide's rule exactly
+            f"grid scan counted {chosen.flags} flags/{chosen.clones_caught} caught, decide counted "
+            f"{checked.flags}/{checked.clones_caught} at {chosen.thresholds}"
+        )
+    needed = genuine_needed(target, confidence, sided)
+    warnings = []
+    if not met:
+        warnings.append(
+            f"target {target} not met: the best point has {chosen.flags} flag(s) in {chosen.n_genuine} genuine "
+            f"samples, upper bound {chosen.upper_bound:.5f}; 0 flags need at least {needed} genuine samples"
+        )
+    op = _operating_point(
+        chosen, met, target, confidence, sided, t_fit, base, dataset_sha256 or samples_sha256(samples), fitted_at
+    )
+    return FitResult(
+        operating_point=op, chosen=chosen, grid=tuple(points), genuine_needed=needed, warnings=tuple(warnings)
+    )
+
+
+def _operating_point(
+    chosen: GridPoint,
+    met: bool,
+    target: float,
+    confidence: float,
+    sided: Sided,
+    temperature: float,
+    base: DecisionConfig,
+    dataset_sha256: str,
+    fitted_at: datetime | None,
+) -> OperatingPoint:
+    thresholds = {
+        **chosen.thresholds,
+        "match_threshold": max(base.match_threshold, chosen.thresholds["model_threshold"]),
+    }
+    when = (fitted_at or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    body = {
+        "target": target,
+        "confidence": confidence,
+        "sided": sided,
+        "thresholds": thresholds,
+        "temperature": temperature,
+        "n_genuine": chosen.n_genuine,
+        "flags": chosen.flags,
+        "upper_bound": chosen.upper_bound,
+        "met": met,
+        "n_clones": chosen.n_clones,
+        "clones_caught": chosen.clones_caught,
+        "fitted_at": when,
+        "dataset_sha256": dataset_sha256,
+    }
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return OperatingPoint(id=f"op-{digest}", **body)  # type: ignore[arg-type]  # keys are OperatingPoint's fields
+
+
+def write_fitted_bundle(bundle: Bundle, op: OperatingPoint, out: Path) -> Bundle:
+    """A NEW bundle in ``out``: same ONNX and labels, ``op`` and its temperature, version ``+cal``.
+
+    The source's signature is not copied: the manifest changed, so it must be re-signed.
+    """
+    out = Path(out)
+    _check_out_dir(bundle, out)
+    m = bundle.manifest
+    note = f"Operating point {op.id} (target {op.target}, bound {op.upper_bound:.5f}) fitted on {m.version}."
+    return write_bundle(
+        out,
+        onnx_bytes=(bundle.path / MODEL_FILE).read_bytes(),
+        labels=bundle.labels,
+        name=m.name,
+        version=bumped_version(m.version),
+        task=m.task,
+        input_name=m.input_name,
+        input_shape=m.input_shape,
+        preprocessing=m.preprocessing,
+        output_name=m.output_name,
+        output_kind=m.output_kind,
+        temperature=op.temperature,
+        demo=m.demo,
+        full_range_makes=m.full_range_makes,
+        crop=m.crop,
+        tta=m.tta,
+        ood=m.ood,
+        lookalike_groups=m.lookalike_groups,
+        operating_point=op,
+        description=f"{m.description} {note}".strip(),
+    )
