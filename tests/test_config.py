@@ -136,6 +136,7 @@ def test_a_full_valid_file_parses_every_key(tmp_path: Path) -> None:
         "match_threshold": 0.4,
         "top_k": 3,
         "other_threshold": 0.3,
+        "override_operating_point": False,
     }
     assert cfg.outbox.db == Path("/srv/state.db")
     assert cfg.mqtt.port == 8883
@@ -168,7 +169,7 @@ def test_unknown_key_is_refused_with_its_dotted_key_and_the_allowed_keys(tmp_pat
     assert "remove it or correct its spelling" in issue.fix
     assert (
         "allowed keys here: make_threshold, match_threshold, min_plate_confidence, min_top1, "
-        "model_threshold, other_threshold, top_k"
+        "model_threshold, other_threshold, override_operating_point, top_k"
     ) in issue.fix
 
 
