@@ -272,7 +272,9 @@ def test_a_read_only_spool_pauses_intake_with_one_error_and_resumes_by_itself(
     tmp_path: Path, models: Path, broker: MosquittoBroker, tmpfs: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool = tmpfs(tmp_path / "spool")
-    site = make_site(tmp_path / "site", models, broker.port, n=16, overrides={"spool": {"dir": str(spool)}})
+    site = make_site(
+        tmp_path / "site", models, broker.port, n=16, overrides={"spool": {"dir": str(spool), "min_free_mb": 1}}
+    )
     (spool / "incoming").mkdir(exist_ok=True)
     site.drop(site.scenario)
     Service(site.cfg).spool.ensure_layout()

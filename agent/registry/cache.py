@@ -382,8 +382,10 @@ class Registry:
     Never crashes the caller on a bad file: a cache that fails ``quick_check`` at start, or any
     read error later, makes it *unavailable* (``problem`` says why); lookups then raise
     :class:`RegistryUnavailable` at once, and the file is re-checked every ``REOPEN_EVERY_S``.
-    ``create=True`` (tests, first install) creates an empty cache where none exists; the agent
-    passes False, so a deleted cache is a loud, persistent state, never silently recreated empty.
+    ``create=True`` (the default) creates an empty cache at the first open where none exists
+    (``health()`` then says ``empty``: loud and persistent in the heartbeat); a file that goes
+    missing later is never recreated behind the operator's back: it is ``unavailable`` until a
+    snapshot is imported. ``reopen_every_s`` may be changed on a live instance.
     """
 
     def __init__(self, db_path: Path, hmac_key: bytes, *, create: bool = True) -> None:
@@ -396,7 +398,7 @@ class Registry:
         self._state: RegistryState | None = None
         self.problem: str | None = None
         self.unavailable_since: float | None = None
-        self._next_check = 0.0
+        self._checked_at = 0.0  # monotonic time of the last integrity check
         self.reopen_every_s = REOPEN_EVERY_S
         if self._create and not self._path.exists():  # only at the first open: never recreated behind a fix
             with contextlib.suppress(sqlite3.Error, OSError):
@@ -434,11 +436,11 @@ class Registry:
         if self.unavailable_since is None:
             self.unavailable_since = time.time()
         self.problem = problem
-        self._next_check = time.monotonic() + self.reopen_every_s
+        self._checked_at = time.monotonic()
 
     def _usable(self) -> sqlite3.Connection:
         """The open connection, or RegistryUnavailable (re-checking the file when it is time)."""
-        if self.problem is not None and time.monotonic() >= self._next_check:
+        if self.problem is not None and time.monotonic() - self._checked_at >= self.reopen_every_s:
             self._open()
         if self.problem is not None or self._conn is None:
             raise RegistryUnavailable(f"registry unavailable: {self.problem}; fix: {fix_corrupt(self._path)}")
