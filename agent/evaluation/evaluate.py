@@ -30,6 +30,7 @@ from iaflash.agent.capture.intake import Preparer
 from iaflash.agent.capture.preprocess import inspect_jpeg
 from iaflash.agent.capture.sidecar import Capture, parse_sidecar
 from iaflash.agent.config import DecisionConfig, SpoolConfig
+from iaflash.agent.decision.operating import decision_policy
 from iaflash.agent.decision.taxonomy import Taxonomy, norm_make
 from iaflash.agent.decision.verdict import Verdict, thresholds_of
 from iaflash.agent.errors import CaptureRejected, DatasetError
@@ -41,6 +42,7 @@ from iaflash.agent.evaluation.simulate import (
     Pair,
     Progress,
     Rates,
+    SweepPoint,
     genuine_needed,
     joint_sweep,
     outcome_name,
@@ -478,13 +480,41 @@ def confusions(inference: Inference, probs: np.ndarray, taxonomy: Taxonomy, top:
 # ---------------------------------------------------------------- the document
 
 
-def _point(name: str, cfg: DecisionConfig, r: Rates, target: float) -> dict[str, Any]:
-    return {"name": name, "thresholds": thresholds_of(cfg), **r.to_dict(), "met": r.met(target)}
+def _point(name: str, cfg: DecisionConfig, r: Rates, target: float, no_flag_reason: str | None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "thresholds": thresholds_of(cfg),
+        **r.to_dict(),
+        "met": r.met(target),
+        "never_flags": no_flag_reason,
+    }
+
+
+def _named_points(
+    bundle: Bundle, cfg: DecisionConfig, best: SweepPoint | None
+) -> list[tuple[str, DecisionConfig, str | None]]:
+    """daemon (config + the bundle's operating point, as the daemon combines them), configured (the
+    config as given), shipped (the bundle's point alone) and recommended (the sweep's best)."""
+    policy = decision_policy(cfg, bundle.manifest.operating_point)
+    named: list[tuple[str, DecisionConfig, str | None]] = [
+        ("daemon", policy.cfg, policy.no_flag_reason),
+        ("configured", cfg, None),
+    ]
+    shipped = shipped_config(bundle, cfg)
+    if shipped is not None:
+        named.append(("shipped", shipped, None))
+    if best is not None:
+        point = sweep_config(cfg, min_top1=best.min_top1, make=best.make_threshold, model=best.model_threshold)
+        named.append(("recommended", point, None))
+    return named
 
 
 def _warnings(points: list[dict[str, Any]], target: float, genuine: int) -> list[str]:
     out = []
     for p in points:
+        if p["never_flags"]:
+            out.append(f"The daemon NEVER FLAGS with this bundle and config: {p['never_flags']}")
+            continue
         if p["name"] == "recommended" or p["met"]:
             continue
         out.append(
@@ -537,22 +567,11 @@ def evaluate(
         progress=progress,
     )
     rows = [_row(n, inference, probs, problems, taxonomy) for n in range(len(inference.samples))]
-    named: list[tuple[str, DecisionConfig]] = [("configured", cfg)]
-    shipped = shipped_config(bundle, cfg)
-    if shipped is not None:
-        named.append(("shipped", shipped))
-    best = recommend(sweep, target)
-    if best is not None:
-        named.append(
-            (
-                "recommended",
-                sweep_config(cfg, min_top1=best.min_top1, make=best.make_threshold, model=best.model_threshold),
-            )
-        )
+    named = _named_points(bundle, cfg, recommend(sweep, target))
     points, flagged, outcomes = [], {}, {}
-    for name, point_cfg in named:
-        verdicts = pair_verdicts(probs, pairs, problems, taxonomy, point_cfg, categories)
-        points.append(_point(name, point_cfg, rates(verdicts, pairs), target))
+    for name, point_cfg, no_flag_reason in named:
+        verdicts = pair_verdicts(probs, pairs, problems, taxonomy, point_cfg, categories, no_flag_reason)
+        points.append(_point(name, point_cfg, rates(verdicts, pairs), target, no_flag_reason))
         flagged[name] = _flagged(rows, pairs, verdicts)[:FLAGGED_LISTED]
         outcomes[name] = outcome_rates(verdicts, pairs)
         for pair, verdict in zip(pairs, verdicts, strict=True):

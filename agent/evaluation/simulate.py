@@ -125,8 +125,9 @@ def pair_verdicts(
     taxonomy: Taxonomy,
     cfg: DecisionConfig,
     label_categories: Sequence[str] | None = None,
+    no_flag_reason: str | None = None,
 ) -> list[Verdict]:
-    """The daemon's verdict for each pair (:func:`decide`, nothing re-derived)."""
+    """The daemon's verdict for each pair (:func:`decide`, nothing re-derived; ``no_flag_reason`` as there)."""
     return [
         decide(
             probs=probs[p.sample],
@@ -136,6 +137,7 @@ def pair_verdicts(
             cfg=cfg,
             image_problem=image_problems[p.sample],
             label_categories=label_categories,
+            no_flag_reason=no_flag_reason,
         )
         for p in pairs
     ]

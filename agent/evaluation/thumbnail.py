@@ -37,7 +37,7 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 
 def _shrink(image: np.ndarray, width: int) -> np.ndarray:
-    step = max(1, image.shape[1] // width)
+    step = max(1, -(-image.shape[1] // width))  # ceil: never wider than ``width``
     h, w = (image.shape[0] // step) * step, (image.shape[1] // step) * step
     blocks = image[:h, :w].reshape(h // step, step, w // step, step, 3).mean(axis=(1, 3))
     out: np.ndarray = blocks[:, :, ::-1].astype(np.uint8)  # BGR → RGB
