@@ -291,7 +291,8 @@ def assert_nothing_sent(response: dict[str, Any], agent: Agent, *fragments: str)
     assert error_code(response) == "failed" and "result" not in response
     for fragment in fragments:
         assert fragment in response["error"]["message"], response["error"]["message"]
-    assert "jpeg_b64" not in json.dumps(response) and "images" not in json.dumps(response)
+    text = json.dumps(response)
+    assert "jpeg_b64" not in text and base64.b64encode(agent.jpeg[:999]).decode() not in text  # no byte of it
     assert agent.worker.counters()["refused.failed"] == 1
 
 
