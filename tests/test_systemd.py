@@ -46,6 +46,24 @@ def test_unit_is_sandboxed_to_an_exposure_of_at_most_2(tmp_path: Path) -> None:
     assert float(match.group(1)) <= 2.0
 
 
+def test_a_stopped_crash_loop_never_leaves_the_unit_failed_for_good(tmp_path: Path) -> None:
+    """No start limit (StartLimitIntervalSec=0): systemd retries every RestartSec forever, so the
+    agent comes back by itself once the cause is fixed; poison captures are quarantined meanwhile."""
+    text = UNIT.read_text()
+    unit_section = text.split("[Service]")[0]
+    assert "StartLimitIntervalSec=0" in unit_section and "StartLimitBurst" not in text
+    assert "Restart=on-failure" in text
+    restart = re.search(r"^RestartSec=(\d+)$", text, re.M)
+    assert restart and 5 <= int(restart.group(1)) <= 60
+    shown = subprocess.run(
+        [ANALYZE, "verify", "--man=no", str(unit_with_existing_binary(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert shown.returncode == 0 and shown.stderr.strip() == ""
+
+
 def test_unit_is_a_notify_service_with_a_watchdog_and_the_key_as_a_credential() -> None:
     text = UNIT.read_text()
     for line in (
