@@ -175,7 +175,8 @@ def _destroy(patch: np.ndarray, policy: EvidenceConfig, rng: np.random.Generator
         out = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
     same = cv2.inRange(cv2.absdiff(out, patch), (0, 0, 0), (0, 0, 0))  # 255 where all three channels equal
     if cv2.countNonZero(same):
-        cv2.bitwise_xor(out, (_FLIP, _FLIP, _FLIP, 0), dst=out, mask=same)
+        flip = (_FLIP, _FLIP, _FLIP, 0)
+        cv2.bitwise_xor(out, flip, dst=out, mask=same)  # type: ignore[call-overload]  # a Scalar src2: the stubs omit it
     return out
 
 
