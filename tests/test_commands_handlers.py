@@ -338,7 +338,8 @@ def test_send_evidence_withholds_an_image_with_no_box_when_the_policy_says_so(
     response = central.send(SITE, DEVICE, "send_evidence", {"capture_id": CAPTURE}, timeout=10)
     assert response["ok"] is True, response
     assert [i["name"] for i in response["result"]["images"]] == [f"{CAPTURE}.jpg"]
-    assert response["result"]["anonymisation"]["withheld"] == [{"name": "second.jpg", "reason": "no vehicle box"}]
+    [withheld] = response["result"]["anonymisation"]["withheld"]
+    assert withheld["name"] == "second.jpg" and withheld["reason"].startswith("no vehicle box (the sidecar has none")
 
 
 def signed_delta(agent: Agent, tmp_path: Path, key: Path | None) -> dict[str, Any]:
@@ -645,12 +646,10 @@ def test_a_running_service_answers_status_and_sends_the_evidence_of_a_processed_
         site.drop(site.scenario)
         wait_until(lambda: site.processed_count() >= site.expected_verdicts(), 60, "every verdict")
         assert service.link is not None and service.link.wait_commands_ready(10)
-        processed = [
-            p.stem
-            for p in site.files_in("done", "*.json")
-            if "vehicle_box" in json.loads(p.read_text(encoding="utf-8"))
-        ]
-        assert processed
+        sidecars = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in site.files_in("done", "*.json")}
+        processed = [cid for cid, doc in sidecars.items() if "vehicle_box" in doc]
+        boxless = [cid for cid, doc in sidecars.items() if "vehicle_box" not in doc]
+        assert processed and boxless
         with CommandClient("127.0.0.1", broker.port, private_key_path=central_key) as client:
             status = client.send(site.cfg.site.site_id, site.cfg.site.device_id, "status", timeout=20)
             evidence = client.send(
@@ -660,10 +659,19 @@ def test_a_running_service_answers_status_and_sends_the_evidence_of_a_processed_
                 {"capture_id": processed[0]},
                 timeout=20,
             )
+            located = [
+                client.send(site.cfg.site.site_id, site.cfg.site.device_id, "send_evidence", {"capture_id": c}, 30)
+                for c in boxless
+            ]
     finally:
         service.stop()
     assert status["ok"] is True and status["result"]["versions"]["agent"] == "0.1.0"
     assert status["result"]["commands"]["received"] == 1
+    # no radar box: the site's vehicle detector finds the vehicle again, or nothing is sent
+    sources = [r["result"]["anonymisation"]["images"][0]["vehicle_box_source"] for r in located if r["ok"]]
+    assert sources and all(src.startswith("detector: ") for src in sources), located
+    for refused in (r for r in located if not r["ok"]):
+        assert refused["error"]["code"] == "failed" and "has no vehicle box (detector: " in refused["error"]["message"]
     assert evidence["ok"] is True, evidence
     image = evidence["result"]["images"][0]
     sent = base64.b64decode(image["jpeg_b64"])

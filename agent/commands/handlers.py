@@ -24,7 +24,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -59,6 +59,7 @@ from iaflash.agent.errors import (
 )
 from iaflash.agent.evidence.anonymise import anonymise_jpeg
 from iaflash.agent.evidence.detector import BundleFinder, load_finder
+from iaflash.agent.evidence.vehicle_box import VehicleLocator, load_locator
 from iaflash.agent.link.mqtt import InboundMessage, MqttLink
 from iaflash.agent.registry.cache import import_signed_subset
 from iaflash.agent.registry.plates import key_id, plate_key
@@ -117,6 +118,7 @@ class CommandWorker:
         self._counts: dict[str, int] = dict.fromkeys(("received", "ok", "refused", "no_reply_to", "response_errors"), 0)
         self._handlers: dict[str, tuple[Handler, bool]] = {}
         self._finder: BundleFinder | None = None  # evidence.detector_bundle, loaded on first use
+        self._locator: VehicleLocator | None = None  # model.detector_bundle on a CPU session, on first use
         for name, handler in (
             ("ping", self._ping),
             ("status", self._status),
@@ -140,8 +142,9 @@ class CommandWorker:
             self._thread.join(timeout)
         self._slow.shutdown(wait=True, cancel_futures=True)
         self.replay.close()
-        if self._finder is not None:
-            self._finder.close()
+        for loaded in (self._finder, self._locator):
+            if loaded is not None:
+                loaded.close()
 
     def counters(self) -> dict[str, int]:
         """received, ok, refused, ``refused.<code>``, no_reply_to, response_errors and dropped (queue full)."""
@@ -342,13 +345,15 @@ class CommandWorker:
         ]
         if not names:
             raise CommandError("not_found", f"capture {capture_id}: its image is no longer in done/")
-        images, anonymisation = self._anonymised(capture_id, names, sidecar.get("vehicle_box"))
+        images, anonymisation = self._anonymised(capture_id, names, sidecar)
         plate, sidecar["plate_key"] = sidecar.pop("plate", None), None  # never in clear: its HMAC, as in events
         with contextlib.suppress(PlateError):
             sidecar["plate_key"] = plate_key(self._hmac_key, plate).hex() if isinstance(plate, str) else None
         return {"capture_id": capture_id, "sidecar": sidecar, "images": images, "anonymisation": anonymisation}
 
-    def _anonymised(self, capture_id: str, names: list[str], box: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _anonymised(
+        self, capture_id: str, names: list[str], sidecar: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Each image masked and re-encoded as ``evidence.*`` says; any failure sends nothing (docs/EVIDENCE.md)."""
         policy = self.cfg.evidence
         images, records, withheld = [], [], []
@@ -356,27 +361,37 @@ class CommandWorker:
             if self._finder is None and policy.detector_bundle is not None:
                 self._finder = load_finder(self.cfg)  # refused clearly; retried by the next command
             for i, name in enumerate(names):
-                vehicle_box = box if i == 0 and _is_box(box) else None  # vehicle_box is in the first image's pixels
+                data = (self.done_dir / name).read_bytes()
+                vehicle_box, source = self._vehicle_box(data, sidecar, name, first=i == 0)
                 if vehicle_box is None:
                     if policy.no_vehicle_box == "refuse":
-                        raise CommandError("failed", _no_box(capture_id, name))
-                    withheld.append({"name": name, "reason": "no vehicle box"})
+                        raise CommandError("failed", _no_box(capture_id, name, source))
+                    withheld.append({"name": name, "reason": f"no vehicle box ({source})"})
                     continue
-                done = anonymise_jpeg(
-                    (self.done_dir / name).read_bytes(),
-                    vehicle_box=vehicle_box,
-                    policy=policy,
-                    finder=self._finder,
-                    name=name,
-                )
+                done = anonymise_jpeg(data, vehicle_box=vehicle_box, policy=policy, finder=self._finder, name=name)
                 images.append(_image(name, done.jpeg))
-                records.append(done.record)
+                records.append({**done.record, "vehicle_box_source": source})
         except AnonymiseError as exc:
             self._count("evidence.anonymise_failed")
             raise CommandError("failed", f"capture {capture_id}: not sent, anonymisation failed: {exc}") from exc
         if not images:
-            raise CommandError("failed", _no_box(capture_id, ", ".join(names)))
+            raise CommandError("failed", _no_box(capture_id, ", ".join(names), "every image withheld"))
         return images, {"images": records, "withheld": withheld}
+
+    def _vehicle_box(
+        self, data: bytes, sidecar: dict[str, Any], name: str, *, first: bool
+    ) -> tuple[Sequence[float] | None, str]:
+        """The reviewed vehicle's box in this image and where it came from (the radar's, else the detector's)."""
+        box = sidecar.get("vehicle_box")
+        if first and _is_box(box):
+            return box, "sidecar"  # the radar's box is in the first image's pixels
+        if self.cfg.model.detector_bundle is None:
+            return None, "the sidecar has none for this image and no vehicle detector is configured"
+        if self._locator is None:
+            self._locator = load_locator(self.cfg)  # refused clearly; retried by the next command
+        assert self._locator is not None  # model.detector_bundle is set
+        found, reason = self._locator.locate(data, sidecar, name)
+        return found, f"detector: {reason}"
 
     def _registry_sync(self, args: dict[str, Any]) -> dict[str, Any]:
         data, signature = _b64(args.get("file_b64")), args.get("signature")
@@ -440,11 +455,12 @@ def _is_box(value: Any) -> bool:
     )
 
 
-def _no_box(capture_id: str, names: str) -> str:
+def _no_box(capture_id: str, names: str, why: str) -> str:
     return (
-        f"capture {capture_id}: image {names} has no vehicle box (the sidecar's vehicle_box covers the "
-        "first image only), so it cannot be anonymised and is not sent; fix: have the radar write "
-        'vehicle_box, or set evidence.no_vehicle_box = "withhold" to send the other images'
+        f"capture {capture_id}: image {names} has no vehicle box ({why}; the sidecar's vehicle_box covers "
+        "the first image only), so it cannot be anonymised and is not sent; fix: have the radar write "
+        'vehicle_box, configure model.detector_bundle, or set evidence.no_vehicle_box = "withhold" to send '
+        "the other images"
     )
 
 
