@@ -208,3 +208,34 @@ def test_an_edited_operating_point_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"operating_point\.gate' is not a known key"):
         Manifest.from_dict(unknown)
     assert math.isclose(Manifest.from_dict(doc).operating_point.upper_bound, op.upper_bound)  # type: ignore[union-attr]  # present
+
+
+# ---------------------------------------------------------------- iaflash-agent fit, end to end on drawn photos
+
+
+def test_fit_command_writes_a_bundle_whose_operating_point_the_daemon_reads(tmp_path: Path) -> None:
+    """fit runs the demo dataset through the daemon's intake and model and writes the point into a new manifest."""
+    from click.testing import CliRunner  # only this test drives the CLI
+
+    from iaflash.agent.cli.main import main
+    from iaflash.agent.decision.operating import decision_policy
+    from iaflash.agent.demo.dataset import write_dataset
+    from iaflash.agent.demo.model import build_demo_bundle
+
+    bundle, _ = build_demo_bundle(tmp_path / "bundle", per_class=8, seed=1, fit_per_class=10)
+    data = write_dataset(tmp_path / "data", per_class=12, seed=5, level=0.2)
+    out = tmp_path / "fitted"
+    result = CliRunner().invoke(
+        main, ["fit", str(bundle.path), str(data), "--out", str(out), "--target", "0.05", "--json"]
+    )
+    doc = json.loads(result.stdout)
+    op = load_bundle(out).manifest.operating_point
+    assert op is not None
+    assert doc["operating_point"] == op.to_dict()
+    assert op.n_genuine == 96  # 12 drawn photos of each of the 8 classes (the 'outside' ones are unsupported)
+    assert op.n_clones > 0
+    assert result.exit_code == (0 if op.met else 3)
+    assert doc["genuine_needed"] == genuine_needed(0.05)
+    policy = decision_policy(DecisionConfig(), op)
+    assert policy.cfg.min_top1 == op.thresholds["min_top1"]
+    assert (policy.no_flag_reason is None) == op.met

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from iaflash.agent.cli.eval import commands as eval_commands
+from iaflash.agent.cli.fit import fit
 from iaflash.agent.config import load_config
 from iaflash.agent.config_checks import semantic_issues
 from iaflash.agent.errors import ConfigError, ConfigIssue, EngineError, IaflashError
@@ -179,3 +180,4 @@ def demo(workdir: Path, broker_kind: str, count: int, as_json: bool) -> None:
 
 for _command in eval_commands:  # calibrate and evaluate live beside their code (agent/cli_eval.py)
     main.add_command(_command)
+main.add_command(fit)  # fit lives beside its code (agent/cli/fit.py)

@@ -31,7 +31,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +49,7 @@ from iaflash.agent.evaluation.calibrate import (  # _check_out_dir: the one out-
 )
 from iaflash.agent.registry.record import RegistryRecord
 from iaflash.engines.bundle import MODEL_FILE, Bundle, OperatingPoint, write_bundle
+from iaflash.engines.scores import fuse
 
 __all__ = [
     "DEFAULT_CONFIDENCE",
@@ -64,6 +65,7 @@ __all__ = [
     "count_flags",
     "fit_operating_point",
     "genuine_needed",
+    "samples_from_inference",
     "samples_sha256",
     "write_fitted_bundle",
 ]
@@ -162,6 +164,8 @@ class FitSample:
     registration, False for a simulated clone; ``level`` says at which level a clone differs
     ("make" or "model"). ``label`` is the true label index (used to fit the temperature).
     ``image_problem`` is what the daemon's intake said about the image (None when usable).
+    ``outputs``/``views``: every view's raw outputs ``[V, C]`` (crop, mirror, second image) when the
+    daemon fuses several (:func:`iaflash.engines.scores.fuse`); None: ``logits`` is the one view.
     """
 
     logits: np.ndarray
@@ -172,6 +176,8 @@ class FitSample:
     image_problem: str | None = None
     sample_id: str = ""
     view: str | None = None
+    outputs: np.ndarray | None = None
+    views: tuple[str, ...] = ()
 
 
 def samples_sha256(samples: Sequence[FitSample]) -> str:
@@ -232,6 +238,60 @@ class FitResult:
             "warnings": list(self.warnings),
             "grid_points": len(self.grid),
         }
+
+
+_LEVELS: dict[str, Literal["make", "model"]] = {"make": "make", "model": "model"}
+
+
+def _own(make: str, model: str) -> RegistryRecord:
+    return RegistryRecord(make, model, None, None)
+
+
+def samples_from_inference(
+    inference: Any, taxonomy: Taxonomy, *, clones_per_image: int = 1, seed: int = 0
+) -> list[FitSample]:
+    """FitSamples from an :class:`iaflash.agent.evaluation.evaluate.Inference` (the daemon's intake and model).
+
+    A labelled *photo* is read against its own registration (genuine) and ``clones_per_image``
+    simulated clones of each level (another make's label; another model of its make, when the
+    taxonomy has one). A labelled *capture* keeps its own truth (genuine / make / model clone) and
+    the registry text it lists. Unclassified items keep their intake problem (they never flag).
+    """
+    rng = np.random.default_rng(seed)
+    usable = [i for i in range(len(taxonomy.labels)) if i not in taxonomy.other_indices]
+    out: list[FitSample] = []
+    for n, sample in enumerate(inference.samples):
+        outputs = inference.outputs[n] if len(inference.outputs) > n else None
+        views = tuple(inference.views[n]) if len(inference.views) > n else ()
+        y = int(inference.labels[n])
+        genuine = FitSample(
+            logits=np.nan_to_num(np.asarray(inference.logits[n], dtype=np.float64), nan=0.0),
+            record=_own(sample.make, sample.model),
+            genuine=True,
+            label=y,
+            image_problem=inference.image_problems[n] or (None if outputs is not None else "not classified"),
+            sample_id=sample.where,
+            outputs=None if outputs is None or len(views) < 2 else np.asarray(outputs),
+            views=views,
+        )
+        if sample.capture is not None:
+            record = _own(*(sample.registered or (sample.make, sample.model)))
+            level = _LEVELS.get(sample.kind)
+            out.append(replace(genuine, record=record, genuine=level is None, level=level))
+            continue
+        out.append(genuine)
+        for kind in ("make", "model"):
+            same = kind == "model"
+            others = [
+                i
+                for i in usable
+                if (taxonomy.make_of(i) == taxonomy.make_of(y)) == same and i not in taxonomy.group_indices(y)
+            ]
+            for i in rng.choice(others, size=min(clones_per_image, len(others)), replace=False) if others else ():
+                label = taxonomy.labels[int(i)]
+                clone = replace(genuine, record=_own(label.make, label.model), genuine=False, level=_LEVELS[kind])
+                out.append(replace(clone, sample_id=f"{sample.where}#{kind}"))
+    return out
 
 
 # ---------------------------------------------------------------- the fit
@@ -387,9 +447,14 @@ def _best(points: Sequence[GridPoint], target: float, base: DecisionConfig) -> t
     return min(points, key=lambda p: (p.upper_bound, -p.clones_caught, _distance(p.thresholds, base))), False
 
 
-def _probs(samples: Sequence[FitSample], temperature: float) -> np.ndarray:
+def _probs(samples: Sequence[FitSample], temperature: float, output_kind: str) -> np.ndarray:
+    """What the daemon decides on: softmax(z / T), or the mean of the views' probabilities (engines.scores.fuse)."""
     z = np.stack([np.asarray(s.logits, dtype=np.float64) for s in samples])
-    return softmax(z, temperature)
+    probs = softmax(z, temperature)
+    for n, s in enumerate(samples):
+        if s.outputs is not None:
+            probs[n] = fuse(s.outputs, s.views, output_kind=output_kind, temperature=temperature).probs
+    return probs
 
 
 def _temperature(samples: Sequence[FitSample], temperature: float | None) -> float:
@@ -432,6 +497,7 @@ def fit_operating_point(
     dataset_sha256: str | None = None,
     fitted_at: datetime | None = None,
     progress: Progress | None = None,
+    output_kind: str = "logits",
 ) -> FitResult:
     """Fit the temperature (unless given) and the thresholds for ``target`` on labelled samples.
 
@@ -445,7 +511,7 @@ def fit_operating_point(
         raise CalibrationError(f"target must be within (0, 1), got {target}; fix: e.g. --target 0.001")
     base = base or DecisionConfig.model_validate({})
     t_fit = _temperature(samples, temperature)
-    probs = _probs(samples, t_fit)
+    probs = _probs(samples, t_fit, output_kind)
     feats = _features(samples, probs, taxonomy, base)
     grid = _grid(base, other_grid)
     points = []
