@@ -275,3 +275,13 @@ def test_banner_unknown_keys_are_logged_by_name_only(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.DEBUG, logger="iaflash.agent.capture.sidecar"):
         banner(BANNER + " | VP: 87")
     assert "VP" in caplog.text and "AB-123-CD" not in caplog.text
+
+
+@pytest.mark.parametrize("depth", [17, 900, 30_000])
+def test_a_deeply_nested_sidecar_is_rejected_as_too_deep_never_a_recursion_error(depth: int) -> None:
+    """30,000 deep used to raise RecursionError (the intake thread died, then recovery at every start)."""
+    for data in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        with pytest.raises(CaptureRejected) as info:
+            parse_sidecar(data, source="incoming/deep.json")
+        assert info.value.reason == "sidecar_too_deep"
+        assert str(info.value).startswith("incoming/deep.json: lists or objects nested more than 16 deep")

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iaflash.agent.capture.spool import Spool
+from iaflash.agent.capture.spool import Spool, read_regular
 from iaflash.agent.config import SpoolConfig
 from iaflash.agent.errors import CaptureRejected
 
@@ -361,3 +361,128 @@ def test_no_file_is_ever_lost(tmp_path: Path, kinds: list[str], crash_at: int) -
     assert ended == written
     bad = sum(k in ("not_json", "invalid", "missing_image", "unknown", "late_fail") for k in kinds)
     assert len(list(spool.rejected.glob("*.error.json"))) >= bad - kinds.count("late_fail")
+
+
+# ---------------------------------------------------------------- defensive reads and attempts (docs/RELIABILITY.md)
+
+
+def test_a_claim_left_unfinished_is_counted_across_restarts_and_quarantined_after_max_attempts(tmp_path: Path) -> None:
+    """Each start finds the capture in processing/ (the agent died on it), requeues it and claims it again."""
+    cfg = SpoolConfig(max_attempts=2)
+    first = Spool(tmp_path / "spool", cfg)
+    first.ensure_layout()
+    names = write_capture(first.incoming, "crasher")
+    assert first.claim("crasher") is not None and first.attempts("crasher") == 1  # then the agent is killed
+    restarted = Spool(tmp_path / "spool", cfg)
+    assert restarted.recover(lambda _: False) == (0, 1)
+    assert restarted.claim("crasher") is not None and restarted.attempts("crasher") == 2
+    last = Spool(tmp_path / "spool", cfg)
+    last.recover(lambda _: False)
+    with pytest.raises(CaptureRejected) as info:
+        last.claim("crasher")
+    assert info.value.reason == "quarantined" and "stopped the agent 2 times" in str(info.value)
+    assert files(last.rejected) == {*names, "crasher.error.json"}
+    assert last.attempts("crasher") == 0 and files(last.processing) == set()
+
+
+def test_a_finished_capture_leaves_no_attempt_count(spool: Spool) -> None:
+    write_capture(spool.incoming, "ok")
+    assert spool.claim("ok") is not None
+    spool.finish("ok")
+    assert list(spool.attempts_dir.iterdir()) == []
+
+
+def test_a_symlinked_sidecar_is_rejected_never_followed(spool: Spool, tmp_path: Path) -> None:
+    target = tmp_path / "secret.json"
+    target.write_text(json.dumps(sidecar("linked")))
+    os.symlink(target, spool.incoming / "linked.json")
+    assert spool.ready() == ["linked"]  # listed, so it cannot sit in incoming/ forever unseen
+    with pytest.raises(CaptureRejected) as info:
+        spool.claim("linked")
+    assert info.value.reason == "not_a_file" and "symbolic link" in str(info.value)
+    assert (spool.rejected / "linked.json").is_symlink() and target.read_text().startswith("{")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_an_image_swapped_for_a_fifo_or_a_device_link_is_refused_without_blocking(spool: Spool, kind: str) -> None:
+    """A FIFO used to block an intake thread forever, /dev/zero to exhaust memory."""
+    image = spool.incoming / "swap.jpg"
+    if kind == "fifo":
+        os.mkfifo(image)
+    else:
+        os.symlink("/dev/zero", image)
+    (spool.incoming / "swap.json").write_text(json.dumps(sidecar("swap")))
+    with pytest.raises(CaptureRejected) as info:
+        spool.claim("swap")
+    assert info.value.reason == "not_a_file"
+    assert files(spool.rejected) == {"swap.jpg", "swap.json", "swap.error.json"}
+
+
+def test_read_regular_checks_type_and_size_on_the_opened_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"x" * 10)
+    assert read_regular(path, 10, "image", "src") == b"x" * 10
+    with pytest.raises(CaptureRejected) as info:
+        read_regular(path, 9, "image", "src")
+    assert info.value.reason == "image_too_large"
+
+
+def test_an_unexpected_error_rejects_the_capture_as_internal_error_with_an_error_id(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_capture(spool.incoming, "boom")
+    assert spool.claim("boom") is not None
+    try:
+        raise RecursionError("maximum recursion depth exceeded")
+    except RecursionError as exc:
+        with caplog.at_level(logging.ERROR):
+            error_id = spool.reject_internal("boom", "decoding it", exc)
+    doc = json.loads((spool.rejected / "boom.error.json").read_text())
+    assert doc["reason"] == "internal_error" and f"error id {error_id}" in doc["message"]
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and logged[0].exc_info is not None  # the traceback is in the log under the same id
+    assert spool.counters()["rejected.internal_error"] == 1 and files(spool.processing) == set()
+
+
+def test_recovery_rejects_a_poison_sidecar_and_requeues_the_others(spool: Spool) -> None:
+    write_capture(spool.processing, "good")
+    (spool.processing / "deep.json").write_bytes(b"[" * 2000 + b"]" * 2000)  # past json's recursion limit
+    (spool.processing / "deep.jpg").write_bytes(jpeg())
+    assert spool.recover(lambda _: False) == (0, 2)  # reading it there used to raise RecursionError
+    with pytest.raises(CaptureRejected) as info:
+        spool.claim("deep")
+    assert info.value.reason == "sidecar_too_deep"
+    assert spool.claim("good") is not None
+
+
+def test_a_processed_id_with_other_content_in_processing_is_requeued_not_finished(spool: Spool) -> None:
+    """A reused id (radar counter reset) claimed before a crash must get its own verdict after it."""
+    write_capture(spool.incoming, "r1")
+    assert spool.claim("r1") is not None
+    spool.finish("r1")
+    (spool.processing / "r1.jpg").write_bytes(jpeg(seed=99))
+    (spool.processing / "r1.json").write_text(json.dumps(sidecar("r1", lane=2)))
+    assert spool.recover(lambda cid: cid == "r1") == (0, 1)
+    assert {"r1.jpg", "r1.json"} <= files(spool.incoming)
+
+
+def test_rejected_files_are_purged_after_their_retention(spool: Spool) -> None:
+    (spool.rejected / "old.json").write_text("{}")
+    (spool.rejected / "new.json").write_text("{}")
+    old = time.time() - 10 * 86400
+    os.utime(spool.rejected / "old.json", (old, old))
+    assert spool.purge_rejected(older_than_days=5) == 1
+    assert files(spool.rejected) == {"new.json"}
+
+
+def test_disk_problem_names_the_file_system_at_fault(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool", SpoolConfig())
+    s.ensure_layout()
+    s.watched = [s.root, tmp_path / "state"]
+    assert (
+        s.disk_problem(0)
+        == f"{tmp_path / 'state'}: cannot be read (No such file or directory); fix: check the mount and the folder"
+    )
+    (tmp_path / "state").mkdir()
+    assert s.disk_problem(0) is None
+    assert "less than spool.min_free_mb" in (s.disk_problem(10**12) or "")

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from iaflash.agent.health import JsonFormatter, Liveness, sd_notify, setup_logging, watchdog_interval_s
+from iaflash.agent.errors import InstanceLocked
+from iaflash.agent.health import (
+    InstanceLock,
+    JsonFormatter,
+    Liveness,
+    sd_notify,
+    setup_logging,
+    watchdog_interval_s,
+)
 
 
 @pytest.fixture
@@ -220,3 +228,42 @@ def test_json_formatter_extra_fields_never_overwrite_core_fields() -> None:
     record.level = "spoofed"
     doc = json.loads(JsonFormatter().format(record))
     assert doc["level"] == "WARNING" and doc["extra_level"] == "spoofed"
+
+
+def test_the_instance_lock_refuses_a_second_holder_naming_the_first_and_frees_on_release(tmp_path: Path) -> None:
+    first = InstanceLock(tmp_path)
+    first.acquire()
+    assert (tmp_path / "agent.lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(InstanceLocked, match=rf"another agent \(pid {os.getpid()}\) already runs") as info:
+        InstanceLock(tmp_path).acquire()
+    assert "Fix: stop the other one" in str(info.value)
+    first.release()
+    second = InstanceLock(tmp_path)
+    second.acquire()  # free again
+    second.release()
+
+
+def test_the_instance_lock_dies_with_its_process_even_on_sigkill(tmp_path: Path) -> None:
+    import subprocess
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from iaflash.agent.health import InstanceLock; "
+            f"InstanceLock(Path({str(tmp_path)!r})).acquire(); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(InstanceLocked, match=rf"pid {holder.pid}"):
+            InstanceLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    lock = InstanceLock(tmp_path)
+    lock.acquire()  # the stale file does not block a restart
+    lock.release()

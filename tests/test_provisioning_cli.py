@@ -149,6 +149,19 @@ def test_status_json_reports_dataset_seq_key_age_and_count(config: Path, snap: P
     assert "dataset siv-test seq 1" in text.stdout and f"key id {KID}" in text.stdout
 
 
+def test_status_of_a_corrupt_cache_exits_1_with_the_fix_re_import_a_snapshot(tmp_path: Path, snap: Path) -> None:
+    """It used to say all was well while the agent crash-looped on the same file."""
+    db = tmp_path / "registry.db"
+    import_subset(db, snap, expected_key_id=KID)
+    size = db.stat().st_size
+    with db.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\xa5" * (size - 4096))
+    result = CliRunner().invoke(cli, ["registry", "status", "--db", str(db)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {db}: corrupt") and "re-import a snapshot" in result.stderr
+
+
 def test_status_of_a_missing_cache_exits_1_naming_the_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["registry", "status", "--db", str(tmp_path / "none.db")])
     assert result.exit_code == 1

@@ -20,11 +20,19 @@ from typing import Any
 import pytest
 
 import iaflash.agent.registry.cache as registry_module
-from iaflash.agent.errors import PlateError, RegistryError, RegistryFileError, SignatureError, UntrustedKey
+from iaflash.agent.errors import (
+    PlateError,
+    RegistryError,
+    RegistryFileError,
+    RegistryUnavailable,
+    SignatureError,
+    UntrustedKey,
+)
 from iaflash.agent.registry.cache import (
     Registry,
     RegistryRecord,
     RegistryState,
+    check_integrity,
     import_signed_subset,
     import_subset,
     read_state,
@@ -596,3 +604,63 @@ def test_signed_import_refuses_a_file_rewritten_in_place_after_its_check(
         signed_import(db, file, trust)
     assert read_state(db).seq == 1  # type: ignore[union-attr]  # db fixture imported seq 1
     assert opened(db).lookup("XY-321-ZT") is None
+
+
+# ---------------------------------------------------------------- integrity (docs/RELIABILITY.md)
+
+
+def corrupt(db: Path) -> None:
+    """Garbage over every page after the first: what a failing SD card leaves."""
+    size = db.stat().st_size
+    with db.open("r+b") as f:
+        f.seek(4096)
+        f.write(bytes(range(256)) * ((size - 4096) // 256 + 1))
+
+
+def test_check_integrity_passes_a_good_cache_and_names_a_corrupt_or_missing_one(db: Path, tmp_path: Path) -> None:
+    assert check_integrity(db) is None
+    corrupt(db)
+    problem = check_integrity(db)
+    assert problem is not None and problem.startswith(f"{db}: corrupt")
+    assert check_integrity(tmp_path / "none.db") == f"{tmp_path / 'none.db'}: no registry cache here"
+
+
+def test_read_state_of_a_corrupt_cache_raises_with_the_fix_re_import_a_snapshot(db: Path) -> None:
+    corrupt(db)
+    with pytest.raises(RegistryUnavailable, match="corrupt") as info:
+        read_state(db)
+    assert "re-import a snapshot" in str(info.value) and "iaflash-provision registry import" in str(info.value)
+
+
+def test_a_corrupt_cache_makes_the_registry_unavailable_instead_of_raising_at_open(
+    db: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    corrupt(db)
+    with caplog.at_level(logging.ERROR):
+        reg = opened(db)  # used to raise at the first lookup and crash the agent
+        for _ in range(3):
+            with pytest.raises(RegistryUnavailable, match="re-import a snapshot"):
+                reg.lookup("AB-123-CD")
+    health = reg.health()
+    assert health["state"] == "unavailable" and "corrupt" in health["problem"]
+    assert reg.is_stale(48) is True  # never trusted as fresh
+    assert len([r for r in caplog.records if "registry unavailable" in r.getMessage()]) == 1  # once
+
+
+def test_an_unavailable_registry_heals_by_itself_after_a_re_import(db: Path, tmp_path: Path) -> None:
+    corrupt(db)
+    reg = opened(db)
+    reg.reopen_every_s = 0.0
+    assert reg.health()["state"] == "unavailable"
+    db.rename(tmp_path / "registry.db.corrupt")
+    import_subset(db, snapshot(tmp_path / "again.jsonl.gz"), expected_key_id=KID)
+    assert reg.lookup("AB-123-CD") == RegistryRecord("RENAULT", "CLIO", "VP", "CI")
+    assert reg.health() == {"state": "ok", "vehicles": len(FLEET), "seq": 1}
+
+
+def test_an_empty_cache_is_a_persistent_state_in_health(tmp_path: Path) -> None:
+    reg = opened(tmp_path / "new.db")
+    assert reg.lookup("AB-123-CD") is None
+    health = reg.health()
+    assert health["state"] == "empty" and "unknown_plate" in health["problem"]
+    assert "registry import" in health["fix"]

@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 _REFUSED = 128  # MQTT 5 reason codes at or above this are failures
+FLAP_WITHIN_S = 10.0  # a connection the broker closes this soon after it opened ...
+FLAPS_FOR_TAKEOVER = 2  # ... this many times in a row means another client uses our client id
 COMMAND_QUEUE_MAX = 100  # commands waiting for the worker; more are dropped and counted
 
 
@@ -211,6 +213,8 @@ class MqttLink:
         self.last_error_at: float | None = None
         self.connect_failures = 0
         self.takeovers = 0
+        self._connected_at = 0.0
+        self._flaps = 0  # disconnects in a row, each within FLAP_WITHIN_S of its connect
         self._logged: str | None = None  # the last error logged: the same one is not logged again
         self._connected = threading.Event()
         self._where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
@@ -283,9 +287,11 @@ class MqttLink:
             self._failed(*_refusal(reason_code, self._where))
             return
         self.connects += 1
-        if self._logged is not None:
-            log.warning("MQTT: connected again to %s after %d failed attempts", self._where, self.connect_failures)
-        self.last_error = self._logged = None
+        self._connected_at = time.monotonic()
+        if self._flaps == 0:  # while sessions keep being taken over, the error stays shown (and logged once)
+            if self._logged is not None:
+                log.warning("MQTT: connected again to %s after %d failed attempts", self._where, self.connect_failures)
+            self.last_error = self._logged = None
         client.publish(self.status_topic, self._status("online", "connected"), qos=1, retain=True)
         with self._sub_lock:  # enable_commands() may run now in another thread
             if self._commands is not None:
@@ -299,18 +305,28 @@ class MqttLink:
         self._commands_ready.clear()
         if was_connected and self._stopping:
             log.info("MQTT disconnected from %s (stopped)", self._where)
-        elif was_connected and _reason_value(reason_code) == 142:  # Session taken over
-            self.disconnects += 1
-            self.takeovers += 1
-            self._failed(
-                f"another client connected to {self._where} with this client id {self.cfg.client_id!r} "
-                f"and took the session over ({self.takeovers} times)",
-                "two agents run with one config: stop the other one, or give each box its own "
-                "[site] device_id (or mqtt.client_id)",
-            )
         elif was_connected:
             self.disconnects += 1
-            log.warning("MQTT disconnected from %s: %s; paho reconnects with backoff", self._where, reason_code)
+            quick = time.monotonic() - self._connected_at < FLAP_WITHIN_S
+            self._flaps = self._flaps + 1 if quick else 0
+            if _reason_value(reason_code) == 142 or self._flaps >= FLAPS_FOR_TAKEOVER:
+                self._taken_over(reason_code)
+            elif self._logged is None:  # a plain outage: one warning; a repeated one is counted, not re-logged
+                log.warning("MQTT disconnected from %s: %s; paho reconnects with backoff", self._where, reason_code)
+
+    def _taken_over(self, reason_code: Any) -> None:
+        """The broker keeps dropping us right after connecting: another client uses our client id.
+
+        Mosquitto just closes the socket of the older session (paho says "Unspecified error"), so
+        this is recognised by the pattern (or MQTT 5's reason 142, Session taken over).
+        """
+        self.takeovers += 1
+        self._failed(
+            f"the broker {self._where} keeps closing this connection right after it opens ({reason_code}): "
+            f"another client took the session over with the same client id {self.cfg.client_id!r}",
+            "two agents run with one config: stop the other one, or give each box its own [site] device_id "
+            "(or mqtt.client_id); if only one runs, check the broker's ACL and log",
+        )
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         # Called under paho's lock: enqueue only, never touch SQLite or log heavily here.
