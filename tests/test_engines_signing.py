@@ -16,9 +16,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from onnx_builders import make_bundle
 
 from iaflash.engines.bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, load_bundle
+from iaflash.engines.cli import main as engines_cli
 from iaflash.engines.errors import BundleError, EngineError, SignatureError, UntrustedKey
 from iaflash.engines.prehash import digest_bytes
 from iaflash.engines.signing import (
@@ -507,3 +509,18 @@ def test_an_unsigned_file_is_streamed_only_when_allowed(tmp_path: Path, trust: P
         trusted.confirm()
     with pytest.raises(SignatureError, match="not signed"):
         open_trusted_file(subset, trust, allow_unsigned=False)
+
+
+@pytest.mark.parametrize("fmt", ["1", "2"])
+def test_the_sign_command_writes_the_format_asked_and_verify_accepts_both(
+    tmp_path: Path, keys: Path, trust: Path, fmt: str
+) -> None:
+    subset = _subset(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(engines_cli, ["sign", str(subset), "--key", str(keys / "publisher.key"), "--format", fmt])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "subset-000042.jsonl.gz.sig").read_text())["version"] == int(fmt)
+    result = runner.invoke(engines_cli, ["verify", str(subset), "--trust", str(trust), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["name"] == "publisher"
+    bad = runner.invoke(engines_cli, ["sign", str(subset), "--key", str(keys / "publisher.key"), "--format", "3"])
+    assert bad.exit_code == 2 and "3 is not in the range 1<=x<=2" in bad.output
