@@ -154,7 +154,12 @@ def test_the_sections_round_trip_and_are_omitted_when_absent() -> None:
         ood={"threshold": -4.5},
     )
     doc = m.to_dict()
-    assert doc["crop"] == {"margin": 0.0, "aspect": "stretch", "interpolation": "auto", "color_modes": ["color", "grey"]}
+    assert doc["crop"] == {
+        "margin": 0.0,
+        "aspect": "stretch",
+        "interpolation": "auto",
+        "color_modes": ["color", "grey"],
+    }
     assert doc["tta"] == {"hflip": True}
     assert doc["ood"] == {"threshold": -4.5, "method": "energy", "temperature": 1.0}
     assert Manifest.from_dict(doc) == m
@@ -210,3 +215,11 @@ def test_hflip_adds_the_mirrored_input_as_a_second_view() -> None:
     np.testing.assert_array_equal(tensor[1], tensor[0][:, :, ::-1])
     plain, plain_info = prepare_crop(frame(), BOX, manifest(crop={"margin": 0}, tta={"hflip": False}))
     assert plain_info.views == ("original",) and plain is not None and plain.shape[0] == 1
+
+
+def test_an_infrared_frame_with_a_uniform_colour_cast_is_still_grey() -> None:
+    """Some IR cameras store a tinted image: a constant cast carries no colour information."""
+    tinted = np.clip(grey_frame().astype(np.int16) + np.array([-4, 0, 9], np.int16), 0, 255).astype(np.uint8)
+    tinted[:, :, :] = np.maximum(tinted, 20)  # keep clear of 0/255 clipping, where a cast is not uniform
+    assert color_mode(tinted) == "grey"
+    assert color_mode(frame()) == "color"
