@@ -1,6 +1,6 @@
 """The anonymiser on 5 MP frames: its cost beside the JPEG decode of the same run, and what it masks.
 
-    .venv/bin/python benchmarks/anonymise_bench.py [--repeat 10] [--frames 5] [--json]
+    .venv/bin/python benchmarks/anonymise_bench.py [--repeat 10] [--frames 5] [--face-bundle B] [--json]
 
 Frames are generated (tests/anonymise_scenes.py) at 2448×2048, JPEG q92: the reviewed vehicle,
 its driver behind the windscreen, its own plate, a third-party car's plate, a parked car's
@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from anonymise_scenes import make_scene  # the generated frames the tests use
 
-from iaflash.agent.config import EvidenceConfig
+from iaflash.agent.config import EvidenceConfig, parse_config
 from iaflash.agent.evidence.anonymise import (
     ANONYMISER_VERSION,
     anonymise_image,
@@ -37,6 +37,7 @@ from iaflash.agent.evidence.anonymise import (
     encode_clean,
     plan_regions,
 )
+from iaflash.agent.evidence.detector import load_finder
 
 W, H = 2448, 2048
 
@@ -99,15 +100,40 @@ def coverage(method: str, frames: int) -> dict[str, float]:
     return {k: v[0] / v[1] for k, v in masked.items()} | {"boxes": sum(v[1] for v in masked.values())}
 
 
+def face_timing(bundle: Path, repeat: int) -> dict[str, Any]:
+    """Median ms of one face-detector pass on the 5 MP frame (its own ONNX Runtime CPU session, 1 thread)."""
+    cfg = parse_config(
+        {
+            "security": {"trust_dir": "/nonexistent", "allow_unsigned": True},
+            "evidence": {"detector_bundle": str(bundle)},
+        }
+    )
+    finder = load_finder(cfg)
+    assert finder is not None
+    image = make_scene(W, H).image
+    ms = median_ms(lambda: finder.find(image), repeat)
+    info = finder.info
+    finder.close()
+    return {**info, "input": list(finder.bundle.manifest.input_shape), "find_ms": ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--frames", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--face-bundle",
+        type=Path,
+        default=None,
+        help="also time this face detector bundle (e.g. packed by iaflash.agent.evidence.centerface), unsigned ok",
+    )
     args = parser.parse_args()
     cv2.setNumThreads(1)
     results = {m: {**timings(m, args.repeat), **coverage(m, args.frames)} for m in ("fill", "pixelate")}
+    faces = None if args.face_bundle is None else face_timing(args.face_bundle, max(3, args.repeat // 3))
     doc = {
+        "face_detector": faces,
         "anonymiser_version": ANONYMISER_VERSION,
         "frame": f"{W}x{H}",
         "repeat": args.repeat,
@@ -124,6 +150,10 @@ def main() -> None:
         f"{'method':<9}{'decode':>9}{'mask':>8}{'encode':>9}{'total':>9}{'×decode':>9}  "
         "masked: 3rd-party plates / bystander faces / occupants, own plate kept"
     )
+    if faces is not None:
+        print(
+            f"face detector {faces['name']} {faces['version']}, input {faces['input']}: {faces['find_ms']:.0f} ms/frame"
+        )
     for m, r in results.items():
         total = r["anonymise_jpeg_ms"]
         print(
