@@ -31,7 +31,8 @@ from typing import Literal
 
 import numpy as np
 
-from iaflash.agent.capture.preprocess import preprocess
+from iaflash.agent.capture.preprocess import crop_region, preprocess
+from iaflash.agent.errors import CaptureRejected
 from iaflash.engines.base import Backend
 from iaflash.engines.bundle import Bundle
 from iaflash.engines.detect import Detection, input_geometry, run_detector
@@ -71,16 +72,17 @@ def _clamp(box: Sequence[float], image_size: tuple[int, int]) -> Box | None:
 def crop_box_with_margin(box: Box, margin: float, image_size: tuple[int, int]) -> Box:
     """``box`` grown by ``margin`` × its width/height on each side, clamped to the ``(width, height)`` image.
 
-    Raises ValueError for a negative margin or a box with no area inside the image.
+    The crop the daemon cuts (:func:`iaflash.agent.capture.preprocess.crop_region`, the one copy of
+    this arithmetic). Raises ValueError for a negative margin or a box with no area inside the image.
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    x, y, w, h = box
-    dx, dy = w * margin, h * margin
-    grown = _clamp((x - dx, y - dy, w + 2 * dx, h + 2 * dy), image_size)
-    if grown is None or w <= 0 or h <= 0:
-        raise ValueError(f"box {box} (x, y, w, h) has no area inside the {image_size[0]}x{image_size[1]} image")
-    return grown
+    try:
+        return crop_region(box, margin, image_size)
+    except CaptureRejected as exc:
+        raise ValueError(
+            f"box {box} (x, y, w, h) has no area inside the {image_size[0]}x{image_size[1]} image"
+        ) from exc
 
 
 def _in_lane(det: Detection, region: tuple[float, float], img_w: int) -> bool:
