@@ -43,6 +43,10 @@ _NAMES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("FIAT", "500", ()),
     ("FIAT", "500X", ()),
     ("MAZDA", "3", ()),
+    ("KIA", "CEE'D", ()),
+    ("MERCEDES-BENZ", "CLASSE GLC", ()),
+    ("FORD", "FOCUS", ()),
+    ("RENAULT", "KANGOO", ()),
     ("OTHER", "UNKNOWN", ()),
 )
 TAX = Taxonomy([Label(i, make, model, aliases) for i, (make, model, aliases) in enumerate(_NAMES)])
@@ -122,6 +126,32 @@ TABLE: list[tuple[str, str, str | None, str]] = [
     ("FIAT", "500", "FIAT 500", "exact"),
     ("MAZDA", "MAZDA 3", "MAZDA 3", "rule"),
     ("MAZDA", "MAZDA3", "MAZDA 3", "rule"),
+    # Issue 15 item 7: spellings that used to abstain although a safe answer exists
+    ("V.W.", "GOLF", "VOLKSWAGEN GOLF", "exact"),  # dotted make abbreviation
+    ("V-W", "POLO", "VOLKSWAGEN POLO", "exact"),  # dashed
+    ("B.M.W.", "X5", "BMW X5", "exact"),
+    ("KIA", "CEED", "KIA CEE'D", "exact"),  # apostrophe inside the model name
+    ("KIA", "CEE D", None, "none"),  # but a space is another token: never guessed
+    ("KIA", "PRO CEE'D", None, "none"),  # a different body, no label
+    ("RENAULT", "MEGANE3", "RENAULT MEGANE", "rule"),  # generation glued to the model
+    ("RENAULT", "CLIO4 ESTATE", "RENAULT CLIO ESTATE", "rule"),
+    ("CITROEN", "DS3", "DS DS 3", "rule"),  # two letters + digit is a model, never split
+    ("TOYOTA", "RAV4", "TOYOTA RAV4", "exact"),  # three letters + digit too
+    ("PEUGEOT", "208 1.2 PURETECH 110", None, "none"),  # a power figure is no safe word: unsupported
+    ("PEUGEOT", "308 SW 1.6 BLUEHDI", "PEUGEOT 308", "rule"),  # displacement and engine words
+    ("PEUGEOT", "3008 HDI FAP", "PEUGEOT 3008", "rule"),
+    ("VOLKSWAGEN", "GOLF 2.0 TDI", "VOLKSWAGEN GOLF", "rule"),
+    ("RENAULT", "ZOE 52KWH", "RENAULT ZOE", "exact"),  # a battery capacity is dropped with the spelling
+    ("RENAULT", "ZOE Z.E. 41 KWH", "RENAULT ZOE", "rule"),
+    ("RENAULT", "CLIO E-TECH HYBRIDE", "RENAULT CLIO", "rule"),
+    ("FORD", "FOCUS 1.0 ECOBOOST", "FORD FOCUS", "rule"),
+    ("FORD", "FOCUS ST", None, "none"),  # ST is a performance model, not a trim: unsupported
+    ("RENAULT", "KANGOO FOURGON", "RENAULT KANGOO", "rule"),  # body words and abbreviations
+    ("RENAULT", "MEGANE BRK", "RENAULT MEGANE", "rule"),
+    ("RENAULT", "SCENIC SW 3", "RENAULT SCENIC", "rule"),  # body before generation: 3 follows SW
+    ("MERCEDES", "GLC COUPE", "MERCEDES-BENZ CLASSE GLC", "rule"),  # class letters after stripping
+    ("MERCEDES", "GLC 220 D COUPE", "MERCEDES-BENZ CLASSE GLC", "rule"),
+    ("MERCEDES", "GLE COUPE", None, "none"),  # another class: never GLC
     ("TESLA", "MODEL 3", None, "none"),  # unknown make
     ("OTHER", "UNKNOWN", None, "none"),  # the 'other' class is never a registered vehicle
     ("", "", None, "none"),

@@ -267,7 +267,8 @@ def test_canonical_model_applies_make_rules_but_strips_nothing(make: str, model:
 @pytest.mark.parametrize(
     ("canonical", "candidates"),
     [
-        ("CLIO IV ESTATE", ["CLIO IV ESTATE", "CLIO ESTATE", "CLIO"]),
+        ("CLIO IV ESTATE", ["CLIO IV ESTATE", "CLIO ESTATE", "CLIO", "CLIO IV"]),  # then body first
+        ("SCENIC SW 3", ["SCENIC SW 3", "SCENIC 3", "SCENIC"]),  # 3 after SW is a generation once SW is gone
         ("NOUVELLE 208 GT LINE", ["NOUVELLE 208 GT LINE", "208 GT LINE", "208"]),
         ("3008 HYBRID4", ["3008 HYBRID4", "3008"]),
         ("C4 PICASSO", ["C4 PICASSO"]),
@@ -279,7 +280,7 @@ def test_canonical_model_applies_make_rules_but_strips_nothing(make: str, model:
     ],
 )
 def test_strip_candidates_go_from_least_to_most_stripped(canonical: str, candidates: list[str]) -> None:
-    """Generation, then trim/powertrain, then body words are removed; protected words stay."""
+    """Generation, then trim/powertrain, then body words are removed (then body first); protected words stay."""
     assert strip_candidates(canonical) == candidates
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal, cast
@@ -44,6 +44,7 @@ __all__ = [
     "canonical_model",
     "fuzzy_score",
     "norm_make",
+    "norm_model",
     "norm_text",
     "split_make",
     "strip_candidates",
@@ -177,6 +178,41 @@ TRIM_WORDS = frozenset(
         "LPG",
         "BIFUEL",
         "FLEXFUEL",
+        "FAP",
+        "HDI FAP",
+        "E HDI",
+        "EHDI",
+        "VTI",
+        "THP",
+        "CRDI",
+        "TDCI",
+        "ECOBLUE",
+        "SKYACTIV",
+        "VVT",
+        "VVTI",
+        "MULTIJET",
+        "JTD",
+        "JTDM",
+        "CDTI",
+        "D4D",
+        "4MOTION",
+        "ALLGRIP",
+        "BVM",
+        "BVM5",
+        "BVM6",
+        "BVA6",
+        "BVA8",
+        "CVT",
+        "EAT",
+        "DCT",
+        "TIPTRONIC",
+        "STEPTRONIC",
+        "ZE",
+        "Z E",
+        "ENERGY",
+        "ELEGANCE",
+        "EXECUTIVE",
+        "EQUILIBRE",
     }
 )
 # Stage 3: body styles; J.3 (body) is separate evidence and radar photos are mostly front or rear views.
@@ -245,6 +281,12 @@ BODY_WORDS = frozenset(
         "4 PORTES",
         "2P",
         "4P",
+        "3 P",
+        "5 P",
+        "BRK",
+        "CPE",
+        "BERL",
+        "COMBISPACE",
     }
 )
 # Phrases that name a different vehicle although their words are strippable (BMW 2 Active Tourer ≠ 2 coupé).
@@ -276,8 +318,14 @@ MAKE_RULES: dict[str, _Rules] = {
 }
 
 _NON_ALNUM = re.compile(r"[^A-Z0-9]+")
+_APOSTROPHES = frozenset("'\u2019\u2018`\u00b4")
+_DISPLACEMENT = re.compile(r"(?<![\d.,])\d[.,]\d{1,2}(?: ?L)?(?![\d.,])", re.IGNORECASE)  # 1.5, 2.0L
+_KWH = re.compile(r"(?<![\d.,])\d{1,3}(?:[.,]\d)? ?KWH\b", re.IGNORECASE)  # 52KWH, 22 kWh, 52.5 kWh
+_GLUED_GENERATION = re.compile(r"\b([A-Z]{4,})([2-9])\b")  # MEGANE3 → MEGANE 3 (never DS3, C3, RAV4)
 _PHASE = re.compile(r"\b(?:PHASE|PH) ?(?:[1-4]|I{1,3}|IV)\b|\bMK ?(?:\d|[IVX]{1,4})\b")
-_SHORT_CODE = re.compile(r"\b([A-Z]{1,2}|RAV) (\d{1,2})\b")  # DS 3 → DS3, X 5 → X5, RAV 4 → RAV4
+_SHORT_CODE = re.compile(
+    r"\b(?!(?:SW|CC|HB|3P|5P)\b)([A-Z]{1,2}|RAV) (\d{1,2})\b"
+)  # DS 3 → DS3, X 5 → X5, RAV 4 → RAV4
 _DS_MODEL = re.compile(r"^DS ?\d")
 _MULTI_ROMAN = frozenset({"II", "III", "IV", "VI", "VII", "VIII", "IX"})
 _SINGLE_ROMAN = frozenset({"I", "V", "X"})
@@ -287,15 +335,26 @@ _MAX_PHRASE = max(len(p.split()) for p in _PHRASES)
 
 
 def norm_text(text: str) -> str:
-    """Upper case, no accents, words separated by one space."""
+    """Upper case, no accents, no apostrophes (``CEE'D`` → ``CEED``), words separated by one space."""
     decomposed = unicodedata.normalize("NFKD", text)
-    ascii_only = "".join(c for c in decomposed if not unicodedata.combining(c))
+    ascii_only = "".join(c for c in decomposed if not unicodedata.combining(c) and c not in _APOSTROPHES)
     return _NON_ALNUM.sub(" ", ascii_only.upper()).strip()
 
 
+def norm_model(text: str) -> str:
+    """:func:`norm_text` of a model, without engine displacements (``1.5``) and battery capacities (``52 kWh``)."""
+    return norm_text(_KWH.sub(" ", _DISPLACEMENT.sub(" ", text)))
+
+
 def norm_make(make: str) -> str:
-    """The canonical make key of a make spelling (``Mercedes-Benz`` → ``MERCEDES``, ``VW`` → ``VOLKSWAGEN``)."""
+    """The canonical make key of a make spelling (``Mercedes-Benz`` → ``MERCEDES``, ``V.W.`` → ``VOLKSWAGEN``).
+
+    Letters spelt one by one with dots or dashes (``V.W.``, ``B-M-W``) are one word.
+    """
     key = norm_text(make)
+    words = key.split()
+    if len(words) > 1 and all(len(w) == 1 for w in words):
+        key = "".join(words)
     return MAKE_ALIASES.get(key, key)
 
 
@@ -308,7 +367,7 @@ def split_make(make_key: str, model: str) -> tuple[str, str]:
 
 def canonical_model(make_key: str, model: str) -> str:
     """The canonical form of a normalised model: make rules applied, nothing stripped."""
-    text = _SHORT_CODE.sub(r"\1\2", " ".join(_PHASE.sub(" ", model).split()))
+    text = _SHORT_CODE.sub(r"\1\2", " ".join(_PHASE.sub(" ", _GLUED_GENERATION.sub(r"\1 \2", model)).split()))
     text = _drop_make_prefix(make_key, text)
     for pattern, repl in MAKE_RULES.get(make_key, ()):
         text, n = pattern.subn(repl, text, count=1)
@@ -356,13 +415,28 @@ def _strip(tokens: list[str], drop: Iterable[int]) -> list[str]:
     return kept or tokens
 
 
+def _strip_generation(tokens: list[str]) -> list[str]:
+    return _strip(tokens, (i for i in range(len(tokens)) if _is_generation(tokens, i)))
+
+
+def _strip_words(words: frozenset[str]) -> Callable[[list[str]], list[str]]:
+    return lambda tokens: _strip(tokens, (i for i, t in enumerate(tokens) if t in words))
+
+
 def strip_candidates(canonical: str) -> list[str]:
-    """The canonical model, then the same with generation, trim/powertrain and body words removed (cumulative)."""
+    """The canonical model, then the same with generation, trim/powertrain and body words removed (cumulative).
+
+    Then the same three strips with body words first (``SCENIC SW 3``: the generation follows a body
+    word), so that a least-stripped form that names a label is always tried first.
+    """
     tokens = _tokens(canonical)
     stages = [tokens]
-    stages.append(_strip(stages[-1], (i for i in range(len(stages[-1])) if _is_generation(stages[-1], i))))
-    stages.append(_strip(stages[-1], (i for i, t in enumerate(stages[-1]) if t in TRIM_WORDS)))
-    stages.append(_strip(stages[-1], (i for i, t in enumerate(stages[-1]) if t in BODY_WORDS)))
+    for strip in (_strip_generation, _strip_words(TRIM_WORDS), _strip_words(BODY_WORDS)):
+        stages.append(strip(stages[-1]))
+    body_first = tokens
+    for strip in (_strip_words(BODY_WORDS), _strip_generation, _strip_words(TRIM_WORDS)):
+        body_first = strip(body_first)
+        stages.append(body_first)
     out: list[str] = []
     for stage in stages:
         text = " ".join(stage)
@@ -514,8 +588,8 @@ class Taxonomy:
             )
 
     def _add(self, index: int, label: Label) -> None:
-        make, model = split_make(norm_make(label.make), norm_text(label.model))
-        group = norm_text(label.group) if label.group else _without_year(model)
+        make, model = split_make(norm_make(label.make), norm_model(label.model))
+        group = norm_model(label.group) if label.group else _without_year(model)
         self._make_of[index] = make
         self._by_make.setdefault(make, []).append(index)
         self._group_of[index] = (make, group)
@@ -523,7 +597,7 @@ class Taxonomy:
         spellings = [(label.model, "exact"), *((alias, "alias") for alias in label.aliases)]
         spellings += [(text, "exact") for text in {_without_year(model), group} - {model}]
         for text, method in spellings:
-            key = split_make(norm_make(label.make), norm_text(text))
+            key = split_make(norm_make(label.make), norm_model(text))
             if key[0] != make:  # an alias spelt with the other make's prefix (CITROEN "DS3") still counts
                 key = (make, key[1])
             self._claim(self._plain.setdefault(key, (index, cast(Method, method)))[0], key, index, text)
@@ -593,7 +667,7 @@ class Taxonomy:
         return Resolution(index, method, score, text, make_key, indices, name)
 
     def _resolve(self, make: str, model: str) -> Resolution:
-        raw_make, model_text = split_make(norm_make(make), norm_text(model))
+        raw_make, model_text = split_make(norm_make(make), norm_model(model))
         if raw_make in OTHER_MAKES:
             return Resolution(None, "none", 0.0, f"{raw_make} {model_text}".strip(), raw_make)
         make_key, make_score = self._match_make(raw_make)
@@ -605,7 +679,9 @@ class Taxonomy:
         if plain is not None:
             method: Method = "fuzzy" if fuzzy_make else plain[1]
             return self._hit(plain[0], method, make_score, model_text, make_key)
-        candidates = strip_candidates(canonical_model(make_key, model_text)) or [model_text]
+        stripped = strip_candidates(canonical_model(make_key, model_text)) or [model_text]
+        # make rules again after stripping: GLC COUPE → GLC → CLASSE GLC
+        candidates = list(dict.fromkeys(c for s in stripped for c in (s, canonical_model(make_key, s))))
         for candidate in candidates:
             index = self._canon.get((make_key, candidate))
             if index is None and (make_key, candidate) in self._derived:
