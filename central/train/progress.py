@@ -30,6 +30,11 @@ class Progress:
         self.start = time.monotonic()
         self.first_epoch = start_epoch
         self._last_batch = 0.0
+        self.epochs_start = self.start
+
+    def start_epochs(self) -> None:
+        """Mark the end of set-up (feature caching), so the ETA counts epochs only."""
+        self.epochs_start = time.monotonic()
 
     def note(self, text: str) -> None:
         self.stream.write(f"[{fmt_duration(time.monotonic() - self.start)}] {text}\n")
@@ -45,7 +50,7 @@ class Progress:
 
     def eta(self, epoch: int) -> float:
         done = epoch + 1 - self.first_epoch
-        per_epoch = (time.monotonic() - self.start) / max(1, done)
+        per_epoch = (time.monotonic() - self.epochs_start) / max(1, done)
         return per_epoch * (self.epochs - epoch - 1)
 
     def epoch(self, epoch: int, loss: float, top1: float, make_top1: float) -> None:

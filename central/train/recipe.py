@@ -273,6 +273,7 @@ def _train_cached(
     )[:, 0]
     y_tr, y_va = torch.from_numpy(_targets(train_s, tax)), _targets(val_s, tax)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    progress.start_epochs()
     for epoch in range(run.start_epoch, stop):
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1000 + epoch)
@@ -339,6 +340,7 @@ def _train_full(
     val_data = _Photos(val_s, y_va, cfg.size, None, cfg.seed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    progress.start_epochs()
     for epoch in range(run.start_epoch, stop):
         torch.manual_seed(cfg.seed * 1000 + epoch)
         train_data.epoch = epoch
