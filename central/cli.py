@@ -19,7 +19,7 @@ from iaflash.central.brokers.templates import broker_config_command
 from iaflash.central.commands import CommandClient
 from iaflash.central.connection import BrokerOptions, broker_options
 from iaflash.central.export import export_command
-from iaflash.central.serve.command import reviewer_command, serve_command
+from iaflash.central.serve.command import review_command, reviewer_command, serve_command
 from iaflash.central.subscriber import DEFAULT_FILTER, Subscriber
 from iaflash.central.subsets import registry_group
 from iaflash.central.train.cli import train_command
@@ -45,6 +45,7 @@ def main() -> None:
 main.add_command(registry_group)
 main.add_command(serve_command)
 main.add_command(reviewer_command)
+main.add_command(review_command)
 main.add_command(broker_config_command)
 main.add_command(train_command)
 main.add_command(export_command)

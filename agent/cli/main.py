@@ -159,6 +159,8 @@ def demo(workdir: Path, broker_kind: str, count: int, as_json: bool) -> None:
         "rejected": result.rejected,
         "unexpected_verdicts": result.wrong,
         "seconds": round(result.seconds, 1),
+        "evidence_stored": result.evidence_stored,
+        "review": result.review,
         "ok": result.ok,
     }
     if as_json:
@@ -175,6 +177,10 @@ def demo(workdir: Path, broker_kind: str, count: int, as_json: bool) -> None:
         click.echo(f"  rejected         {result.rejected} (see {workdir}/spool/rejected/*.error.json)")
         click.echo(f"  time             {result.seconds:.1f}s")
         click.echo("  result           " + ("OK" if result.ok else f"UNEXPECTED: {result.wrong}"))
+        if result.review:
+            click.echo(f"  review page      {result.evidence_stored} flag(s) with their evidence in the review store:")
+            for line in result.review:
+                click.echo(f"                   {line}")
     sys.exit(EXIT_OK if result.ok else EXIT_ERROR)
 
 

@@ -54,6 +54,8 @@ class DemoResult:
     expected_flags: int = 0
     wrong: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    evidence_stored: int = 0  # flags whose evidence image central fetched and stored
+    review: list[str] = field(default_factory=list)  # how to open the review page on the demo's store
 
     @property
     def ok(self) -> bool:
@@ -138,6 +140,21 @@ def _verdict_line(capture: Capture, verdict: Verdict, expect: str) -> str:
     return f"  {capture.capture_id}  {label:<17} seen: {seen:<26} registered: {reg}{why}{mark}"
 
 
+def _review_store(workdir: Path, port: int, protocol: str, echo: Any) -> Any:
+    """Central's store and ingester (iaflash-central serve's own code) when MQTT 5 and the [central] extra allow."""
+    if protocol != "5":
+        echo("  central's review store skipped: it needs MQTT 5 (mosquitto), the demo runs amqtt (3.1.1)")
+        return None
+    try:
+        from iaflash.central.serve.embedded import EmbeddedCentral  # noqa: PLC0415  # the demo plays central
+    except ImportError as exc:
+        echo(f"  central's review store skipped ({exc}): pip install 'iaflash-edge[central]'")
+        return None
+    key, public = generate_keypair(workdir / "secrets" / "demo-central")
+    shutil.copy(public, workdir / "trust" / public.name)  # the box trusts central's signed commands
+    return EmbeddedCentral(workdir, port, key).start()
+
+
 def run_demo(
     workdir: Path, *, broker_kind: str = "auto", count: int = 40, echo: Any = click.echo, timeout_s: float = 90.0
 ) -> DemoResult:
@@ -177,6 +194,7 @@ def run_demo(
             ),
         )
         central.start()
+        review = _review_store(workdir, broker.port, protocol, echo)
         service = Service(cfg, on_verdict=on_verdict)
         service.start()
         try:
@@ -186,9 +204,16 @@ def run_demo(
                 write_capture(c, incoming, t0 + timedelta(seconds=7 * i), seed=1000 + i)
             done.wait(timeout_s)
             central.wait_for(result.expected_flags, timeout=15)
+            if review is not None and review.wait_stored(result.expected_flags, timeout=15):
+                result.evidence_stored = review.fetch_evidence()
+                for failure in review.evidence_failed:
+                    echo(f"  central: no evidence for {failure}")
+                result.review = review.review_hint()
         finally:
             service.stop()
             central.stop()
+            if review is not None:
+                review.stop()
         result.flags_received = len(central.events)
         result.duplicates = central.duplicates
         result.rejected = len(list((cfg.spool.dir / "rejected").glob("*.error.json")))

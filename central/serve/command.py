@@ -22,7 +22,7 @@ from iaflash.central.serve.store import Store, StoreError
 from iaflash.engines.errors import EngineError
 from iaflash.engines.signing import load_private_key
 
-__all__ = ["reviewer_command", "serve_command"]
+__all__ = ["review_command", "reviewer_command", "serve_command"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 log = logging.getLogger(__name__)
@@ -210,3 +210,56 @@ def reviewer_command(name: str, password_stdin: bool) -> None:
     if len(password) < 8:
         raise click.UsageError("the password must have at least 8 characters")
     click.echo(f"{name}:{generate_password_hash(password)}")
+
+
+@click.command("review", context_settings=CONTEXT)
+@broker_options
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Central's TOML config (store, web, plates, site coordinates).")  # fmt: skip
+@click.option("--db", default=None, help="SQLite file or postgresql:// URL [config store.url, central.db].")
+@click.option("--users", "users_file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Reviewers file (name:hash lines) [config web.users_file].")  # fmt: skip
+@click.option("--web-host", default=None, help="Review page address [config web.host, 127.0.0.1].")
+@click.option("--web-port", type=click.IntRange(0, 65535), default=None, help="Review page port, 0 = any free [8080].")
+@click.option("--command-key", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Central's Ed25519 command key: lets reviewers fetch evidence through the broker.")  # fmt: skip
+def review_command(
+    broker: BrokerOptions,
+    config_path: Path | None,
+    db: str | None,
+    users_file: Path | None,
+    web_host: str | None,
+    web_port: int | None,
+    command_key: Path | None,
+) -> None:
+    """Serve only the review page over an existing store (no ingestion); stops on SIGTERM/SIGINT.
+
+    \b
+    Example:
+      iaflash-central review --db demo-run/central.db --users demo-run/reviewers
+    """
+    try:
+        cfg = load_config(config_path)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    url, users_file = db or cfg.store.url, users_file or cfg.web.users_file
+    if users_file is None:
+        raise click.UsageError("--users FILE is required (see `iaflash-central reviewer -h`)")
+    try:
+        Store(url).migrate()
+    except StoreError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    try:
+        fetch = evidence_fetcher(broker, command_key) if command_key else None
+    except EngineError as exc:
+        raise click.UsageError(f"--command-key: {exc}") from exc
+    server = _start_web(
+        cfg, url, users_file, fetch, web_host or cfg.web.host, cfg.web.port if web_port is None else web_port
+    )
+    click.echo(f"review page: {server.url}", err=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop()

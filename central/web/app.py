@@ -67,10 +67,11 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def vehicle_box(sidecar: Mapping[str, Any] | None, doc: Mapping[str, Any]) -> list[float] | None:
-    """The vehicle box [x, y, w, h] in pixels: the one the box used, else the radar's sidecar box."""
+    """The vehicle box [x, y, w, h] in frame pixels: the one the box classified, else the radar's sidecar box."""
     image = (doc.get("verdict", {}).get("evidence") or {}).get("image") or {}
-    box = image.get("vehicle_box") if isinstance(image, dict) else None
-    box = box or (sidecar or {}).get("vehicle_box")
+    crop = image.get("crop") if isinstance(image, dict) else None
+    box = (crop or {}).get("box") if isinstance(crop, dict) else None
+    box = box or (image.get("vehicle_box") if isinstance(image, dict) else None) or (sidecar or {}).get("vehicle_box")
     return [float(v) for v in box] if isinstance(box, list) and len(box) == 4 else None
 
 
