@@ -7,12 +7,14 @@ Reading the file happens in :func:`load_config`, never at import time.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from rapidfuzz import fuzz, process
 
 from iaflash.agent.errors import ConfigError, ConfigIssue
 
@@ -179,7 +181,14 @@ class OutboxConfig(_Section):
 class MqttConfig(_Section):
     host: str = Field("127.0.0.1", description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker port.")
-    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version (5 may be written as a number).")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        """``protocol = 5`` (a TOML integer) means "5"; anything else is checked as written."""
+        return "5" if value == 5 and not isinstance(value, bool) else value
+
     client_id: str = Field("", description="MQTT client id; empty = iaflash-<site_id>-<device_id>.")
     topic_prefix: str = Field("iaflash/v1", description="Topics are <prefix>/<site>/<device>/...")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
@@ -288,11 +297,20 @@ class Config(_Section):
         return f"{self.mqtt.topic_prefix}/{self.site.site_id}/{self.site.device_id}"
 
 
+def _unknown_key_fix(key: str, section_model: type[BaseModel] | None) -> str:
+    """The fix for a key the section does not have, with the closest allowed key when one is close."""
+    if section_model is None:
+        return "remove it or correct its spelling; see the config reference in README.md"
+    names = sorted(section_model.model_fields)
+    guess = process.extractOne(key, names, scorer=fuzz.ratio, score_cutoff=60)
+    hint = f"did you mean {guess[0]!r}? " if guess else ""
+    return f"{hint}remove it or correct its spelling; allowed keys here: {', '.join(names)}"
+
+
 def _fix_for(err: dict[str, Any], section_model: type[BaseModel] | None) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(sorted(section_model.model_fields)) if section_model else "see README"
-        return f"remove it or correct its spelling; allowed keys here: {allowed}"
+        return _unknown_key_fix(str(err["loc"][-1]), section_model)
     if kind == "missing":
         return "add this key"
     if kind == "literal_error":
@@ -312,23 +330,52 @@ def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
-def issues_from_validation(exc: ValidationError, file: str) -> list[ConfigIssue]:
-    """Turn pydantic's errors into file/key/problem/fix issues."""
+_TABLE_RE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\- ]+?)\s*\]\s*(#.*)?$")
+_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+
+
+def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line where the key at ``loc`` (``("mqtt", "port")``) is set in TOML ``text``.
+
+    A plain scan of ``[table]`` headers and ``key =`` lines, enough for this flat, two-level
+    file; None when the key is not written there (a missing key, an inline table).
+    """
+    if not loc:
+        return None
+    *tables, key = (str(part) for part in loc)
+    current: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _TABLE_RE.match(line)
+        if header:
+            current = [part.strip() for part in header.group(1).split(".")]
+            if current == [*tables, key]:
+                return number  # the key names a whole table (a misspelt section)
+            continue
+        found = _KEY_RE.match(line)
+        if found and current == tables and found.group(1) == key:
+            return number
+    return None
+
+
+def issues_from_validation(exc: ValidationError, file: str, text: str | None = None) -> list[ConfigIssue]:
+    """Turn pydantic's errors into file/line/key/problem/fix issues (lines when ``text`` is given)."""
     out = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         problem = err["msg"].replace("Value error, ", "")
-        out.append(ConfigIssue(file=file, key=key, problem=problem, fix=_fix_for(dict(err), _section_of(loc))))
+        line = line_of(text, loc) if text is not None else None
+        fix = _fix_for(dict(err), _section_of(loc))
+        out.append(ConfigIssue(file=file, key=key, problem=problem, fix=fix, line=line))
     return out
 
 
-def parse_config(data: dict[str, Any], file: str = "<config>") -> Config:
-    """Validate an already-parsed TOML document."""
+def parse_config(data: dict[str, Any], file: str = "<config>", text: str | None = None) -> Config:
+    """Validate an already-parsed TOML document (``text``, its source, gives line numbers)."""
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(issues_from_validation(exc, file)) from exc
+        raise ConfigError(issues_from_validation(exc, file, text)) from exc
 
 
 def load_config(path: Path | str | None) -> Config:
@@ -350,12 +397,13 @@ def load_config(path: Path | str | None) -> Config:
             ]
         ) from exc
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(
             [ConfigIssue(str(path), "(syntax)", f"not valid TOML: {exc}", "fix the TOML syntax at the position given")]
         ) from exc
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), text)
 
 
 def read_secret(name: str, fallback: Path | None, *, what: str, config_key: str) -> bytes:

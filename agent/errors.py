@@ -86,9 +86,11 @@ class ConfigIssue:
     key: str
     problem: str
     fix: str
+    line: int | None = None  # 1-based line of the key in the file, when it is there
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.key}: {self.problem} (fix: {self.fix})"
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.problem} (fix: {self.fix})"
 
 
 class ConfigError(IaflashError):

@@ -155,20 +155,20 @@ def test_check_config_reports_every_file_problem_with_file_key_and_fix(runner: C
 
 
 def test_check_config_reports_key_errors_with_exit_3(runner: CliRunner, tmp_path: Path) -> None:
-    """Validation errors are printed as file: key: problem / fix and exit 3."""
+    """Validation errors are printed as file:line: key: problem / fix (with "did you mean") and exit 3."""
     path = tmp_path / "typo.toml"
     path.write_text("[decision]\nmin_top_1 = 0.5\n[mqtt]\nport = 0\n")
     result = runner.invoke(main, ["check-config", str(path)])
     assert result.exit_code == EXIT_PROBLEMS
-    assert f"{path}: decision.min_top_1: Extra inputs are not permitted\n" in result.stderr
-    assert "    fix: remove it or correct its spelling; allowed keys here: " in result.stderr
-    assert f"{path}: mqtt.port: " in result.stderr
+    assert f"{path}:2: decision.min_top_1: Extra inputs are not permitted\n" in result.stderr
+    assert "    fix: did you mean 'min_top1'? remove it or correct its spelling; allowed keys here: " in result.stderr
+    assert f"{path}:4: mqtt.port: " in result.stderr
     assert "    fix: use a value inside the documented range" in result.stderr
     assert f"{path}: 2 problem(s)" in result.stderr
 
 
 def test_check_config_json_on_problems(runner: CliRunner, bad_config: Path) -> None:
-    """--json prints one document {file, ok, issues[{file, key, problem, fix}]} on stdout; exit 3."""
+    """--json prints one document {file, ok, issues[{file, line, key, problem, fix}]} on stdout; exit 3."""
     result = runner.invoke(main, ["check-config", "--json", str(bad_config)])
     assert result.exit_code == EXIT_PROBLEMS
     doc = json.loads(result.stdout)
@@ -177,7 +177,7 @@ def test_check_config_json_on_problems(runner: CliRunner, bad_config: Path) -> N
     assert doc["ok"] is False
     assert sorted(i["key"] for i in doc["issues"]) == ["model.bundle", "registry.hmac_key_file", "spool.dir"]
     for issue in doc["issues"]:
-        assert set(issue) == {"file", "key", "problem", "fix"}
+        assert set(issue) == {"file", "line", "key", "problem", "fix"}
         assert issue["file"] == str(bad_config)
         assert issue["problem"]
         assert issue["fix"]
@@ -214,7 +214,7 @@ def test_check_config_syntax_only_still_refuses_bad_values(runner: CliRunner, tm
     path.write_text("[log]\nformat = 'xml'\n")
     result = runner.invoke(main, ["check-config", "--syntax-only", str(path)])
     assert result.exit_code == EXIT_PROBLEMS
-    assert f"{path}: log.format: " in result.stderr
+    assert f"{path}:2: log.format: " in result.stderr
 
 
 def test_check_config_on_a_missing_file_exits_3(runner: CliRunner, tmp_path: Path) -> None:
@@ -275,7 +275,7 @@ def test_run_with_an_invalid_config_exits_1_listing_each_issue(runner: CliRunner
     assert result.exit_code == EXIT_ERROR
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2
-    assert all(line.startswith(f"error: {path}: mqtt.") for line in lines)
+    assert [line.split(": ")[1:3] for line in lines] == [[f"{path}:2", "mqtt.port"], [f"{path}:3", "mqtt.protocol"]]
 
 
 def test_check_config_reports_an_unsigned_bundle_with_the_fix(good_config: Path) -> None:

@@ -110,7 +110,8 @@ def check_config(file: Path, as_json: bool, syntax_only: bool) -> None:
         click.echo(json.dumps(doc, indent=2))
     else:
         for issue in issues:
-            click.echo(f"{issue.file}: {issue.key}: {issue.problem}\n    fix: {issue.fix}", err=True)
+            where = f"{issue.file}:{issue.line}" if issue.line else issue.file
+            click.echo(f"{where}: {issue.key}: {issue.problem}\n    fix: {issue.fix}", err=True)
         click.echo(f"{file}: {'ok' if not issues else f'{len(issues)} problem(s)'}", err=bool(issues))
     sys.exit(EXIT_PROBLEMS if issues else EXIT_OK)
 
