@@ -41,7 +41,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +48,12 @@ import cv2
 import numpy as np
 
 from iaflash.agent.config import DecisionConfig
-from iaflash.agent.decision.taxonomy import Taxonomy, norm_make
-from iaflash.agent.decision.verdict import decide
-from iaflash.agent.evaluation.calibrate import fit_temperature
+from iaflash.agent.decision.taxonomy import Taxonomy
+from iaflash.agent.evaluation.crossfit import cross_fit
 from iaflash.agent.evaluation.dataset import Sample, load_dataset
 from iaflash.agent.evaluation.evaluate import Inference, classified, daemon_scores, run_inference
-from iaflash.agent.evaluation.fit import FitSample, clopper_pearson_upper, fit_operating_point
-from iaflash.agent.registry.record import RegistryRecord
+from iaflash.agent.evaluation.fit import clopper_pearson_upper
+from iaflash.agent.evaluation.simulate import Pair, Rates, pair_verdicts, rates, simulate_pairs
 from iaflash.engines.bundle import Bundle, Label, Preprocessing, load_bundle, write_bundle
 from iaflash.engines.manifest import CropSpec
 
@@ -225,131 +223,14 @@ def legacy_copy(bundle: Bundle, out: Path) -> Bundle:
     )
 
 
-# ---------------------------------------------------------------- pairs and the cross-fit
+# ---------------------------------------------------------------- pairs, the cross-fit, today's defaults
 
 
-def clone_records(labels: np.ndarray, taxonomy: Taxonomy, seed: int = 0) -> list[tuple[int, str, RegistryRecord]]:
-    """(sample, kind, record) for every genuine read and one clone per level per photo."""
-    rng = np.random.default_rng(seed)
-    makes = [norm_make(lb.make) for lb in taxonomy.labels]
-    out = []
-    for n, y in enumerate(int(v) for v in labels):
-        own = taxonomy.labels[y]
-        out.append((n, "genuine", RegistryRecord(own.make, own.model, None, None)))
-        for kind, pool in (
-            ("make", [i for i in range(len(makes)) if makes[i] != makes[y]]),
-            ("model", [i for i in range(len(makes)) if makes[i] == makes[y] and i != y]),
-        ):
-            if pool:
-                lb = taxonomy.labels[int(rng.choice(pool))]
-                out.append((n, kind, RegistryRecord(lb.make, lb.model, None, None)))
-    return out
-
-
-def scores_at(inference: Inference, bundle: Bundle, temperature: float) -> tuple[np.ndarray, list[str | None]]:
-    """The daemon's fused probabilities (score_views: fusion, OOD gate) with the bundle at ``temperature``."""
-    return daemon_scores(inference, replace(bundle.manifest, temperature=temperature))
-
-
-def _fit_samples(
-    idx: set[int],
-    reads: Sequence[tuple[int, str, RegistryRecord]],
-    probs: np.ndarray,
-    inference: Inference,
-    problems: Sequence[str | None],
-) -> list[FitSample]:
-    """Fit samples whose logits are log(fused p): at temperature 1 the fit sees the daemon's probabilities."""
-    return [
-        FitSample(
-            logits=np.log(np.clip(np.nan_to_num(probs[n], nan=1.0), 1e-12, 1.0)),
-            record=rec,
-            genuine=kind == "genuine",
-            label=int(inference.labels[n]),
-            level=None if kind == "genuine" else kind,  # type: ignore[arg-type]  # "make" or "model" here
-            image_problem=problems[n],
-            sample_id=inference.samples[n].where,
-        )
-        for n, kind, rec in reads
-        if n in idx
-    ]
-
-
-def _count(counts: dict[str, list[int]], kind: str, outcome: str) -> None:
-    counts.setdefault(kind, [0, 0, 0])
-    counts[kind][0] += 1
-    counts[kind][1] += outcome == "mismatch"
-    counts[kind][2] += outcome == "inconclusive"
-
-
-def _config(thresholds: dict[str, float]) -> DecisionConfig:
-    base = DecisionConfig.model_validate({})
-    known = {k: v for k, v in thresholds.items() if k in DecisionConfig.model_fields}
-    return DecisionConfig.model_validate({**base.model_dump(), **known})
-
-
-def cross_fit(
-    inference: Inference, bundle: Bundle, folds: int, fit_target: float
-) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
-    """Out-of-fold counts per kind, [pairs, flagged, abstained], and each fold's fitted point.
-
-    Per fold: the temperature is fitted (calibrate.fit_temperature) on the other folds' first-view
-    logits, the daemon's fused probabilities are computed at it, then fit_operating_point fits the
-    thresholds on the other folds and decide judges the fold's pairs at them.
-    """
-    taxonomy = Taxonomy(bundle.labels)
-    ok = classified(inference)
-    reads = clone_records(inference.labels, taxonomy)
-    counts: dict[str, list[int]] = {}
-    fitted = []
-    n = len(inference.samples)
-    for k in range(folds):
-        train = {i for i in range(n) if i % folds != k}
-        fit_rows = np.array([i in train and bool(ok[i]) for i in range(n)])
-        temperature = fit_temperature(inference.logits[fit_rows], inference.labels[fit_rows])
-        probs, problems = scores_at(inference, bundle, temperature)
-        result = fit_operating_point(
-            _fit_samples(train, reads, probs, inference, problems),
-            taxonomy=taxonomy,
-            target=fit_target,
-            base=DecisionConfig.model_validate({}),
-            temperature=1.0,
-        )
-        op = result.operating_point
-        fitted.append({"fold": k, **op.to_dict(), "temperature": temperature})
-        cfg = _config(op.thresholds)
-        held = None if op.met else "operating point not met: never flags"
-        for i, kind, rec in reads:
-            if i in train:
-                continue
-            v = decide(
-                probs=probs[i],
-                taxonomy=taxonomy,
-                record=rec,
-                plate_problem=None,
-                cfg=cfg,
-                image_problem=problems[i],
-                no_flag_reason=held,
-            )
-            _count(counts, kind, v.outcome)
-    return counts, fitted
-
-
-def at_defaults(inference: Inference, bundle: Bundle) -> dict[str, list[int]]:
-    """Counts per kind at DecisionConfig() and the bundle's temperature (no operating-point rule)."""
+def at_defaults(inference: Inference, bundle: Bundle, pairs: Sequence[Pair]) -> Rates:
+    """Counts at DecisionConfig() and the bundle's temperature, as given (no operating-point rule)."""
     taxonomy = Taxonomy(bundle.labels)
     probs, problems = daemon_scores(inference, bundle.manifest)
-    counts: dict[str, list[int]] = {}
-    for i, kind, rec in clone_records(inference.labels, taxonomy):
-        v = decide(
-            probs=probs[i],
-            taxonomy=taxonomy,
-            record=rec,
-            plate_problem=None,
-            cfg=DecisionConfig.model_validate({}),
-            image_problem=problems[i],
-        )
-        _count(counts, kind, v.outcome)
-    return counts
+    return rates(pair_verdicts(probs, pairs, problems, taxonomy, DecisionConfig.model_validate({})), pairs)
 
 
 def _hits(inference: Inference, bundle: Bundle) -> np.ndarray:
@@ -397,8 +278,10 @@ def measure(
     legacy_bundle = legacy_copy(bundle, args.work / f"{name}-legacy")
     legacy = run_inference(legacy_bundle, samples, threads=args.threads)
     print(f"  {name}: legacy crops done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-    fitted_counts, folds = cross_fit(daemon, bundle, args.folds, args.fit_target)
-    default_counts = at_defaults(legacy, legacy_bundle)
+    pairs = simulate_pairs(daemon.labels, Taxonomy(bundle.labels), clones_per_image=1, seed=0)
+    fitted = cross_fit(daemon, bundle, pairs, folds=args.folds, target=args.fit_target)
+    legacy_pairs = simulate_pairs(legacy.labels, Taxonomy(bundle.labels), clones_per_image=1, seed=0)
+    defaults = at_defaults(legacy, legacy_bundle, legacy_pairs)
     t_tight, _ = top1(tight, bundle)
     t_daemon, n_daemon = top1(daemon, bundle)
     t_legacy, n_legacy = top1(legacy, legacy_bundle)
@@ -413,36 +296,36 @@ def measure(
         "top1_legacy": t_legacy,
         "classified_legacy": n_legacy,
         "by_condition": per_condition(daemon, bundle, conditions),
-        "fitted": fitted_counts,
-        "defaults": default_counts,
-        "folds": folds,
+        "fitted": fitted.rates.to_dict(),
+        "defaults": defaults.to_dict(),
+        "folds": list(fitted.folds),
         "seconds": time.perf_counter() - t0,
     }
 
 
-def _rate(counts: dict[str, list[int]], kind: str) -> str:
-    n, k, _ = counts.get(kind, [0, 0, 0])
+def _rate(r: dict[str, Any], kind: str) -> str:
+    n, k = r[f"{kind}_clones"], r[f"{kind}_detected"]
     return f"{k / n:.1%} ({k}/{n})" if n else "—"
 
 
 def table(results: Sequence[dict[str, Any]], target: float) -> str:
     lines = [
-        "| model | operating point | genuine flagged (95 % upper) | genuine abstained | make-level clones caught | "
-        "model-level clones caught | top-1 tight → daemon crops (lost) |",
+        "| model | operating point | genuine flagged (95 % upper bound) | genuine abstained | "
+        "make-level clones caught | model-level clones caught | top-1 tight → daemon crops (lost) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        for label, counts, daemon_top1 in (
-            (f"fitted out of fold (K={len(r['folds'])})", r["fitted"], r["top1_daemon"]),
-            ("today's defaults (legacy 10 % margin)", r["defaults"], r["top1_legacy"]),
+    for res in results:
+        for label, r, daemon_top1 in (
+            (f"fitted out of fold (K={len(res['folds'])})", res["fitted"], res["top1_daemon"]),
+            ("today's defaults (legacy 10 % margin)", res["defaults"], res["top1_legacy"]),
         ):
-            n, k, a = counts["genuine"]
+            n, k, a = r["genuine"], r["genuine_flagged"], r["genuine_abstained"]
             upper = clopper_pearson_upper(k, n)
             met = "met" if upper <= target else "NOT met"
             lines.append(
-                f"| {r['model']} | {label} | {k}/{n} = {k / n:.2%} (≤ {upper:.2%}, {met}) | {a / n:.1%} | "
-                f"{_rate(counts, 'make')} | {_rate(counts, 'model')} | {r['top1_tight']:.1%} → {daemon_top1:.1%} "
-                f"({(r['top1_tight'] - daemon_top1) * 100:+.1f} pts) |"
+                f"| {res['model']} | {label} | {k}/{n} = {k / n:.2%} (≤ {upper:.2%}, {met}) | {a / n:.1%} | "
+                f"{_rate(r, 'make')} | {_rate(r, 'model')} | {res['top1_tight']:.1%} → {daemon_top1:.1%} "
+                f"({(res['top1_tight'] - daemon_top1) * 100:+.1f} pts) |"
             )
     return "\n".join(lines)
 
@@ -487,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f in r["folds"]:
             print(
                 f"  fold {f['fold']}: met={f['met']} thresholds={f['thresholds']} T={f['temperature']:.3f} "
-                f"fit flags {f['flags']}/{f['n_genuine']}"
+                f"fit flags {f['flags']}/{f['n_genuine']} (bound {f['upper_bound']:.4f})"
             )
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(results, indent=2, default=str))

@@ -319,3 +319,20 @@ def test_bad_truth_rows_are_refused_with_file_and_line(tmp_path: Path, row: str,
     )
     with pytest.raises(DatasetError, match=message):
         load_dataset(tmp_path / "caps")
+
+
+# ---------------------------------------------------------------- cross-fit
+
+
+def test_cross_fit_reports_every_item_out_of_fold_and_an_unmet_fit_never_flags(bundle: Bundle, tmp_path: Path) -> None:
+    data = write_photos(tmp_path / "photos")
+    args = ["evaluate", str(bundle.path), str(data), "--json", "--cross-fit", "3"]
+    strict = json.loads(CliRunner().invoke(cli(), args).stdout)["cross_fit"]
+    assert (strict["folds"], strict["genuine"], strict["make_clones"]) == (3, 24, 24)
+    assert [f["met"] for f in strict["fitted"]] == [False, False, False]  # 16 genuine cannot show 0.1 %
+    assert strict["genuine_flagged"] == strict["make_detected"] == strict["model_detected"] == 0
+    loose = json.loads(CliRunner().invoke(cli(), [*args, "--target-false-flag-rate", "0.5"]).stdout)
+    cf = loose["cross_fit"]
+    assert all(f["met"] for f in cf["fitted"])
+    assert cf["make_detected"] > 0  # met points flag, out of fold
+    assert {f["fold"] for f in cf["fitted"]} == {0, 1, 2}

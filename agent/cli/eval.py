@@ -146,6 +146,37 @@ def calibrate(bundle_dir: Path, dataset: Path, out_dir: Path, batch_size: int, t
     click.echo(f"wrote {out_dir} (version {new.manifest.version}, unsigned: sign it before deploying)")
 
 
+def _with_cross_fit(
+    doc: dict[str, Any],
+    bundle: Bundle,
+    inference: Inference,
+    base: Any,
+    folds: int,
+    target: float,
+    clones_per_image: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The document with ``cross_fit``: the fit's operating point judged out of fold (and a warning if missed)."""
+    from iaflash.agent.decision.taxonomy import Taxonomy  # noqa: PLC0415
+    from iaflash.agent.evaluation.crossfit import cross_fit  # noqa: PLC0415
+    from iaflash.agent.evaluation.evaluate import make_pairs, rounded  # noqa: PLC0415
+
+    pairs = make_pairs(inference, Taxonomy(bundle.labels), clones_per_image, seed)
+    with progress_callback("cross-fitting") as progress:
+        progress(0, folds)
+        result = cross_fit(inference, bundle, pairs, folds=folds, target=target, base=base)
+        progress(folds, folds)
+    summary = rounded(result.to_dict(target))
+    warnings = list(doc["warnings"])
+    if not summary["met"]:
+        warnings.append(
+            f"Out of fold ({folds} folds), the fitted operating points MISS the target: "
+            f"{summary['genuine_flagged']} of {summary['genuine']} genuine flagged, 95% upper bound "
+            f"{summary['false_flag_upper']:.3%} > target {target:.3%}."
+        )
+    return {**doc, "cross_fit": summary, "warnings": warnings}
+
+
 def _print_summary(doc: dict[str, Any], out: Path | None) -> None:
     acc, cal, data = doc["accuracy"], doc["calibration"], doc["dataset"]
     click.echo(
@@ -161,6 +192,13 @@ def _print_summary(doc: dict[str, Any], out: Path | None) -> None:
             f"{p['name']:<12} false flags {p['genuine_flagged']}/{p['genuine']} ({p['false_flag_rate']:.3%}, "
             f"95% upper {p['false_flag_upper']:.3%}, {'met' if p['met'] else 'NOT met'})  clones caught: "
             f"make {p['make_detection']:.1%}  model {p['model_detection']:.1%}"
+        )
+    if "cross_fit" in doc:
+        p = doc["cross_fit"]
+        click.echo(
+            f"{'cross-fit':<12} false flags {p['genuine_flagged']}/{p['genuine']} ({p['false_flag_rate']:.3%}, "
+            f"95% upper {p['false_flag_upper']:.3%}, {'met' if p['met'] else 'NOT met'})  clones caught: "
+            f"make {p['make_detection']:.1%}  model {p['model_detection']:.1%}  ({p['folds']} folds, out of fold)"
         )
     if not any(p["name"] == "recommended" for p in doc["operating_points"]):
         click.echo("recommended  none: no swept point bounds the false-flag rate at the target")
@@ -199,6 +237,14 @@ def _print_summary(doc: dict[str, Any], out: Path | None) -> None:
     help="Simulated clone records per image and per level (another make; another model of the make).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clone simulation.")
+@click.option(
+    "--cross-fit",
+    "cross_fit_folds",
+    type=click.IntRange(0, 50),
+    default=0,
+    show_default=True,
+    help="Also fit temperature + thresholds on K-1 folds and report every item out of fold (0: off).",
+)
 @_batch_option
 @_threads_option
 @json_option
@@ -211,6 +257,7 @@ def evaluate(
     target: float,
     clones_per_image: int,
     seed: int,
+    cross_fit_folds: int,
     batch_size: int,
     threads: int,
     as_json: bool,
@@ -246,6 +293,8 @@ def evaluate(
             progress=progress,
             dataset_path=dataset,
         )
+    if cross_fit_folds:
+        doc = _with_cross_fit(doc, bundle, inference, config.decision, cross_fit_folds, target, clones_per_image, seed)
     if out is not None:
         out.write_text(render_html(doc), encoding="utf-8")
     if as_json:

@@ -331,13 +331,14 @@ def supported_summary(inference: Inference) -> dict[str, Any]:
     }
 
 
-def _rounded(value: Any) -> Any:
+def rounded(value: Any) -> Any:
+    """Floats rounded to 6 decimals (NaN → None), recursively: the document's number format."""
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 6) + 0.0  # + 0.0 turns -0.0 into 0.0
     if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
+        return {k: rounded(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_rounded(v) for v in value]
+        return [rounded(v) for v in value]
     return value
 
 
@@ -386,6 +387,13 @@ def capture_pairs(inference: Inference) -> list[Pair]:
         Pair(n, RegistryRecord(*(s.registered or (s.make, s.model)), None, None), s.kind)
         for n, s in enumerate(inference.samples)
     ]
+
+
+def make_pairs(inference: Inference, taxonomy: Taxonomy, clones_per_image: int, seed: int) -> list[Pair]:
+    """Captures: their truth.csv pair each; photos: genuine + simulated make- and model-level clones."""
+    if all(s.capture is not None for s in inference.samples):
+        return capture_pairs(inference)
+    return simulate_pairs(inference.labels, taxonomy, clones_per_image, seed)
 
 
 def _box_used(evidence: dict[str, Any]) -> Any:
@@ -551,10 +559,7 @@ def evaluate(
     categories = tuple(lb.category for lb in bundle.labels) if any(lb.category for lb in bundle.labels) else None
     probs, problems = daemon_scores(inference, bundle.manifest)
     is_captures = all(s.capture is not None for s in inference.samples)
-    if is_captures:
-        pairs = capture_pairs(inference)
-    else:
-        pairs = simulate_pairs(inference.labels, taxonomy, clones_per_image, seed)
+    pairs = make_pairs(inference, taxonomy, clones_per_image, seed)
     sweep = joint_sweep(
         probs,
         pairs,
@@ -584,7 +589,7 @@ def evaluate(
         dataset["listing_sha256"] = sha256_file(dataset_path)
     return cast(
         dict[str, Any],
-        _rounded(
+        rounded(
             {
                 "schema": SCHEMA,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

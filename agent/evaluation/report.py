@@ -97,6 +97,21 @@ def _points_table(doc: dict[str, Any]) -> str:
                 f"{_pct(p['model_detection'], 1)} of {p['model_clones']}",
             ]
         )
+    cf = doc.get("cross_fit")
+    if cf:
+        rows.append(
+            [
+                f"cross-fit, out of fold ({cf['folds']} folds)",
+                "fitted per fold (--json: cross_fit.fitted)",
+                f"{cf['genuine_flagged']} / {cf['genuine']}",
+                _pct(cf["false_flag_rate"], 3),
+                _pct(cf["false_flag_upper"], 3),
+                "met" if cf["met"] else "<b>NOT met</b>",
+                _pct(cf["genuine_abstained"] / cf["genuine"] if cf["genuine"] else None, 1),
+                f"{_pct(cf['make_detection'], 1)} of {cf['make_clones']}",
+                f"{_pct(cf['model_detection'], 1)} of {cf['model_clones']}",
+            ]
+        )
     head = (
         "point",
         "min_top1 / make / model",
