@@ -1,4 +1,4 @@
-"""iaflash.agent.capture.crop: the bundle's crop contract applied (margin, aspect, interpolation, colour modes, flip)."""
+"""iaflash.agent.capture.crop: the bundle's crop contract applied (margin, aspect, interpolation, colour, flip)."""
 
 from __future__ import annotations
 
