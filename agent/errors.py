@@ -20,6 +20,7 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     └── EngineError            (iaflash.engines.errors, re-exported)
         ├── BackendUnavailable
         ├── BundleError
+        │   ├── TaxonomyError  the bundle's labels cannot form a taxonomy (one spelling, two groups)
         │   └── SignatureError
         │       └── UntrustedKey
         ├── ModelLoadError
@@ -27,9 +28,10 @@ Every error says what failed, where (file, config key, capture id) and how to fi
         ├── CudaError
         └── InferenceError
 
-The root, IaflashError, is defined in iaflash.engines.errors (the lowest layer) so the
-engines' errors belong to the same tree; tests/test_errors.py checks that every exception
-class of the project is in it and drawn here.
+Central's tools add their own branch (CentralError: StoreError, DataError, WeightsError,
+ExportError) in iaflash.central.errors. The root, IaflashError, is defined in
+iaflash.engines.errors (the lowest layer) so the engines' errors belong to the same tree;
+tests/test_errors.py checks that every exception class of the project is in it and drawn here.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ __all__ = [
     "RegistryFileError",
     "RegistryUnavailable",
     "SignatureError",
+    "TaxonomyError",
     "UntrustedKey",
     "UnusablePlan",
 ]
@@ -159,3 +162,7 @@ class AnonymiseError(IaflashError):
 
 class ExportError(IaflashError):
     """``iaflash-central export-dataset`` cannot run: a bad source or an output folder that is not empty."""
+
+
+class TaxonomyError(BundleError, ValueError):
+    """The bundle's labels cannot form a taxonomy (one spelling names two label groups)."""

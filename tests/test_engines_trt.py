@@ -24,10 +24,9 @@ from onnx_builders import classifier_onnx, classifier_reference, make_bundle
 
 from iaflash.engines.build import BuildEnv
 from iaflash.engines.bundle import Bundle, Label
-from iaflash.engines.cuda import open_cuda
-from iaflash.engines.errors import CudaError
 from iaflash.engines.cuda import available as cuda_available
-from iaflash.engines.errors import BackendUnavailable, InferenceError, ModelLoadError
+from iaflash.engines.cuda import open_cuda
+from iaflash.engines.errors import BackendUnavailable, CudaError, InferenceError, ModelLoadError
 from iaflash.engines.factory import backend_availability, create_backend
 from iaflash.engines.onnxrt import OnnxRuntimeBackend
 from iaflash.engines.options import BuildOptions

@@ -31,6 +31,7 @@ from typing import Literal, cast
 import numpy as np
 from rapidfuzz import fuzz
 
+from iaflash.agent.errors import TaxonomyError
 from iaflash.engines.bundle import Bundle, Label
 
 __all__ = [
@@ -454,10 +455,6 @@ def fuzzy_score(a: str, b: str) -> float:
     if _identity(a) != _identity(b):
         return 0.0
     return float(fuzz.token_sort_ratio(a, b))
-
-
-class TaxonomyError(ValueError):
-    """The bundle's labels cannot form a taxonomy (one spelling names two label groups)."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from iaflash.central.errors import StoreError
 from iaflash.central.serve.migrations import DIALECT_TYPES, MIGRATIONS
 
 __all__ = ["ACTIONS", "Accepted", "Refused", "Store", "StoreError", "log_lr", "parse_time"]
@@ -38,10 +39,6 @@ EVENT_COLUMNS = (
     "event_id, site_id, device_id, topic, capture_id, captured_at, captured_ts, received_ts, outcome, level, "
     "plate_key, p_registered, log_lr, status, decided_ts, payload_site, doc"
 )
-
-
-class StoreError(Exception):
-    """The store cannot be opened or used: the message says which database and how to fix it."""
 
 
 def parse_time(text: str) -> float:

