@@ -23,12 +23,10 @@ from iaflash.central.serve.command import review_command, reviewer_command, serv
 from iaflash.central.subscriber import DEFAULT_FILTER, Subscriber
 from iaflash.central.subsets import registry_group
 from iaflash.central.train.cli import train_command
-from iaflash.engines.cli_common import version_option
+from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, version_option
 from iaflash.engines.errors import EngineError
 
 __all__ = ["main"]
-
-CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 @click.group(context_settings=CONTEXT)
@@ -120,7 +118,7 @@ def listen(
     click.echo(f"{printed} event(s), {sub.duplicates} duplicate(s), {len(sub.invalid)} invalid", err=True)
     if count is not None and not reached:
         click.echo(f"error: only {printed} of {count} event(s) before the {timeout} s timeout", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
 
 
 def _args(pairs: tuple[str, ...], file: Path | None) -> dict[str, Any]:
@@ -228,9 +226,9 @@ def cmd(
             response = client.send(site, device, command, args, timeout=timeout)
     except (TimeoutError, EngineError) as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
     if out is not None:
         _save_evidence(response, out)
     click.echo(json.dumps(response, separators=(",", ":")) if as_json else _summary(response))
     if not response["ok"]:
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)

@@ -25,14 +25,12 @@ from iaflash.agent.errors import IaflashError, RegistryError
 from iaflash.agent.registry.cache import import_signed_subset, read_state
 from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.agent.registry.record import RegistryState
-from iaflash.engines.cli_common import version_option
+from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, version_option
 from iaflash.engines.errors import EngineError
 from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_doctor
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
