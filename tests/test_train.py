@@ -288,6 +288,10 @@ def test_the_train_command_writes_a_signed_bundle_the_daemon_runs(dataset: Path,
     bundle = load_trusted_bundle(out, trust, allow_unsigned=False)
     assert [label.name for label in bundle.labels] == ["PEUGEOT 208", "RENAULT CLIO", "RENAULT TRAFIC"]
     assert bundle.manifest.temperature == pytest.approx(report["calibration"]["temperature"])
+    # the crop contract of a model trained on tight, flipped colour photos
+    assert bundle.manifest.crop is not None and bundle.manifest.crop.margin == 0.0
+    assert bundle.manifest.crop.color_modes == ("color",) and bundle.manifest.tta is not None
+    assert bundle.manifest.tta.hflip is True
     backend = OnnxRuntimeBackend(threads=2, providers=["CPUExecutionProvider"])
     backend.load(bundle)
     rng = np.random.default_rng(3)
