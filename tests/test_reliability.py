@@ -27,7 +27,7 @@ from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.decision.verdict import Verdict
 from iaflash.agent.demo.broker import MosquittoBroker, free_port
 from iaflash.agent.demo.scenario import registry_rows, start_time, write_capture
-from iaflash.agent.errors import InstanceLocked
+from iaflash.agent.errors import InstanceLocked, RegistryUnavailable
 from iaflash.agent.outbox.store import Outbox
 from iaflash.agent.registry.cache import import_subset, records_from_plates, write_subset
 from iaflash.agent.registry.plates import key_id
@@ -187,6 +187,14 @@ def corrupt(db: Path) -> None:
         f.write(bytes(range(256)) * ((size - 4096) // 256 + 1))
 
 
+def _lookup_works(service: Service, plate: str) -> bool:
+    assert service.registry is not None
+    try:
+        return service.registry.lookup(plate) is not None
+    except RegistryUnavailable:
+        return False
+
+
 def test_a_corrupt_registry_gives_inconclusive_registry_unavailable_then_heals_after_a_re_import(
     tmp_path: Path, models: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -225,6 +233,11 @@ def test_a_corrupt_registry_gives_inconclusive_registry_unavailable_then_heals_a
             records=records_from_plates(site.key, registry_rows(site.scenario)),
         )
         import_subset(db, snapshot, expected_key_id=key_id(site.key))
+        # The cache re-checks the file at its next lookup (every reopen_every_s): wait until a
+        # lookup goes through, so the next captures are judged on the healed file (under heavy
+        # load the first of them could otherwise still meet the old state).
+        plate = next(c.plate for c in site.scenario if c.plate and c.expect == "match")
+        wait_until(lambda: _lookup_works(service, plate), 30, "the registry to heal by itself")
         site.drop([c for c in site.scenario if c not in first])
         all_verdicts_in(site, recorder)
         assert service.heartbeat()["registry"]["state"] == "ok"
