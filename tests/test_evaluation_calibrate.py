@@ -98,6 +98,20 @@ def test_calibrated_bundle_is_a_new_verified_bundle_with_the_same_model(
     assert load_bundle(source.path).manifest.temperature == 1.0  # the source is untouched
 
 
+def test_calibration_keeps_the_crop_contract_and_drops_a_stale_operating_point(
+    tmp_path: Path, demo: tuple[Bundle, Path]
+) -> None:
+    """The crop contract, TTA and groups travel with the model; an operating point fitted at the
+    old temperature does not (it would no longer hold), and the description says so."""
+    source = demo[0]
+    new = load_bundle(write_calibrated_bundle(source, 1.7, tmp_path / "cal").path)
+    assert new.manifest.crop == source.manifest.crop and new.manifest.tta == source.manifest.tta
+    assert new.manifest.lookalike_groups == source.manifest.lookalike_groups
+    assert new.manifest.operating_point is None
+    if source.manifest.operating_point is not None:
+        assert "operating point was fitted at the old temperature" in new.manifest.description
+
+
 def test_calibrated_bundle_is_never_written_over_the_source_or_a_used_directory(
     tmp_path: Path, demo: tuple[Bundle, Path]
 ) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from iaflash.agent.decision.verdict import softmax
 from iaflash.agent.errors import CalibrationError
-from iaflash.engines.bundle import LABELS_FILE, MANIFEST_FILE, MODEL_FILE, Bundle, write_bundle
+from iaflash.engines.bundle import LABELS_FILE, MANIFEST_FILE, MODEL_FILE, Bundle, OperatingPoint, write_bundle
 
 __all__ = [
     "ECE_BINS",
@@ -194,10 +194,21 @@ def write_calibrated_bundle(bundle: Bundle, temperature: float, out: Path) -> Bu
     """
     if not (math.isfinite(temperature) and temperature > 0):
         raise CalibrationError(f"temperature must be a positive finite number, got {temperature!r}")
-    out = Path(out)
+    note = f"Temperature {temperature:.4f} fitted by iaflash-agent calibrate on {bundle.manifest.version}."
+    if bundle.manifest.operating_point is not None:
+        note += " Its operating point was fitted at the old temperature and is dropped: run iaflash-agent fit."
+    return derived_bundle(bundle, Path(out), note=note, temperature=temperature, operating_point=None)
+
+
+def derived_bundle(
+    bundle: Bundle, out: Path, *, note: str, temperature: float, operating_point: OperatingPoint | None
+) -> Bundle:
+    """A NEW bundle in ``out`` from ``bundle``: same ONNX, labels, crop contract, TTA, OOD gate and
+    look-alike groups; the given temperature and operating point; version ``+cal``; ``note`` appended
+    to the description. The source's signature is not copied: the manifest changed, re-sign it.
+    """
     _check_out_dir(bundle, out)
     m = bundle.manifest
-    note = f"Temperature {temperature:.4f} fitted by iaflash-agent calibrate on {m.version}."
     return write_bundle(
         out,
         onnx_bytes=bundle.model_path.read_bytes(),
@@ -213,5 +224,10 @@ def write_calibrated_bundle(bundle: Bundle, temperature: float, out: Path) -> Bu
         temperature=temperature,
         demo=m.demo,
         full_range_makes=m.full_range_makes,
+        crop=m.crop,
+        tta=m.tta,
+        ood=m.ood,
+        lookalike_groups=m.lookalike_groups,
+        operating_point=operating_point,
         description=f"{m.description} {note}".strip(),
     )

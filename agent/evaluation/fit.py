@@ -41,14 +41,10 @@ import numpy as np
 from iaflash.agent.config import DecisionConfig
 from iaflash.agent.decision.taxonomy import Taxonomy
 from iaflash.agent.decision.verdict import Verdict, decide, softmax
-from iaflash.agent.evaluation.calibrate import (  # _check_out_dir: the one out-dir rule
-    CalibrationError,
-    _check_out_dir,
-    bumped_version,
-    fit_temperature,
-)
+from iaflash.agent.errors import CalibrationError
+from iaflash.agent.evaluation.calibrate import derived_bundle, fit_temperature
 from iaflash.agent.registry.record import RegistryRecord
-from iaflash.engines.bundle import MODEL_FILE, Bundle, OperatingPoint, write_bundle
+from iaflash.engines.bundle import Bundle, OperatingPoint
 from iaflash.engines.scores import fuse
 
 __all__ = [
@@ -581,29 +577,7 @@ def write_fitted_bundle(bundle: Bundle, op: OperatingPoint, out: Path) -> Bundle
 
     The source's signature is not copied: the manifest changed, so it must be re-signed.
     """
-    out = Path(out)
-    _check_out_dir(bundle, out)
-    m = bundle.manifest
-    note = f"Operating point {op.id} (target {op.target}, bound {op.upper_bound:.5f}) fitted on {m.version}."
-    return write_bundle(
-        out,
-        onnx_bytes=(bundle.path / MODEL_FILE).read_bytes(),
-        labels=bundle.labels,
-        name=m.name,
-        version=bumped_version(m.version),
-        task=m.task,
-        input_name=m.input_name,
-        input_shape=m.input_shape,
-        preprocessing=m.preprocessing,
-        output_name=m.output_name,
-        output_kind=m.output_kind,
-        temperature=op.temperature,
-        demo=m.demo,
-        full_range_makes=m.full_range_makes,
-        crop=m.crop,
-        tta=m.tta,
-        ood=m.ood,
-        lookalike_groups=m.lookalike_groups,
-        operating_point=op,
-        description=f"{m.description} {note}".strip(),
+    note = (
+        f"Operating point {op.id} (target {op.target}, bound {op.upper_bound:.5f}) fitted on {bundle.manifest.version}."
     )
+    return derived_bundle(bundle, Path(out), note=note, temperature=op.temperature, operating_point=op)
