@@ -305,6 +305,26 @@ def test_the_train_command_writes_a_signed_bundle_the_daemon_runs(dataset: Path,
     assert (out / "manifest.sig").is_file()
 
 
+def test_accept_grey_declares_greyscale_frames_and_reports_their_top1(dataset: Path, tmp_path: Path) -> None:
+    """--accept-grey: the crop contract lists "grey", and the report says how greyscale val photos fare."""
+    from click.testing import CliRunner
+
+    from iaflash.central.train.cli import train_command
+    from iaflash.engines.bundle import load_bundle
+
+    out = tmp_path / "bundle"
+    args = [str(dataset), "--out", str(out), "--workdir", str(tmp_path / "work"), "--backbone", "tiny"]
+    args += ["--size", "48", "--epochs", "2", "--batch-size", "8", "--freeze-blocks", "2", "--cache-views", "2"]
+    args += ["--min-count", "2", "--p-grey", "0.5", "--accept-grey", "--json"]
+    result = CliRunner().invoke(train_command, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["color_modes"] == ["color", "grey"] and report["config"]["augment"]["p_grey"] == 0.5
+    assert 0.0 <= report["val_grey_top1"] <= 1.0 and 0.0 <= report["val_grey_make_top1"] <= 1.0
+    crop = load_bundle(out).manifest.crop
+    assert crop is not None and crop.color_modes == ("color", "grey")
+
+
 def test_the_train_command_reports_bad_labels_with_exit_code_1(tmp_path: Path) -> None:
     from click.testing import CliRunner
 

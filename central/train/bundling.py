@@ -38,6 +38,7 @@ class BundleSpec:
     version: str
     size: int
     description: str = ""
+    accept_grey: bool = False
 
 
 def calibrate_halves(logits: np.ndarray, targets: np.ndarray, makes: list[str]) -> dict[str, Any]:
@@ -67,9 +68,9 @@ def make_bundle(out: Path, onnx_path: Path, tax: Taxonomy, spec: BundleSpec, tem
     """Write the classifier bundle (stretch resize, RGB, ImageNet mean/std) into ``out``.
 
     Its crop contract says what the model was trained on: tight crops (margin 0, the labelled
-    photos are cut to the car), colour frames, and flips (so the daemon may average the mirror).
-    Measured on cars-dev: the legacy 10 % margin cost 5.5 points of top-1 on boxed radar-like
-    frames (docs/PERFORMANCE.md, the decision bench).
+    photos are cut to the car), colour frames (greyscale too with ``accept_grey``), and flips
+    (so the daemon may average the mirror). Measured on cars-dev: the legacy 10 % margin cost
+    5.5 points of top-1 on boxed radar-like frames (docs/PERFORMANCE.md, the decision bench).
     """
     labels = [Label(index=i, make=make, model=model) for i, (make, model) in enumerate(tax.classes)]
     pp = Preprocessing(
@@ -88,7 +89,7 @@ def make_bundle(out: Path, onnx_path: Path, tax: Taxonomy, spec: BundleSpec, tem
         output_kind="logits",
         temperature=temperature,
         description=spec.description,
-        crop=CropSpec(margin=0.0, aspect="stretch"),
+        crop=CropSpec(margin=0.0, aspect="stretch", color_modes=("color", "grey") if spec.accept_grey else ("color",)),
         tta=TtaSpec(hflip=True),
     )
 

@@ -24,6 +24,7 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
     import torch  # noqa: PLC0415 -- the [train] extra, needed only when training runs
 
     from .bundling import BundleSpec, calibrate_halves, make_bundle, sign_and_check, smoke_run  # noqa: PLC0415
+    from .data import Augment  # noqa: PLC0415
     from .pipeline import fit  # noqa: PLC0415
     from .recipe import TrainConfig  # noqa: PLC0415
 
@@ -40,6 +41,7 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
         seed=opts["seed"],
         freeze_blocks=opts["freeze_blocks"],
         cache_views=opts["cache_views"],
+        augment=Augment(p_grey=opts["p_grey"]),
     )
     workdir: Path = opts["workdir"]
     report, tax = fit(
@@ -63,7 +65,12 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
         version=opts["version"],
         size=cfg.size,
         description=f"EfficientNet-Lite ({cfg.backbone}) trained by iaflash-central train on {opts['labels']}",
+        accept_grey=opts["accept_grey"],
     )
+    if opts["accept_grey"] and "val_grey_top1" not in report:
+        raise click.ClickException(
+            "--accept-grey needs val photos to measure the greyscale top-1 on; fix: give the label file a val split"
+        )
     bundle = make_bundle(opts["out"], workdir / "export" / "model.onnx", tax, spec, calibration["temperature"])
     bundle = sign_and_check(bundle, opts["key"], opts["trust_dir"])
     shape = smoke_run(bundle)
@@ -73,6 +80,7 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
         "bundle": str(bundle.path),
         "signed": opts["key"] is not None,
         "smoke_output_shape": list(shape),
+        "color_modes": list(bundle.manifest.crop.color_modes),
     }
     (opts["out"].parent / f"{opts['out'].name}.train-report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -151,6 +159,18 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
     help="cached recipe: views cached per training photo (1 plain + augmented ones).",
 )
 @click.option(
+    "--p-grey",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Share of augmented views turned greyscale (infrared-like night shots).",
+)
+@click.option(
+    "--accept-grey",
+    is_flag=True,
+    help="Declare greyscale frames accepted in the bundle's crop contract (greyscale val top-1 is reported).",
+)
+@click.option(
     "--min-count",
     type=click.IntRange(min=1),
     default=5,
@@ -199,6 +219,8 @@ def train_command(as_json: bool, **opts: Any) -> None:
         cal = report["calibration"]
         click.echo(
             f"bundle {report['bundle']}: val top-1 {report['val_top1']:.4f}, make top-1 "
-            f"{report['val_make_top1']:.4f}, temperature {cal['temperature']:.3f}",
+            f"{report['val_make_top1']:.4f}, temperature {cal['temperature']:.3f}"
+            + (f", greyscale top-1 {report['val_grey_top1']:.4f}" if "val_grey_top1" in report else "")
+            + f", frames accepted: {'/'.join(report['color_modes'])}",
             err=True,
         )
