@@ -25,6 +25,12 @@ absent; nothing it reads or writes goes into the repository). Steps:
    what agents did before the crop contract) and ``DecisionConfig()``'s thresholds, with the
    bundle's temperature and no operating point rule.
 
+``--detector BUNDLE``: a vehicle detector bundle (``task: detector``, e.g. one written by
+``iaflash-central train-detector``). Frames without a sidecar box then go through the daemon's
+detector path (the intake's ``Preparer`` with the ``(backend, bundle)`` pair the service loads:
+``detect_vehicles`` + ``select_vehicle``) instead of classifying the whole frame; frames with a
+box and the tight photos are unchanged.
+
 Two models: ``--best`` (a bundle, or a training run directory with model.onnx + labels.csv +
 report.json) and a deliberately weak one built here (the demo's 8×8 colour-grid linear head,
 fitted on the train photos), unless ``--no-weak``.
@@ -54,7 +60,10 @@ from iaflash.agent.evaluation.dataset import Sample, load_dataset
 from iaflash.agent.evaluation.evaluate import Inference, classified, daemon_scores, run_inference
 from iaflash.agent.evaluation.fit import clopper_pearson_upper
 from iaflash.agent.evaluation.simulate import Pair, Rates, pair_verdicts, rates, simulate_pairs
+from iaflash.engines.base import Backend
 from iaflash.engines.bundle import Bundle, Label, Preprocessing, load_bundle, write_bundle
+from iaflash.engines.detect import detector_spec
+from iaflash.engines.factory import create_backend
 from iaflash.engines.manifest import CropSpec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cars-dev"
@@ -223,6 +232,16 @@ def legacy_copy(bundle: Bundle, out: Path) -> Bundle:
     )
 
 
+def load_detector(path: Path, threads: int) -> tuple[Backend, Bundle]:
+    """The detector as the service loads it (``Service._load_detector``): checked, loaded, warmed up."""
+    bundle = load_bundle(path)
+    detector_spec(bundle)  # refuses a bundle that is not a detector, as the service does
+    backend = create_backend("onnxruntime", threads=threads)
+    backend.load(bundle)
+    backend.warmup()
+    return backend, bundle
+
+
 # ---------------------------------------------------------------- pairs, the cross-fit, today's defaults
 
 
@@ -273,10 +292,11 @@ def measure(
     tight = run_inference(bundle, tight_samples(data, rows), threads=args.threads)
     print(f"  {name}: tight photos done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     samples = load_dataset(captures)
-    daemon = run_inference(bundle, samples, threads=args.threads)
+    detector = args.detector_pair  # frames without a sidecar box: the daemon's detector path (or the whole frame)
+    daemon = run_inference(bundle, samples, threads=args.threads, detector=detector)
     print(f"  {name}: daemon crops done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     legacy_bundle = legacy_copy(bundle, args.work / f"{name}-legacy")
-    legacy = run_inference(legacy_bundle, samples, threads=args.threads)
+    legacy = run_inference(legacy_bundle, samples, threads=args.threads, detector=detector)
     print(f"  {name}: legacy crops done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     pairs = simulate_pairs(daemon.labels, Taxonomy(bundle.labels), clones_per_image=1, seed=0)
     fitted = cross_fit(daemon, bundle, pairs, folds=args.folds, target=args.fit_target)
@@ -288,6 +308,7 @@ def measure(
     return {
         "model": name,
         "bundle": str(bundle.path),
+        "detector": None if detector is None else str(detector[1].path),
         "crop": bundle.manifest.crop.to_dict() if getattr(bundle.manifest, "crop", None) else None,
         "samples": len(daemon.samples),
         "top1_tight": t_tight,
@@ -347,6 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N val photos (smoke runs)")
     parser.add_argument("--json", dest="json_out", type=Path)
+    parser.add_argument(
+        "--detector",
+        type=Path,
+        help="a vehicle detector bundle: frames without a sidecar box go through the daemon's detector path",
+    )
     args = parser.parse_args(argv)
     if not (args.data / "labels.csv").is_file():
         print(f"cars-dev not found at {args.data} (no labels.csv): nothing measured. See the issue for the data.")
@@ -357,15 +383,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     captures = args.work / f"captures-{len(rows)}"
     print(f"building {len(rows)} radar-like frames in {captures}", file=sys.stderr, flush=True)
     conditions = write_captures(args.data, rows, captures)
+    args.detector_pair = None if args.detector is None else load_detector(args.detector, args.threads)
     models: list[tuple[str, Bundle]] = []
     if args.best is not None:
         models.append(("best", bundle_from_run(args.best, args.work / "best-bundle")))
     if not args.no_weak:
         models.append(("weak", weak_bundle(args.data, args.work / "weak-bundle")))
-    results = [measure(name, b, args.data, rows, captures, conditions, args) for name, b in models]
+    try:
+        results = [measure(name, b, args.data, rows, captures, conditions, args) for name, b in models]
+    finally:
+        if args.detector_pair is not None:
+            args.detector_pair[0].close()
     print(table(results, args.target))
     for r in results:
-        print(f"\n{r['model']}: {r['bundle']} crop={r['crop']} ({r['seconds']:.0f}s)")
+        print(f"\n{r['model']}: {r['bundle']} crop={r['crop']} detector={r['detector']} ({r['seconds']:.0f}s)")
         print(f"  top-1 by frame kind (daemon crops): {r['by_condition']}")
         for f in r["folds"]:
             print(
