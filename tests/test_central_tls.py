@@ -7,118 +7,40 @@ certificate lets ``serve`` (shared subscription) and ``listen`` read the events 
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
-import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from central_pg import wait_until
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from test_central_store import an_event
+from tls_ca import CentralBroker, Pki
 
-from iaflash.agent.demo.broker import find_mosquitto, free_port, wait_port
 from iaflash.agent.outbox.events import topic_for
-from iaflash.central.brokers.templates import TEMPLATES, render
 from iaflash.central.connection import BrokerOptions
 from iaflash.central.serve.ingest import Ingester
 from iaflash.central.serve.store import Store
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-@dataclass
-class Pki:
-    root: Path
-
-    def __post_init__(self) -> None:
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
-        self.ca = (
-            x509.CertificateBuilder().subject_name(_name("iaflash test CA")).issuer_name(_name("iaflash test CA"))
-            .public_key(self.ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.ca_key, hashes.SHA256())
-        )  # fmt: skip
-        self.ca_file = self.root / "ca.pem"
-        self.ca_file.write_bytes(self.ca.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, cn: str, name: str, server: bool = False) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
-        builder = (
-            x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        )  # fmt: skip
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-            )
-        cert = builder.sign(self.ca_key, hashes.SHA256())
-        cert_file, key_file = self.root / f"{name}.pem", self.root / f"{name}.key"
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        os.chmod(key_file, 0o600)
-        return cert_file, key_file
-
-
-@dataclass
-class TlsBroker:
-    port: int
-    pki: Pki
-    proc: subprocess.Popen[bytes]
-
-
 @pytest.fixture
-def tls_broker(tmp_path: Path) -> Iterator[TlsBroker]:
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.fail("mosquitto is required: ./run test installs it")
-    pki = Pki(tmp_path)
-    cert, key = pki.issue("broker", "broker", server=True)
-    port = free_port()
-    values = {"PORT": str(port), "BIND": "127.0.0.1", "CA_FILE": str(pki.ca_file), "CERT_FILE": str(cert),
-              "KEY_FILE": str(key), "ACL_FILE": str(tmp_path / TEMPLATES[1]), "DATA_DIR": str(tmp_path),
-              "LOG_DEST": f"file {tmp_path / 'mosquitto.log'}"}  # fmt: skip
-    for name in TEMPLATES:
-        (tmp_path / name).write_text(render(name, values))
-    conf = tmp_path / TEMPLATES[0]
-    if os.geteuid() == 0:  # as root mosquitto drops to user mosquitto, which cannot read the test's 0600 key
-        conf.write_text(conf.read_text() + "user root\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield TlsBroker(port, pki, proc)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def tls_broker(tmp_path: Path) -> Iterator[CentralBroker]:
+    """Central's shipped templates on a real mosquitto, with a fleet CA made here (tests/tls_ca.py)."""
+    b = CentralBroker(tmp_path / "broker", Pki(tmp_path / "pki")).start()
+    yield b
+    b.stop()
 
 
-def options(b: TlsBroker, cn: str, name: str) -> BrokerOptions:
+def options(b: CentralBroker, cn: str, name: str) -> BrokerOptions:
     cert, key = b.pki.issue(cn, name)
     return BrokerOptions(port=b.port, ca_file=b.pki.ca_file, cert_file=cert, key_file=key)
 
 
-def box_publish(b: TlsBroker, cn: str, topic: str, payload: bytes) -> int:
+def box_publish(b: CentralBroker, cn: str, topic: str, payload: bytes) -> int:
     """Publish once with the box's certificate over MQTT 5; the PUBACK reason code."""
     opts = options(b, cn, cn.replace("/", "_"))
     codes: list[int] = []
@@ -143,7 +65,7 @@ def box_publish(b: TlsBroker, cn: str, topic: str, payload: bytes) -> int:
 
 
 def test_a_box_certificate_publishes_under_its_own_root_only_and_serve_reads_over_tls(
-    tls_broker: TlsBroker, tmp_path: Path
+    tls_broker: CentralBroker, tmp_path: Path
 ) -> None:
     store = Store(str(tmp_path / "central.db"))
     store.migrate()
@@ -163,13 +85,13 @@ def test_a_box_certificate_publishes_under_its_own_root_only_and_serve_reads_ove
     assert store.counters() == {"stored": 1}
 
 
-def test_without_a_client_certificate_the_broker_refuses_the_connection(tls_broker: TlsBroker) -> None:
+def test_without_a_client_certificate_the_broker_refuses_the_connection(tls_broker: CentralBroker) -> None:
     opts = BrokerOptions(port=tls_broker.port, ca_file=tls_broker.pki.ca_file)
     with pytest.raises(TimeoutError, match="no subscription"):
         Ingester(Store(":memory:"), opts, client_id="nobody").start(timeout=3)
 
 
-def test_listen_reads_events_over_tls_with_central_s_certificate(tls_broker: TlsBroker) -> None:
+def test_listen_reads_events_over_tls_with_central_s_certificate(tls_broker: CentralBroker) -> None:
     cert, key = tls_broker.pki.issue("central", "central-listen")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from iaflash.central.cli import main; main()", "listen", "--port", str(tls_broker.port),

@@ -24,10 +24,12 @@ What the rest of the agent relies on:
   correlation data echoed (MQTT 5).
 * Silence is never an outcome (docs/RELIABILITY.md): every failed connection attempt (refused,
   unreachable, DNS, TLS: unknown CA, expired certificate, wrong host name; authentication
-  refused; the client id taken over by another client) is counted in ``connect_failures`` and
-  logged at ERROR once per distinct error, with its fix (:func:`explain`); :meth:`MqttLink.health`
-  gives it to the heartbeat. :func:`probe` makes one real MQTT CONNECT with the agent's TLS files
-  and credentials, for ``doctor``.
+  refused; the client id taken over by another client; the broker closing the connection before
+  its CONNACK, e.g. because it refused this box's client certificate: expired, unknown CA, none
+  given) is counted in ``connect_failures`` and logged at ERROR once per distinct error, with its
+  fix (:func:`explain`, :func:`closed_before_connack`); :meth:`MqttLink.health` gives it to the
+  heartbeat. :func:`probe` makes one real MQTT CONNECT with the agent's TLS files and
+  credentials, for ``doctor``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import ssl
 import sys
 import threading
@@ -56,8 +57,9 @@ from paho.mqtt.properties import Properties
 
 from iaflash.agent.config import Config, read_secret
 from iaflash.agent.errors import LinkError
+from iaflash.agent.link.diagnosis import closed_before_connack, explain, reason_value, refusal
 
-__all__ = ["InboundMessage", "MqttLink", "explain", "probe"]
+__all__ = ["InboundMessage", "MqttLink", "closed_before_connack", "explain", "probe"]
 
 log = logging.getLogger(__name__)
 
@@ -102,67 +104,11 @@ def _paho_errors(action: str, where: str) -> Iterator[None]:
         raise LinkError(f"MQTT {where}: cannot {action}: {exc} (fix: check the [mqtt] section)") from exc
 
 
-_FIX_TLS_VERIFY = (
-    "check that mqtt.ca_file is the CA that signed the broker's certificate, that the certificate is "
-    "valid now (is this box's clock right?), and that mqtt.host is a name the certificate holds"
-)
-_FIX_AUTH = (
-    "check mqtt.username and the password (credential mqtt-password or mqtt.password_file), or the "
-    "client certificate (mqtt.cert_file / key_file), against the broker's users and ACL"
-)
-
-
-_FIX_NETWORK = "check the network link (4G), the firewall and mqtt.host"
-
-
-def explain(exc: BaseException | None, where: str) -> tuple[str, str]:
-    """(what failed, how to fix it) for an exception raised while connecting to the broker."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: the certificate of {where} was refused: {exc.verify_message or exc}", _FIX_TLS_VERIFY
-    if isinstance(exc, ssl.SSLError):
-        return (
-            f"TLS handshake with {where} failed: {exc.reason or exc}",
-            "check mqtt.cert_file and mqtt.key_file (a client certificate the broker trusts, not expired) "
-            "and that mqtt.port is the broker's TLS listener",
-        )
-    kinds: tuple[tuple[type[BaseException], str, str], ...] = (
-        (
-            ConnectionRefusedError,
-            "refused the TCP connection",
-            "check mqtt.host and mqtt.port, and that the broker runs",
-        ),
-        (socket.gaierror, "has a host name that does not resolve", "check mqtt.host and the DNS"),
-        (TimeoutError, "did not answer (timeout)", _FIX_NETWORK),
-    )
-    for kind, what, fix in kinds:
-        if isinstance(exc, kind):
-            return f"{where} {what}", fix
-    if isinstance(exc, OSError):
-        return f"{where} is unreachable: {exc.strerror or exc}", _FIX_NETWORK
-    return f"cannot connect to {where}: {exc}", "check the [mqtt] section and the broker"
-
-
-def _refusal(reason_code: Any, where: str) -> tuple[str, str]:
-    """(what, fix) for a CONNACK refusal (MQTT 5 reason code or 3.1.1 return code)."""
-    text = str(reason_code)
-    code = _reason_value(reason_code)
-    if code in (134, 135, 140) or "not authori" in text.lower() or "bad user" in text.lower():
-        return f"{where} refused the credentials: {text}", _FIX_AUTH
-    if code == 133 or "identifier" in text.lower():
-        return f"{where} refused the client id: {text}", "check mqtt.client_id (allowed characters, length)"
-    return f"{where} refused the connection: {text}", "check the client id, the credentials and the broker's ACL"
-
-
 def _agent_version() -> str:
     try:
         return metadata.version("iaflash-edge")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _reason_value(reason_code: Any) -> int:
-    value = getattr(reason_code, "value", reason_code)
-    return int(value) if isinstance(value, int) else 0
 
 
 def _apply_auth(client: mqtt.Client, cfg: Config, where: str) -> None:
@@ -215,6 +161,8 @@ class MqttLink:
         self.takeovers = 0
         self._connected_at = 0.0
         self._flaps = 0  # disconnects in a row, each within FLAP_WITHIN_S of its connect
+        self._attempt_failed = False  # this connection attempt was already counted as a failure
+        self._socket_error: str | None = None  # paho's last socket error (its log), for closed_before_connack
         self._logged: str | None = None  # the last error logged: the same one is not logged again
         self._connected = threading.Event()
         self._where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
@@ -239,6 +187,8 @@ class MqttLink:
             client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
             client.will_set(self.status_topic, self._status("offline", "connection lost"), qos=1, retain=True)
             self._auth(client)
+        client.on_pre_connect = self._on_pre_connect
+        client.on_log = self._on_log
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -266,6 +216,7 @@ class MqttLink:
     def _failed(self, what: str, fix: str) -> None:
         """Count a failed connection; log it at ERROR when it differs from the last one logged."""
         self.connect_failures += 1
+        self._attempt_failed = True
         self.last_error, self.last_fix, self.last_error_at = what, fix, time.time()
         if what != self._logged:
             self._logged = what
@@ -278,13 +229,21 @@ class MqttLink:
                 extra={"mqtt_error": what, "connect_failures": self.connect_failures},
             )
 
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._attempt_failed, self._socket_error = False, None
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        # paho reports a TLS alert received after the handshake only here (then "Unspecified error").
+        if level == mqtt.MQTT_LOG_ERR and "socket" in text:
+            self._socket_error = text
+
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its ``except OSError`` block: the error is the one being handled.
         self._failed(*explain(sys.exc_info()[1], self._where))
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        if _reason_value(reason_code) >= _REFUSED or (self.cfg.mqtt.protocol != "5" and _reason_value(reason_code)):
-            self._failed(*_refusal(reason_code, self._where))
+        if reason_value(reason_code) >= _REFUSED or (self.cfg.mqtt.protocol != "5" and reason_value(reason_code)):
+            self._failed(*refusal(reason_code, self._where))
             return
         self.connects += 1
         self._connected_at = time.monotonic()
@@ -303,13 +262,17 @@ class MqttLink:
         was_connected = self._connected.is_set()
         self._connected.clear()
         self._commands_ready.clear()
-        if was_connected and self._stopping:
+        if not was_connected and not self._stopping and not self._attempt_failed:
+            # closed after TCP (and TLS) but before a CONNACK: never silent (an expired client certificate)
+            m = self.cfg.mqtt
+            self._failed(*closed_before_connack(self._socket_error, self._where, m.cert_file, m.ca_file))
+        elif was_connected and self._stopping:
             log.info("MQTT disconnected from %s (stopped)", self._where)
         elif was_connected:
             self.disconnects += 1
             quick = time.monotonic() - self._connected_at < FLAP_WITHIN_S
             self._flaps = self._flaps + 1 if quick else 0
-            if _reason_value(reason_code) == 142 or self._flaps >= FLAPS_FOR_TAKEOVER:
+            if reason_value(reason_code) == 142 or self._flaps >= FLAPS_FOR_TAKEOVER:
                 self._taken_over(reason_code)
             elif self._logged is None:  # a plain outage: one warning; a repeated one is counted, not re-logged
                 log.warning("MQTT disconnected from %s: %s; paho reconnects with backoff", self._where, reason_code)
@@ -330,7 +293,7 @@ class MqttLink:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         # Called under paho's lock: enqueue only, never touch SQLite or log heavily here.
-        code = _reason_value(reason_code)
+        code = reason_value(reason_code)
         self.acks.put((mid, code < _REFUSED, f"{code} {reason_code}"))
 
     def _subscribe_commands(self, client: mqtt.Client) -> None:
@@ -342,7 +305,7 @@ class MqttLink:
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if mid != self._command_sub_mid:
             return
-        if any(_reason_value(rc) >= _REFUSED for rc in reason_codes):
+        if any(reason_value(rc) >= _REFUSED for rc in reason_codes):
             log.error(
                 "broker %s refused the subscription to %s: %s (fix: allow this device to subscribe "
                 "to its cmd topic in the broker ACL)",
@@ -475,16 +438,27 @@ def probe(cfg: Config, timeout_s: float) -> tuple[bool, str, str]:
     """One real MQTT CONNECT with the agent's TLS files and credentials: (ok, what happened, fix).
 
     It connects as ``<client_id>-doctor`` so that it never takes the running agent's session over,
-    and disconnects at once. Used by ``iaflash-provision doctor``.
+    and disconnects at once. (A broker with ``use_username_as_clientid``, as central's template,
+    replaces that id with the certificate's CN: the probe then bumps the running agent's
+    connection once, and the agent reconnects within a second; docs/MQTT.md.) Used by
+    ``iaflash-provision doctor``.
     """
     m = cfg.mqtt
     where = f"{m.host}:{m.port}"
     answer: list[Any] = []
+    socket_error: list[str] = []
     done = threading.Event()
 
     def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         answer.append(reason_code)
         done.set()
+
+    def on_log(client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and "socket" in text:
+            socket_error.append(text)
+
+    def on_disconnect(client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        done.set()  # closed before (or after) the CONNACK
 
     try:
         with _paho_errors("configure the client", where):
@@ -496,7 +470,7 @@ def probe(cfg: Config, timeout_s: float) -> tuple[bool, str, str]:
             _apply_auth(client, cfg, where)
     except LinkError as exc:
         return False, str(exc), "fix the [mqtt] section"
-    client.on_connect = on_connect
+    client.on_connect, client.on_log, client.on_disconnect = on_connect, on_log, on_disconnect
     try:
         client.connect(m.host, m.port, keepalive=max(5, int(timeout_s) + 5))
     except (OSError, ValueError) as exc:
@@ -510,9 +484,12 @@ def probe(cfg: Config, timeout_s: float) -> tuple[bool, str, str]:
                 f"{where} accepted TCP but gave no CONNACK in {timeout_s:.0f} s",
                 "check mqtt.port and mqtt.tls",
             )
+        if not answer:
+            what, fix = closed_before_connack(socket_error[-1] if socket_error else None, where, m.cert_file, m.ca_file)
+            return False, what, fix
         code = answer[0]
-        if _reason_value(code) >= _REFUSED or (m.protocol != "5" and _reason_value(code)):
-            what, fix = _refusal(code, where)
+        if reason_value(code) >= _REFUSED or (m.protocol != "5" and reason_value(code)):
+            what, fix = refusal(code, where)
             return False, what, fix
         return True, f"MQTT CONNECT to {where} accepted ({'TLS, ' if m.tls else ''}MQTT {m.protocol})", ""
     finally:
