@@ -12,6 +12,7 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     ├── OutboxError            the SQLite outbox could not be written or read
     ├── LinkError              the MQTT link is misconfigured (paho errors are mapped here)
     ├── InstanceLocked         another agent already runs on this state directory (its pid is named)
+    ├── ProvisioningError      a provisioning bundle is unusable, or an enrol/selftest/tail step failed
     ├── CommandError           a refused or failed command from central (``code`` is the answer's error code)
     ├── CalibrationError       calibration or fitting cannot run (bad inputs, unwritable output)
     ├── DatasetError           an evaluation dataset is unusable (file and row named)
@@ -71,6 +72,7 @@ __all__ = [
     "ModelLoadError",
     "OutboxError",
     "PlateError",
+    "ProvisioningError",
     "RegistryError",
     "RegistryFileError",
     "RegistryUnavailable",
@@ -138,6 +140,10 @@ class LinkError(IaflashError):
 
 class InstanceLocked(IaflashError):
     """Another agent process holds the single-instance lock of this state directory."""
+
+
+class ProvisioningError(IaflashError):
+    """``iaflash-provision enrol/selftest/tail``: an unusable provisioning bundle or a failed step (what, where, fix)."""
 
 
 class CommandError(IaflashError):

@@ -18,6 +18,7 @@ import click
 from iaflash.central.brokers.templates import broker_config_command
 from iaflash.central.commands import CommandClient
 from iaflash.central.connection import BrokerOptions, broker_options
+from iaflash.central.enrolment import enrolment_group
 from iaflash.central.export import export_command
 from iaflash.central.serve.command import review_command, reviewer_command, serve_command
 from iaflash.central.subscriber import DEFAULT_FILTER, Subscriber
@@ -47,6 +48,7 @@ main.add_command(review_command)
 main.add_command(broker_config_command)
 main.add_command(train_command)
 main.add_command(export_command)
+main.add_command(enrolment_group)
 
 
 def _line(event: dict[str, Any]) -> str:

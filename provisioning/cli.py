@@ -28,6 +28,7 @@ from iaflash.agent.registry.record import RegistryState
 from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, version_option
 from iaflash.engines.errors import EngineError
 from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_doctor
+from iaflash.provisioning.enrol.command import enrol_command
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,9 @@ def doctor_cmd(config_path: Path, as_json: bool, broker_timeout: float) -> None:
         if check.status == "error":
             click.echo(f"error: doctor: {check.name}: {check.finding}", err=True)
     sys.exit(report.exit_code)
+
+
+cli.add_command(enrol_command)
 
 
 def main(argv: list[str] | None = None) -> None:
