@@ -124,8 +124,14 @@ class RegistryConfig(_Section):
     db: Path = Field(Path("/var/lib/iaflash/registry.db"), description="SQLite file of the SIV subset cache.")
     hmac_key_file: Path = Field(
         Path("/etc/iaflash/hmac.key"),
-        description="Deployment HMAC key (hex, >= 32 bytes), mode 0600. "
+        description="This site's plate key (HMAC, hex, >= 32 bytes), mode 0600. "
         "$CREDENTIALS_DIRECTORY/hmac-key takes precedence when set by systemd.",
+    )
+    hmac_key_id: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{16}$",
+        description="Id of this site's plate key (iaflash-central registry keygen prints it): "
+        "a key file with another id (another site's key) is refused; unset = not checked.",
     )
     max_age_hours: float = Field(72, gt=0, description="Past this age verdicts are marked registry_stale.")
     fuzzy_min_score: float = Field(

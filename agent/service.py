@@ -67,7 +67,8 @@ class Service:
         self.lock.acquire()  # InstanceLocked names the other agent; nothing was touched yet
         self.spool.ensure_layout()
         hmac_key = load_hmac_key(
-            read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file")
+            read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file"),
+            cfg.registry.hmac_key_id,
         )
         self.registry = Registry(cfg.registry.db, hmac_key)
         self._check_registry(key_id(hmac_key))

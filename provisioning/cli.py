@@ -135,7 +135,7 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
         if key_file
         else read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file")
     )
-    expected = key_id(load_hmac_key(raw))
+    expected = key_id(load_hmac_key(raw, cfg.registry.hmac_key_id))
     records = [0]
     start = time.perf_counter()
     db_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """French licence plates: normalisation (SIV and FNI) and HMAC plate keys.
 
-The registry never stores a plate in clear: only ``HMAC-SHA256(deployment key, normalised plate)``.
+The registry never stores a plate in clear: only ``HMAC-SHA256(plate key, normalised plate)``, where
+the plate key is the one of the box's site or region (docs/REGISTRY.md#plate-keys-one-per-site-or-region).
 Two spellings of the same plate must therefore normalise to the same canonical text, and
 anything that is not a plausible French plate is refused with :class:`PlateError`.
 
@@ -117,7 +118,7 @@ def confusable_neighbours(plate: str) -> tuple[str, ...]:
 
 
 def plate_key(hmac_key: bytes, plate: str) -> bytes:
-    """HMAC-SHA256 of the normalised plate under the deployment key (32 bytes)."""
+    """HMAC-SHA256 of the normalised plate under the plate key of the box's site or region (32 bytes)."""
     return hmac.new(hmac_key, normalise_plate(plate).encode("ascii"), hashlib.sha256).digest()
 
 
@@ -126,10 +127,12 @@ def key_id(hmac_key: bytes) -> str:
     return hashlib.sha256(hmac_key).hexdigest()[:16]
 
 
-def load_hmac_key(raw: bytes) -> bytes:
+def load_hmac_key(raw: bytes, expected_id: str | None = None) -> bytes:
     """Decode the key file's hex text into the key bytes (at least 32 bytes).
 
-    Raises :class:`RegistryError` (the registry cannot be used without its key) with a fix.
+    ``expected_id`` is the key id the box's config names (``[registry] hmac_key_id``): a key with
+    another id (another site's plate key) is refused. Raises :class:`RegistryError` (the registry
+    cannot be used without its key) with a fix.
     """
     fix = (
         "fix: write at least 64 hex characters, e.g. "
@@ -142,4 +145,10 @@ def load_hmac_key(raw: bytes) -> bytes:
         raise RegistryError(f"HMAC key is not hex text ({len(raw)} bytes read); {fix}") from exc
     if len(key) < MIN_KEY_BYTES:
         raise RegistryError(f"HMAC key is {len(key)} bytes, at least {MIN_KEY_BYTES} are required; {fix}")
+    if expected_id is not None and key_id(key) != expected_id:
+        raise RegistryError(
+            f"HMAC key has id {key_id(key)}, but the config names {expected_id} ([registry] hmac_key_id): "
+            "this is another site's (or an old) plate key; fix: install this site's current key "
+            "(central: iaflash-central registry keygen --key-dir DIR SCOPE prints its id) or correct hmac_key_id"
+        )
     return key

@@ -91,7 +91,7 @@ def _box_key(cfg: Config) -> tuple[str, str]:
         if creds and (Path(creds) / "hmac-key").is_file()
         else f"{file} (mode {file.stat().st_mode & 0o777:o})"
     )
-    return key_id(load_hmac_key(raw)), source
+    return key_id(load_hmac_key(raw, cfg.registry.hmac_key_id)), source
 
 
 def check_hmac_key(cfg: Config) -> Check:
