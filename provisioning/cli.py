@@ -29,6 +29,7 @@ from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, version_option
 from iaflash.engines.errors import EngineError
 from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_doctor
 from iaflash.provisioning.enrol.command import enrol_command
+from iaflash.provisioning.selftest_command import selftest_command
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,7 @@ def doctor_cmd(config_path: Path, as_json: bool, broker_timeout: float) -> None:
 
 
 cli.add_command(enrol_command)
+cli.add_command(selftest_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -150,7 +150,13 @@ def demo(workdir: Path, broker_kind: str, count: int, as_json: bool) -> None:
 
     setup_logging("WARNING", "text")
     echo = (lambda _msg: None) if as_json else click.echo
-    result = run_demo(workdir, broker_kind=broker_kind, count=count, echo=echo)
+    try:
+        result = run_demo(workdir, broker_kind=broker_kind, count=count, echo=echo)
+    except ModuleNotFoundError as exc:  # the [demo] extra: onnx builds the demo models, amqtt is the fallback broker
+        if (exc.name or "").split(".")[0] not in ("onnx", "amqtt"):
+            raise
+        _err(f"the demo needs the Python package {exc.name!r} ([demo] extra); fix: pip install 'iaflash-edge[demo]'")
+        sys.exit(EXIT_ERROR)
     summary = {
         "processed": result.processed,
         "outcomes": dict(sorted(result.outcomes.items())),
