@@ -107,6 +107,17 @@ class ModelConfig(_Section):
     workspace_mb: int = Field(1024, ge=64, description="TensorRT builder workspace.")
     max_batch: int = Field(4, ge=1, le=64, description="Micro-batching: most captures classified in one call.")
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Micro-batching: longest wait for a batch to fill.")
+    store_dir: Path = Field(
+        Path("/var/lib/iaflash/models"),
+        description="Where `iaflash-provision model install` keeps bundles side by side "
+        "(<store_dir>/<name>/<version>/); bundle and detector_bundle become links to the version in use.",
+    )
+    keep_versions: int = Field(
+        3,
+        ge=1,
+        le=50,
+        description="Versions kept per model slot, most recently used first (the one in use always stays).",
+    )
 
 
 class SecurityConfig(_Section):
@@ -277,6 +288,19 @@ class EvidenceConfig(_Section):
         return self
 
 
+class MetricsConfig(_Section):
+    """The heartbeat's figures for a local Prometheus/node_exporter (docs/METRICS.md); both are off by default."""
+
+    port: int = Field(
+        0, ge=0, le=65535, description="Serve OpenMetrics text on http://127.0.0.1:<port>/metrics; 0 = off."
+    )
+    textfile: Path | None = Field(
+        None,
+        description="Also write them to this node_exporter textfile (.../textfile/iaflash.prom); unset = off.",
+    )
+    interval_s: float = Field(15, gt=0, le=3600, description="How often the textfile is rewritten.")
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     format: Literal["json", "text"] = Field("json", description="json for journald, text for a terminal.")
@@ -292,6 +316,7 @@ class Config(_Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]  # all defaulted
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]  # all fields defaulted
     log: LogConfig = Field(default_factory=LogConfig)  # type: ignore[arg-type]  # all fields defaulted
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # type: ignore[arg-type]  # all defaulted
     evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)  # type: ignore[arg-type]  # defaulted
 
     @property

@@ -18,6 +18,7 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     ├── DatasetError           an evaluation dataset is unusable (file and row named)
     ├── AnonymiseError         an image could not be anonymised; it is not sent (docs/EVIDENCE.md)
     ├── ExportError            a dataset export cannot run (bad source, output folder not empty)
+    ├── ModelStoreError        a model install, switch or rollback refused (unsigned, downgrade, no room...)
     └── EngineError            (iaflash.engines.errors, re-exported)
         ├── BackendUnavailable
         ├── BundleError
@@ -70,6 +71,7 @@ __all__ = [
     "InstanceLocked",
     "LinkError",
     "ModelLoadError",
+    "ModelStoreError",
     "OutboxError",
     "PlateError",
     "ProvisioningError",
@@ -168,6 +170,10 @@ class AnonymiseError(IaflashError):
 
 class ExportError(IaflashError):
     """``iaflash-central export-dataset`` cannot run: a bad source or an output folder that is not empty."""
+
+
+class ModelStoreError(IaflashError):
+    """``iaflash-provision model``: an install, switch or rollback that was refused; nothing was changed."""
 
 
 class TaxonomyError(BundleError, ValueError):

@@ -6,21 +6,35 @@ the protocol is a single sendto). Outside systemd it does nothing.
 :class:`InstanceLock` is the single-instance lock of a state directory: two agents on one config
 would share the spool, the outbox and the MQTT client id (the broker then disconnects each in
 turn, every few seconds); the second one stops at start with a message naming the holder.
+:func:`lock_holder` tells another process (``iaflash-provision model``) which pid runs the agent.
+
+The heartbeat's shared parts live here too: :class:`LastErrors` (the last ERROR line of each
+subsystem), :func:`disk_usage` (free space per watched file system), :func:`registry_summary`
+(dataset, seq, age, staleness) and the model report file (``<state dir>/models.json``, what the
+running agent loaded and the outcome of its last reload) that ``iaflash-provision model`` reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterable
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from iaflash.agent.errors import InstanceLocked
+from iaflash.agent.errors import InstanceLocked, RegistryError
+from iaflash.engines.atomic import write_atomic
+
+if TYPE_CHECKING:  # the registry layer is below; only its type is named here
+    from iaflash.agent.registry.cache import Registry
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +122,144 @@ class InstanceLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def lock_holder(directory: Path) -> int | None:
+    """The pid of the agent holding ``<directory>/agent.lock``, or None when no agent holds it."""
+    path = Path(directory) / "agent.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)  # we got it: nobody runs there
+        return None
+    finally:
+        os.close(fd)
+
+
+# ----- the heartbeat's shared parts -----------------------------------------------------------
+
+MODEL_REPORT = "models.json"
+
+
+def model_report_path(state_dir: Path) -> Path:
+    """``<state dir>/models.json``: what the running agent loaded (the state dir holds agent.lock)."""
+    return Path(state_dir) / MODEL_REPORT
+
+
+def write_model_report(path: Path, doc: dict[str, Any]) -> None:
+    """Write the model report atomically (readers never see half a file)."""
+    write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode=0o644)
+
+
+def read_model_report(path: Path) -> dict[str, Any] | None:
+    """The model report, or None when there is none (the agent never ran) or it cannot be read."""
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def subsystem_of(logger_name: str) -> str:
+    """``iaflash.agent.link.mqtt`` → ``link``; ``iaflash.engines.build`` → ``engines``; others as given."""
+    parts = logger_name.split(".")
+    if parts[:2] == ["iaflash", "agent"] and len(parts) > 2:
+        return parts[2]
+    if parts[:1] == ["iaflash"] and len(parts) > 1:
+        return parts[1]
+    return logger_name or "root"
+
+
+class LastErrors(logging.Handler):
+    """Keeps the last ERROR (or worse) line of each subsystem, and how many there were, for the heartbeat.
+
+    Attached by the service to the ``iaflash`` logger while it runs. Messages are the log lines'
+    own, which never hold a plate in clear or a secret (docs/PRIVACY.md); they are cut at 300 characters.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self._last: dict[str, dict[str, Any]] = {}
+        self._counts: dict[str, int] = {}
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001  # a bad format string must never break logging
+            message = str(record.msg)
+        subsystem = subsystem_of(record.name)
+        with self._guard:
+            self._counts[subsystem] = self._counts.get(subsystem, 0) + 1
+            self._last[subsystem] = {
+                "at": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="seconds"),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": message[:300],
+                "count": self._counts[subsystem],
+            }
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._guard:
+            return {k: dict(v) for k, v in sorted(self._last.items())}
+
+
+def disk_usage(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Free space of each distinct file system holding one of ``paths`` (the first path names it)."""
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for path in paths:
+        try:
+            dev = os.stat(path).st_dev
+            st = os.statvfs(path)
+        except OSError as exc:
+            out.append({"path": str(path), "error": exc.strerror or str(exc)})
+            continue
+        if dev in seen:
+            continue
+        seen.add(dev)
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        out.append(
+            {
+                "path": str(path),
+                "free_mb": round(free / 2**20, 1),
+                "total_mb": round(total / 2**20, 1),
+                "free_ratio": round(free / total, 4) if total else None,
+                "read_only": bool(st.f_flag & os.ST_RDONLY),
+            }
+        )
+    return out
+
+
+def registry_summary(registry: Registry, max_age_hours: float) -> dict[str, Any]:
+    """The registry's health plus its dataset, kind, seq, vehicles, age and staleness (None when unknown)."""
+    doc: dict[str, Any] = {**registry.health(), "max_age_hours": max_age_hours}
+    state = None
+    with contextlib.suppress(RegistryError):  # unavailable: health() above already says why
+        state = registry.state()
+    if state is None:
+        doc.update(dataset_id=None, kind=None, seq=None, vehicles=0, age_hours=None, stale=True)
+        return doc
+    age = state.age_hours()
+    doc.update(
+        dataset_id=state.dataset_id,
+        kind=state.kind,
+        seq=state.seq,
+        vehicles=state.count,
+        key_id=state.key_id,
+        imported_at=state.imported_at.isoformat(timespec="seconds"),
+        created_at=state.created_at.isoformat(timespec="seconds") if state.created_at else None,
+        age_hours=round(age, 3),
+        stale=age > max_age_hours,
+    )
+    return doc
 
 
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

@@ -3,6 +3,10 @@
 Start order: secrets → registry → bundle + backend (warm-up) → outbox recovery →
 MQTT link + publisher → pipeline → READY=1. Stop order is the reverse, so that the
 capture in flight is committed before the link goes down.
+
+:meth:`Service.reload` (SIGHUP, or the signed ``reload`` command) loads the bundles the config's
+paths name now, warms them beside the running ones and swaps them between two captures; a bundle
+that fails to load leaves the old models running, and says so (docs/BUNDLES.md#reload).
 """
 
 from __future__ import annotations
@@ -13,31 +17,39 @@ import platform
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from iaflash.agent.capture.spool import Spool
 from iaflash.agent.commands.handlers import CommandWorker
 from iaflash.agent.config import Config, read_secret
-from iaflash.agent.errors import OutboxError, RegistryError
-from iaflash.agent.health import InstanceLock, sd_notify, watchdog_interval_s
+from iaflash.agent.errors import CommandError, IaflashError, OutboxError, RegistryError
+from iaflash.agent.health import (
+    InstanceLock,
+    LastErrors,
+    disk_usage,
+    model_report_path,
+    registry_summary,
+    sd_notify,
+    watchdog_interval_s,
+    write_model_report,
+)
 from iaflash.agent.link.mqtt import MqttLink
 from iaflash.agent.link.publisher import Publisher
+from iaflash.agent.metrics import Exporter, start_exporters, stop_exporters
 from iaflash.agent.outbox.store import Outbox
 from iaflash.agent.pipeline.committer import VerdictCallback
+from iaflash.agent.pipeline.models import ModelSet, load_model_set
 from iaflash.agent.pipeline.pipeline import Pipeline
 from iaflash.agent.registry.cache import Registry
 from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.engines.base import Backend
-from iaflash.engines.bundle import Bundle
-from iaflash.engines.errors import BundleError
-from iaflash.engines.factory import create_backend
-from iaflash.engines.options import BuildOptions
-from iaflash.engines.signing import load_trusted_bundle
 
 log = logging.getLogger(__name__)
 
 PURGE_EVERY_S = 3600.0
 AGENT_VERSION = "0.1.0"
+RETIRE_WAIT_S = 30.0  # how long a reload waits for the captures still on the old models before closing them
 
 
 class Service:
@@ -54,6 +66,16 @@ class Service:
         self.registry: Registry | None = None
         self.detector_backend: Backend | None = None
         self.commands: CommandWorker | None = None
+        self.models: ModelSet | None = None
+        self._retired: list[ModelSet] = []  # swapped out, still held by a capture when the reload returned
+        self._reload_lock = threading.Lock()
+        self._reload_wanted: str | None = None  # set by request_reload (a signal handler), run by run()
+        self._reload_thread: threading.Thread | None = None
+        self._stopping = False
+        self.reloads: dict[str, int] = {"ok": 0, "failed": 0}
+        self.last_reload: dict[str, Any] | None = None
+        self.last_errors = LastErrors()
+        self.exporters: list[Exporter] = []
         self.spool = Spool(cfg.spool.dir, cfg.spool)
         self.housekeeping_errors = 0
         # The disk guard watches every file system the agent writes to (docs/RELIABILITY.md).
@@ -65,6 +87,7 @@ class Service:
         for path in (cfg.outbox.db.parent, cfg.registry.db.parent):
             path.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()  # InstanceLocked names the other agent; nothing was touched yet
+        logging.getLogger("iaflash").addHandler(self.last_errors)
         self.spool.ensure_layout()
         hmac_key = load_hmac_key(
             read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file"),
@@ -72,11 +95,9 @@ class Service:
         )
         self.registry = Registry(cfg.registry.db, hmac_key)
         self._check_registry(key_id(hmac_key))
-        bundle = load_trusted_bundle(cfg.model.bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
-        self.backend = create_backend(cfg.model.backend, threads=cfg.model.threads, build=self._build_options())
-        self.backend.load(bundle)
-        self.backend.warmup()
-        detector = self._load_detector()
+        self.models = models = load_model_set(cfg)
+        self.backend, bundle = models.backend, models.bundle
+        self.detector_backend = models.detector[0] if models.detector else None
         outbox = Outbox(cfg.outbox.db)
         try:
             finished, requeued = self.spool.recover(outbox.is_processed)
@@ -99,9 +120,13 @@ class Service:
             self.registry,
             hmac_key,
             on_verdict=self.on_verdict,
-            detector=detector,
+            detector=models.detector,
+            models=models,
         )
         self.pipeline.start()
+        self._write_model_report()
+        m = cfg.metrics
+        self.exporters = start_exporters(m.port, m.textfile, m.interval_s, self.metrics_document)
         sd_notify("READY=1")
         log.info(
             "agent started: site %s device %s, model %s %s on %s",
@@ -123,31 +148,120 @@ class Service:
             version=AGENT_VERSION,
             done_dir=self.spool.done,
         )
+        self.commands.register("reload", self._reload_command, slow=True)
         self.commands.start()
 
-    def _build_options(self) -> BuildOptions:
-        m = self.cfg.model
-        return BuildOptions(
-            precision=m.precision, workspace_mb=m.workspace_mb, max_batch=m.max_batch, cache_dir=m.engine_cache_dir
-        )
+    # ----- reload ---------------------------------------------------------------------------
+    def request_reload(self, trigger: str = "SIGHUP") -> None:
+        """Ask for a reload (safe in a signal handler: it only records the wish; run() starts it)."""
+        self._reload_wanted = trigger
 
-    def _load_detector(self) -> tuple[Backend, Bundle] | None:
-        """The vehicle detector, when configured: a signed bundle of task "detector", warmed up."""
-        cfg = self.cfg
-        if cfg.model.detector_bundle is None:
-            return None
-        bundle = load_trusted_bundle(cfg.model.detector_bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
-        if bundle.manifest.task != "detector" or bundle.manifest.detector is None:
-            raise BundleError(
-                f"{cfg.model.detector_bundle}: model.detector_bundle points at a "
-                f"{bundle.manifest.task} bundle; fix: give a bundle packed with --task detector"
+    def _start_requested_reload(self) -> None:
+        trigger, self._reload_wanted = self._reload_wanted, None
+        if trigger is None:
+            return
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            self._reload_wanted = trigger  # one at a time: taken again once this one ends
+            return
+        self._reload_thread = threading.Thread(target=self.reload, args=(trigger,), name="iaflash-reload", daemon=True)
+        self._reload_thread.start()
+
+    def _reload_command(self, args: dict[str, Any]) -> dict[str, Any]:
+        outcome = self.reload("command")
+        if not outcome["ok"]:
+            raise CommandError("failed", outcome["error"])
+        return outcome
+
+    def reload(self, trigger: str) -> dict[str, Any]:
+        """Load the bundles the config's paths name now, warm them beside the running ones, swap.
+
+        Captures claimed before the swap finish on the old models (their verdicts name the old
+        version); those claimed after it use the new ones. A bundle that fails to load changes
+        nothing: the old models keep running and the failure is logged, counted and reported.
+        """
+        with self._reload_lock:
+            pipeline = self.pipeline
+            if pipeline is None or self._stopping:
+                return self._reloaded(
+                    trigger, None, None, error="the agent is not running", started=time.perf_counter()
+                )
+            old, started = pipeline.models, time.perf_counter()
+            log.info("model reload (%s): loading %s", trigger, self.cfg.model.bundle)
+            try:
+                new = load_model_set(self.cfg, generation=old.generation + 1)
+            except (IaflashError, OSError) as exc:
+                return self._reloaded(trigger, old, None, error=str(exc), started=started)
+            if self._stopping:
+                new.close()
+                return self._reloaded(trigger, old, None, error="the agent is stopping", started=started)
+            retired = pipeline.swap(new)
+            self.models, self.backend = new, new.backend
+            self.detector_backend = new.detector[0] if new.detector else None
+            outcome = self._reloaded(trigger, old, new, error=None, started=started)
+            if self.commands is not None:
+                self.commands.models_reloaded()
+            in_flight = retired.users
+            if retired.wait_idle(RETIRE_WAIT_S):
+                retired.close()
+            else:
+                log.warning(
+                    "%d captures still hold the old models after %.0f s; closed at stop", retired.users, RETIRE_WAIT_S
+                )
+                self._retired.append(retired)
+            outcome["in_flight_on_old"] = in_flight
+            return outcome
+
+    def _reloaded(
+        self, trigger: str, old: ModelSet | None, new: ModelSet | None, *, error: str | None, started: float
+    ) -> dict[str, Any]:
+        """Count, log and report one reload's outcome; returns the document the command answers."""
+        running = new or old
+        outcome: dict[str, Any] = {
+            "ok": error is None,
+            "trigger": trigger,
+            "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "seconds": round(time.perf_counter() - started, 3),
+            "error": error,
+            "previous": _brief(old),
+            "running": _brief(running),
+        }
+        self.reloads["ok" if error is None else "failed"] += 1
+        self.last_reload = outcome
+        if error is not None:
+            what = f"{old.bundle.manifest.name} {old.bundle.manifest.version}" if old else "nothing"
+            outcome["error"] = f"model reload failed, still running {what}: {error}"
+            log.error("model reload (%s) failed; the old models keep running (%s): %s", trigger, what, error)
+        else:
+            assert old is not None and new is not None
+            log.info(
+                "model reload (%s): switched from %s to %s on %s (%s) in %.1f s",
+                trigger,
+                _brief_text(old),
+                _brief_text(new),
+                new.backend.info.kind,
+                new.backend.info.device,
+                outcome["seconds"],
+                extra={"model_version": new.bundle.manifest.version, "generation": new.generation},
             )
-        self.detector_backend = create_backend(
-            cfg.model.backend, threads=cfg.model.threads, build=self._build_options()
-        )
-        self.detector_backend.load(bundle)
-        self.detector_backend.warmup()
-        return self.detector_backend, bundle
+        self._write_model_report()
+        return outcome
+
+    def _write_model_report(self) -> None:
+        """``<state dir>/models.json``: what runs now and the last reload, for `iaflash-provision model`."""
+        models = self.models
+        doc = {
+            "pid": os.getpid(),
+            "started_at": datetime.fromtimestamp(self.started_at, timezone.utc).isoformat(timespec="seconds"),
+            "generation": models.generation if models else None,
+            "classifier": _brief(models),
+            "detector": _brief_detector(models),
+            "reloads": dict(self.reloads),
+            "last_reload": self.last_reload,
+        }
+        try:
+            write_model_report(model_report_path(self.cfg.outbox.db.parent), doc)
+        except OSError as exc:
+            log.error("cannot write the model report in %s: %s", self.cfg.outbox.db.parent, exc)
 
     def _check_registry(self, expected_key_id: str) -> None:
         assert self.registry is not None
@@ -177,6 +291,7 @@ class Service:
         orphan_every = max(1.0, min(self.cfg.spool.orphan_after_s / 2, PURGE_EVERY_S))
         assert self.pipeline is not None
         while not stop.wait(tick):
+            self._start_requested_reload()
             if self.pipeline.fatal is not None or not self.pipeline.alive():
                 log.error("a pipeline thread stopped (%s); exiting so systemd restarts the agent", self.pipeline.fatal)
                 self.stop()
@@ -221,6 +336,12 @@ class Service:
             )
 
     def stop(self) -> None:
+        self._stopping = True
+        reloading = self._reload_thread
+        if reloading is not None and reloading is not threading.current_thread():
+            reloading.join(60)  # a model loading now is dropped once loaded (see reload)
+        stop_exporters(self.exporters)
+        self.exporters = []
         if self.pipeline is not None:
             self.pipeline.stop()
         if self.commands is not None:  # before the link: the command running may still answer
@@ -230,21 +351,23 @@ class Service:
             self.publisher.stop(timeout=5)
         if self.link is not None:
             self.link.stop(timeout=5)
-        for backend in (self.backend, self.detector_backend):
-            if backend is not None:
-                backend.close()
+        for models in (*self._retired, self.models):
+            if models is not None:
+                models.close()
+        self._retired = []
         if self.registry is not None:
             self.registry.close()
+        logging.getLogger("iaflash").removeHandler(self.last_errors)
         self.lock.release()
         self.pipeline = self.publisher = self.link = self.backend = self.registry = None  # stop is idempotent
-        self.detector_backend = None
+        self.detector_backend = self.models = None
 
     def _errors(self) -> dict[str, int]:
         """Every error counter of the running parts, in one flat dict (heartbeat and doctor)."""
         p = self.pipeline
         if p is None:
             return {}
-        out: dict[str, int] = {**p.errors, **p.committer.errors, "detector": p.preparer.detector_errors}
+        out: dict[str, int] = {**p.errors, **p.committer.errors, "detector": p.detector_errors}
         out["housekeeping"] = self.housekeeping_errors
         if self.link is not None:
             out["mqtt_connect_failures"] = self.link.connect_failures
@@ -254,13 +377,16 @@ class Service:
         """Counters, queue depth, latency, versions: the heartbeat payload and `doctor`'s view."""
         p = self.pipeline
         lat = sorted(p.latencies_ms) if p else []
+        spool = self.spool.counters()
+        models = p.models if p else None
         return {
             "site_id": self.cfg.site.site_id,
             "device_id": self.cfg.site.device_id,
             "uptime_s": round(time.time() - self.started_at, 1),
             "outcomes": dict(p.outcomes) if p else {},
             "errors": self._errors(),
-            "spool": self.spool.counters(),
+            "spool": spool,
+            "rejected": {k.removeprefix("rejected."): v for k, v in spool.items() if k.startswith("rejected.")},
             "queue_depth": p.queue_depth() if p else 0,
             "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
             "versions": {
@@ -273,8 +399,43 @@ class Service:
             "disk_paused": p.disk_paused if p else False,
             "disk_problem": p.disk_problem if p else None,
             "commits_paused": p.committer.paused if p else None,
-            "registry": self.registry.health() if self.registry else None,
+            "registry": registry_summary(self.registry, self.cfg.registry.max_age_hours) if self.registry else None,
+            "model": models.describe() if models else None,
+            "reloads": {**self.reloads, "last": self.last_reload},
+            "disk": disk_usage(self.spool.watched),
+            "last_errors": self.last_errors.snapshot(),
             "mqtt": self.link.health() if self.link else None,
             "commands": self.commands.counters() if self.commands else {},
             "pid": os.getpid(),
         }
+
+    def metrics_document(self) -> dict[str, Any]:
+        """What the metrics exporters render: the heartbeat plus the publisher's figures (as on MQTT)."""
+        doc = self.heartbeat()
+        if self.publisher is not None:
+            doc.update(self.publisher.stats())
+        return doc
+
+
+def _brief(models: ModelSet | None) -> dict[str, Any] | None:
+    if models is None:
+        return None
+    m = models.bundle.manifest
+    return {"name": m.name, "version": m.version, "path": str(models.bundle.path), "sha256": models.bundle.model_sha256}
+
+
+def _brief_detector(models: ModelSet | None) -> dict[str, Any] | None:
+    if models is None or models.detector is None:
+        return None
+    bundle = models.detector[1]
+    m = bundle.manifest
+    return {"name": m.name, "version": m.version, "path": str(bundle.path), "sha256": bundle.model_sha256}
+
+
+def _brief_text(models: ModelSet) -> str:
+    m = models.bundle.manifest
+    text = f"{m.name} {m.version}"
+    if models.detector is not None:
+        d = models.detector[1].manifest
+        text += f" (detector {d.name} {d.version})"
+    return text

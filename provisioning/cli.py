@@ -28,6 +28,7 @@ from iaflash.agent.registry.record import RegistryState
 from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, version_option
 from iaflash.engines.errors import EngineError
 from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_doctor
+from iaflash.provisioning.model.cli import model as model_group
 from iaflash.provisioning.enrol.command import enrol_command
 from iaflash.provisioning.selftest_command import selftest_command
 
@@ -294,6 +295,9 @@ def doctor_cmd(config_path: Path, as_json: bool, broker_timeout: float) -> None:
 
 cli.add_command(enrol_command)
 cli.add_command(selftest_command)
+
+
+cli.add_command(model_group)  # model install | list | rollback (provisioning/model/)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,7 +53,7 @@ def main() -> None:
     help="The agent's TOML config file.",
 )
 def run(config_path: Path) -> None:
-    """Run the daemon until SIGTERM/SIGINT (systemd runs this).
+    """Run the daemon until SIGTERM/SIGINT (systemd runs this); SIGHUP reloads the model bundles.
 
     \b
     Example:
@@ -77,6 +77,8 @@ def run(config_path: Path) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     service = Service(cfg)
+    # SIGHUP: load the bundles the config's paths name now, without losing a capture (docs/BUNDLES.md).
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: service.request_reload("SIGHUP"))
     try:
         service.start()
     except (IaflashError, EngineError) as exc:

@@ -10,6 +10,9 @@ registry_sync) on one more thread, so a registry import never delays a ping. Eve
 ``response.v1.json`` and never carries a plate in clear; every refusal is counted and logged once.
 send_evidence sends only anonymised images (:mod:`iaflash.agent.evidence.anonymise`, docs/EVIDENCE.md):
 when anonymising fails the command answers an error and the stored image never leaves the box.
+``reload`` is registered by the service (:meth:`iaflash.agent.service.Service.reload`), which owns the
+models; a worker without a service answers it ``unknown_command``. After a reload,
+:meth:`CommandWorker.models_reloaded` has the evidence detectors loaded again from their paths.
 """
 
 from __future__ import annotations
@@ -143,6 +146,20 @@ class CommandWorker:
         self._slow.shutdown(wait=True, cancel_futures=True)
         self.replay.close()
         for loaded in (self._finder, self._locator):
+            if loaded is not None:
+                loaded.close()
+
+    def models_reloaded(self) -> None:
+        """The bundles may have moved (a reload): the evidence detectors are loaded again on their next use.
+
+        Queued on the slow thread, so a send_evidence using them now finishes first.
+        """
+        with contextlib.suppress(RuntimeError):  # the worker is stopping: nothing left to reload
+            self._slow.submit(self._forget_detectors)
+
+    def _forget_detectors(self) -> None:
+        finder, locator, self._finder, self._locator = self._finder, self._locator, None, None
+        for loaded in (finder, locator):
             if loaded is not None:
                 loaded.close()
 

@@ -3,6 +3,10 @@
 intake (claim → JPEG checks → reduced decode → vehicle → crop → quality → preprocess) overlaps
 inference (micro-batch → infer → calibrate → registry → decide), which hands each verdict to the
 commit thread (agent/committer.py). OpenCV and ONNX Runtime release the GIL, so stages overlap.
+
+The models are one :class:`~iaflash.agent.pipeline.models.ModelSet`, swapped whole by :meth:`Pipeline.swap`
+(a reload): a capture keeps the set it was claimed with until its verdict is decided, so no capture
+is dropped, judged twice, or preprocessed for one model and classified by another.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from iaflash.agent.capture.intake import Preparer, Work
 from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.capture.spool import Spool
 from iaflash.agent.config import Config
-from iaflash.agent.decision.operating import decision_policy
+from iaflash.agent.decision.operating import Policy
 from iaflash.agent.decision.taxonomy import Taxonomy
 from iaflash.agent.decision.verdict import Verdict, decide
 from iaflash.agent.errors import CaptureRejected, EngineError, PlateError, RegistryUnavailable
 from iaflash.agent.health import Liveness
 from iaflash.agent.pipeline.committer import Committer, Decided, VerdictCallback
+from iaflash.agent.pipeline.models import ModelSet
 from iaflash.agent.registry.cache import Registry
 from iaflash.agent.registry.plates import confusable_neighbours, normalise_plate, plate_key
 from iaflash.agent.registry.record import RegistryRecord
@@ -36,6 +41,8 @@ from iaflash.engines.scores import OOD_REASON, score_views
 log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = 8
+
+Item = tuple[ModelSet, Work]  # a prepared capture and the models it was prepared for
 
 
 class Pipeline:
@@ -51,22 +58,18 @@ class Pipeline:
         hmac_key: bytes,
         on_verdict: VerdictCallback | None = None,
         detector: tuple[Backend, Bundle] | None = None,
+        models: ModelSet | None = None,
     ) -> None:
-        self.cfg, self.spool, self.backend, self.bundle = cfg, spool, backend, bundle
+        """``models``: the loaded set (the service's, which it owns); else one is made of backend/bundle/detector."""
+        self.cfg, self.spool = cfg, spool
         self.registry, self.hmac_key = registry, hmac_key
-        self.taxonomy = Taxonomy.from_bundle(bundle, min_score=cfg.registry.fuzzy_min_score)
-        # The bundle's fitted operating point; [decision] may only make it stricter (agent/decision/operating.py).
-        self.policy = decision_policy(cfg.decision, bundle.manifest.operating_point)
-        for note in self.policy.notes:
-            log.warning("%s", note)
-        self.label_categories = (
-            tuple(lb.category for lb in bundle.labels) if any(lb.category for lb in bundle.labels) else None
-        )
-        self.preparer = Preparer(cfg.spool, bundle.manifest, detector)
+        self._models = models or ModelSet.from_parts(cfg, backend, bundle, detector)
+        self._models_lock = threading.Lock()
+        self._retired_detector_errors = 0
         self.liveness = Liveness(stuck_after_s=60.0)  # inference thread
         self.committer = Committer(cfg, spool, on_verdict)
         self.errors: Counter[str] = Counter()
-        self._queue: queue.Queue[Work] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._queue: queue.Queue[Item] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._stop = threading.Event()
         self.disk_paused = False
         self.disk_problem: str | None = None
@@ -82,10 +85,53 @@ class Pipeline:
         ]
         self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
         self._threads.append(self.committer.thread)
-        # Backend and device are added per verdict: "auto" swaps to TensorRT when its plan is built.
-        self.model_info = {"name": bundle.manifest.name, "version": bundle.manifest.version}
-        if detector is not None:
-            self.model_info["detector"] = f"{detector[1].manifest.name} {detector[1].manifest.version}"
+
+    # -- the models ------------------------------------------------------------------------
+    @property
+    def models(self) -> ModelSet:
+        """The set new captures are taken with."""
+        with self._models_lock:
+            return self._models
+
+    def swap(self, new: ModelSet) -> ModelSet:
+        """Take captures with ``new`` from now on; returns the old set, retired (captures holding it finish on it)."""
+        with self._models_lock:
+            old, self._models = self._models, new
+            old.retire()
+            self._retired_detector_errors += old.preparer.detector_errors
+        return old
+
+    def _take_models(self) -> ModelSet:
+        with self._models_lock:  # under the lock: a set is never taken after swap() retired it
+            models = self._models
+            models.acquire()
+            return models
+
+    @property
+    def backend(self) -> Backend:
+        return self.models.backend
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.models.bundle
+
+    @property
+    def preparer(self) -> Preparer:
+        return self.models.preparer
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return self.models.taxonomy
+
+    @property
+    def policy(self) -> Policy:
+        return self.models.policy
+
+    @property
+    def detector_errors(self) -> int:
+        """Detector failures since start, across reloads."""
+        with self._models_lock:
+            return self._retired_detector_errors + self._models.preparer.detector_errors
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -115,11 +161,6 @@ class Pipeline:
     def stage_samples(self) -> dict[str, list[float]]:
         """Recent per-stage ms, for the heartbeat and the benchmarks."""
         return self.committer.stage_samples
-
-    def _model_info(self) -> dict[str, str]:
-        """Model and backend of this verdict (read each time: "auto" swaps to TensorRT when its build ends)."""
-        info = self.backend.info
-        return {**self.model_info, "backend": info.kind, "device": info.device}
 
     def healthy(self) -> bool:
         """Neither worker is stuck on one capture (the watchdog is fed only while this holds)."""
@@ -151,12 +192,12 @@ class Pipeline:
                     if self._stop.is_set() or not self._disk_ok():
                         break
                     try:
-                        work = self._intake_one(capture_id, self.intake_liveness[index])
+                        item = self._intake_one(capture_id, self.intake_liveness[index])
                     except Exception as exc:  # noqa: BLE001  # one capture never stops the site (RELIABILITY.md)
                         self._intake_failed(capture_id, exc)
                         continue
-                    if work is not None:
-                        self._put(work)
+                    if item is not None:
+                        self._put(item)
         except BaseException as exc:  # a bug or a disk failure: stop the service, loudly
             log.exception("intake thread failed")
             self._fatal = exc
@@ -190,16 +231,16 @@ class Pipeline:
         self.errors["internal_error"] += 1
         self.spool.reject_internal(capture_id, "taking it in (claim, sidecar, decode, detector)", exc)
 
-    def _put(self, work: Work) -> None:
+    def _put(self, item: Item) -> None:
         while True:  # never drop a claimed capture: wait for room even while stopping
             try:
-                self._queue.put(work, timeout=0.1)
+                self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
                 if self.fatal is not None:
                     return  # inference died; the capture stays in processing/ for recovery
 
-    def _intake_one(self, capture_id: str, liveness: Liveness) -> Work | None:
+    def _intake_one(self, capture_id: str, liveness: Liveness) -> Item | None:
         started = time.perf_counter()
         try:
             claimed = self.spool.claim(capture_id)
@@ -207,12 +248,17 @@ class Pipeline:
             return None  # the spool moved it to rejected/, counted and logged it
         if claimed is None:
             return None
+        models = self._take_models()  # held until inference has decided this capture
         liveness.begin()
         try:
-            return self.preparer.prepare(claimed, started)
+            return models, models.preparer.prepare(claimed, started)
         except CaptureRejected as exc:
+            models.release()
             self.spool.reject(capture_id, exc)
             return None
+        except BaseException:
+            models.release()
+            raise
         finally:
             liveness.end()
 
@@ -237,10 +283,25 @@ class Pipeline:
         finally:
             self.committer.inputs_done()
 
-    def _classify_and_decide(self, batch: list[Work]) -> None:
+    def _classify_and_decide(self, batch: list[Item]) -> None:
+        """Each capture gets a verdict or a rejection, on the models it was taken with (a batch that
+        straddles a reload is split); then it lets go of them."""
+        start = 0
+        while start < len(batch):
+            models = batch[start][0]
+            end = start
+            while end < len(batch) and batch[end][0] is models:
+                end += 1
+            try:
+                self._decide_group(models, [work for _, work in batch[start:end]])
+            finally:
+                models.release(end - start)
+            start = end
+
+    def _decide_group(self, models: ModelSet, batch: list[Work]) -> None:
         """Each capture of the batch gets a verdict or a rejection; an error on one never stops the others."""
         try:
-            probs = self._classify(batch)
+            probs = self._classify(models, batch)
         except Exception as exc:  # noqa: BLE001  # a bug on this batch: reject it, keep the site up
             for work in batch:
                 self.errors["internal_error"] += 1
@@ -248,18 +309,18 @@ class Pipeline:
             return
         for work, (p, problem) in zip(batch, probs, strict=True):
             try:
-                self._process(work, p, problem)
+                self._process(models, work, p, problem)
             except RegistryUnavailable as exc:
                 self.errors["registry_unavailable"] += 1
                 verdict = Verdict(
-                    "inconclusive", f"registry_unavailable: {exc}", registry_stale=True, model=self._model_info()
+                    "inconclusive", f"registry_unavailable: {exc}", registry_stale=True, model=models.verdict_model()
                 )
                 self.committer.put(Decided(work, verdict, None))
             except Exception as exc:  # noqa: BLE001  # as above, for one capture
                 self.errors["internal_error"] += 1
                 self.spool.reject_internal(work.claimed.capture.capture_id, "deciding its verdict", exc)
 
-    def _next_batch(self) -> list[Work] | None:
+    def _next_batch(self) -> list[Item] | None:
         """Micro-batching: one item (waiting ≤ 0.1 s), then whatever else is queued, up to
         ``max_batch``, waiting at most ``max_wait_ms`` for more."""
         try:
@@ -275,7 +336,7 @@ class Pipeline:
                 break
         return batch
 
-    def _classify(self, batch: list[Work]) -> list[tuple[np.ndarray | None, str | None]]:
+    def _classify(self, models: ModelSet, batch: list[Work]) -> list[tuple[np.ndarray | None, str | None]]:
         """Calibrated probabilities for each item with a tensor, its views fused (engines/scores.py).
 
         The rows of every item (crop, flip, second image) go through the backend in calls of at most
@@ -288,7 +349,7 @@ class Pipeline:
             return results
         t = time.perf_counter()
         try:
-            out = self._infer_rows(np.concatenate([tensor for _, tensor in ready]))
+            out = self._infer_rows(models.backend, np.concatenate([tensor for _, tensor in ready]))
         except EngineError as exc:
             self.errors["inference"] += 1
             log.error("inference failed for %d capture(s): %s", len(ready), exc)
@@ -302,13 +363,13 @@ class Pipeline:
         row = 0
         for i, tensor in ready:
             work, rows = batch[i], len(tensor)
-            results[i] = self._fuse(work, out[row : row + rows], work.views or ("original",) * rows)
+            results[i] = self._fuse(models, work, out[row : row + rows], work.views or ("original",) * rows)
             row += rows
         return results
 
-    def _infer_rows(self, rows: np.ndarray) -> np.ndarray:
+    def _infer_rows(self, backend: Backend, rows: np.ndarray) -> np.ndarray:
         """Backend outputs for ``rows``, in calls the engine takes (≤ max_batch rows, or its fixed batch, padded)."""
-        spec = self.backend.input_spec
+        spec = backend.input_spec
         fixed = spec.shape[0] if isinstance(spec.shape[0], int) else None
         size = self.cfg.model.max_batch if fixed is None else fixed
         outputs = []
@@ -317,13 +378,16 @@ class Pipeline:
             n = len(chunk)
             if fixed is not None and n < fixed:
                 chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
-            outputs.append(np.asarray(self.backend.infer(chunk))[:n])
+            outputs.append(np.asarray(backend.infer(chunk))[:n])
         return np.concatenate(outputs)
 
-    def _fuse(self, work: Work, outputs: np.ndarray, views: tuple[str, ...]) -> tuple[np.ndarray, str | None]:
+    def _fuse(
+        self, models: ModelSet, work: Work, outputs: np.ndarray, views: tuple[str, ...]
+    ) -> tuple[np.ndarray, str | None]:
         """One capture's views fused into calibrated probabilities, and the OOD gate's problem if any."""
-        ood = self.bundle.manifest.ood
-        fused, problem = score_views(outputs, views, self.bundle.manifest)
+        manifest = models.bundle.manifest
+        ood = manifest.ood
+        fused, problem = score_views(outputs, views, manifest)
         work.evidence["views"] = {**fused.evidence(), "ood_threshold": None if ood is None else ood.threshold}
         if problem is not None:
             self.errors[OOD_REASON] += 1
@@ -348,7 +412,7 @@ class Pipeline:
         neighbours = tuple(plate_key(self.hmac_key, p) for p in confusable_neighbours(plate))
         return None, key, self.registry.lookup_key(key), neighbours
 
-    def _process(self, work: Work, probs: np.ndarray | None, image_problem: str | None) -> None:
+    def _process(self, models: ModelSet, work: Work, probs: np.ndarray | None, image_problem: str | None) -> None:
         capture = work.claimed.capture
         t = time.perf_counter()
         plate_problem, key, record, neighbours = self._plate(capture)
@@ -356,16 +420,16 @@ class Pipeline:
         decide_this = functools.partial(
             decide,
             probs=probs,
-            taxonomy=self.taxonomy,
+            taxonomy=models.taxonomy,
             record=record,
             plate_problem=plate_problem,
-            cfg=self.policy.cfg,
+            cfg=models.policy.cfg,
             registry_stale=stale,
-            model_info=self._model_info(),
+            model_info=models.verdict_model(),
             image_problem=image_problem,
-            label_categories=self.label_categories,
-            operating_point=self.policy.operating_point,
-            no_flag_reason=self.policy.no_flag_reason,
+            label_categories=models.label_categories,
+            operating_point=models.policy.operating_point,
+            no_flag_reason=models.policy.no_flag_reason,
         )
         verdict = decide_this()
         if verdict.is_flag:  # the misread check: only a would-be flag pays for the neighbours' lookups
