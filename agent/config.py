@@ -63,6 +63,13 @@ class SpoolConfig(_Section):
     max_image_bytes: int = Field(30_000_000, gt=0, description="Larger image files are rejected.")
     max_image_pixels: int = Field(60_000_000, gt=0, description="Images with more pixels are rejected.")
     min_image_side: int = Field(64, gt=0, description="Images with a smaller side are rejected.")
+    max_jpeg_scans: int = Field(
+        100,
+        ge=1,
+        le=100_000,
+        description="Decode budget: JPEGs with more scans are rejected (too_many_scans). A progressive image "
+        "needs about 10; each scan walks the whole image, so thousands stall the decoder for minutes.",
+    )
     max_sidecar_bytes: int = Field(65_536, gt=0, description="Larger sidecars are rejected.")
     retention_days: float = Field(30, ge=0, description="Processed captures are kept this long in done/.")
     min_free_mb: int = Field(500, ge=0, description="Disk guard: intake pauses below this much free space.")

@@ -21,12 +21,14 @@ from typing import Any
 
 import pytest
 from e2e_site import Site, build_models, make_site
+from jpeg_builders import EOI, progressive_of, repeated_scans
 from waiting import wait_until
 
+from iaflash.agent.capture.jpeg import read_structure
 from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.decision.verdict import Verdict
 from iaflash.agent.demo.broker import MosquittoBroker, free_port
-from iaflash.agent.demo.scenario import registry_rows, start_time, write_capture
+from iaflash.agent.demo.scenario import DemoCapture, registry_rows, start_time, write_capture
 from iaflash.agent.errors import InstanceLocked, RegistryUnavailable
 from iaflash.agent.outbox.store import Outbox
 from iaflash.agent.registry.cache import import_subset, records_from_plates, write_subset
@@ -492,3 +494,58 @@ def test_linked_and_fifo_files_are_rejected_without_blocking_and_the_rest_goes_t
     assert "symbolic link" in rejected["linked-sidecar"]["message"]
     assert target.read_text() == "{}"  # a link is moved, never followed
     assert set(recorder.verdicts) == set(good(site))
+
+
+def drop_with_image(site: Site, capture: DemoCapture, change: Any) -> None:
+    """Drop one scenario capture with its JPEG replaced by ``change(jpeg)``: the image first, the sidecar last."""
+    staging = site.root / "staging"
+    staging.mkdir(exist_ok=True)
+    i = int(capture.capture_id.split("-")[1])
+    write_capture(capture, staging, start_time() + timedelta(seconds=5 * i), seed=1000 + i)
+    image = staging / f"{capture.capture_id}.jpg"
+    image.write_bytes(change(image.read_bytes()))
+    os.rename(image, site.incoming / image.name)
+    os.rename(staging / f"{capture.capture_id}.json", site.incoming / f"{capture.capture_id}.json")
+
+
+def with_repeated_scans(jpeg: bytes) -> bytes:
+    progressive = progressive_of(jpeg)
+    frame = read_structure(progressive)
+    return repeated_scans(progressive, 5000, frame.width, frame.height)  # minutes for the bare decoder
+
+
+def test_a_repeated_scan_jpeg_and_cut_jpegs_are_rejected_with_their_reason_and_the_rest_goes_through(
+    tmp_path: Path, models: Path, broker: MosquittoBroker
+) -> None:
+    """The 95 s stall and the match on half an image: refused before (or right after) decoding, counted."""
+    site = make_site(tmp_path / "site", models, broker.port, n=16)
+    judged = [c for c in site.scenario if c.expect != "rejected"]
+    hostile, cut, fake_end, progressive = judged[:4]
+    recorder = Recorder()
+    service = run_service(site, recorder)
+    try:
+        drop_with_image(site, hostile, with_repeated_scans)
+        drop_with_image(site, cut, lambda d: d[: len(d) // 2])
+        drop_with_image(site, fake_end, lambda d: d[: len(d) // 2] + EOI)
+        drop_with_image(site, progressive, progressive_of)  # a sound progressive JPEG is judged as any other
+        site.drop([c for c in site.scenario if c not in (hostile, cut, fake_end, progressive)])
+        all_verdicts_in(site, recorder, extra=-3)
+        poisoned = {hostile.capture_id, cut.capture_id, fake_end.capture_id}
+        wait_until(lambda: poisoned <= set(reasons(site)), 10, "the three rejections")
+        assert_alive(service)
+        counters = service.heartbeat()["spool"]
+    finally:
+        service.stop()
+    rejected = reasons(site)
+    assert rejected[hostile.capture_id]["reason"] == "corrupt_image"
+    assert "again or out of order (a repeated scan)" in rejected[hostile.capture_id]["message"]
+    assert rejected[cut.capture_id]["reason"] == "truncated_jpeg"
+    assert "no end-of-image marker FFD9" in rejected[cut.capture_id]["message"]
+    assert rejected[fake_end.capture_id]["reason"] == "corrupt_image"
+    assert "decoder's uniform grey fill" in rejected[fake_end.capture_id]["message"]
+    scenario_corrupt = sum(c.bad == "corrupt_jpeg" for c in site.scenario)
+    assert counters["rejected.corrupt_image"] == 2 + scenario_corrupt
+    assert counters["rejected.truncated_jpeg"] == 1
+    assert set(recorder.verdicts) == set(good(site)) - poisoned
+    assert progressive.capture_id in recorder.verdicts
+    assert site.files_in("incoming") == [] and site.files_in("processing") == []

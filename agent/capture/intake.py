@@ -1,8 +1,9 @@
 """Intake stage: from a claimed capture to the classifier's input views (CPU work, no file I/O).
 
-Per image: JPEG header checks → reduced decode where safe → find the vehicle (first image: the
-sidecar box, else the detector; second image: the detector) → :func:`~iaflash.agent.capture.crop.prepare_crop`
-(the bundle's crop contract, colour mode, quality gates, preprocessing, flip view). Runs in the
+Per image: JPEG structure checks (every marker, the scan budget) → reduced decode where safe →
+find the vehicle (first image: the sidecar box, else the detector; second image: the detector) →
+:func:`~iaflash.agent.capture.crop.prepare_crop` (the bundle's crop contract, colour mode,
+quality gates, preprocessing, flip view). Runs in the
 intake thread so that it overlaps classification in the inference thread.
 
 :meth:`Preparer.prepare_capture` is the daemon's whole intake for one capture given its image
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from iaflash.agent.capture.crop import CropInfo, prepare_crop
-from iaflash.agent.capture.preprocess import decode_jpeg, inspect_jpeg
+from iaflash.agent.capture.preprocess import check_jpeg, decode_jpeg
 from iaflash.agent.capture.sidecar import Capture
 from iaflash.agent.capture.spool import Claimed
 from iaflash.agent.capture.vehicle import Box, Selection, detect_vehicles, select_vehicle
@@ -147,11 +148,13 @@ class Preparer:
     ) -> tuple[np.ndarray | None, CropInfo | None, str | None, dict[str, object]]:
         """One image's views, crop and problem (None when it can be classified), and its evidence."""
         t = time.perf_counter()
-        width, height = inspect_jpeg(
-            data, max_pixels=self.spool_cfg.max_image_pixels, min_side=self.spool_cfg.min_image_side
+        cfg = self.spool_cfg
+        structure = check_jpeg(
+            data, max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side, max_scans=cfg.max_jpeg_scans
         )
+        width, height = structure.width, structure.height
         factor = self._reduction(width, height, box)
-        image = decode_jpeg(data, reduce=factor)
+        image = decode_jpeg(data, reduce=factor, structure=structure)
         timings["decode"] = timings.get("decode", 0.0) + (time.perf_counter() - t) * 1e3
         selection = self._find_vehicle(image, capture, box, (width, height), timings)
         t = time.perf_counter()

@@ -1,10 +1,13 @@
 """Image preprocessing: JPEG checks, decode, crop, and the model's input tensor. Pure numpy/OpenCV.
 
-* :func:`inspect_jpeg` reads the JPEG markers only (no decode) to refuse non-JPEG, truncated,
-  huge or tiny images cheaply, before any pixel is decoded.
+* :func:`check_jpeg` (and :func:`inspect_jpeg`, its width and height) walks every JPEG marker
+  segment (no decode, :mod:`iaflash.agent.capture.jpeg`) to refuse non-JPEG, truncated, corrupt,
+  huge or tiny images and those past the decode budget (``spool.max_jpeg_scans``) cheaply,
+  before any pixel is decoded.
 * :func:`decode_jpeg` decodes to BGR uint8, optionally at 1/2, 1/4, 1/8 size (libjpeg's DCT
   scaling: much cheaper than decoding in full and resizing). EXIF orientation is ignored so that
-  pixel coordinates (vehicle boxes from the radar or the detector) match the stored image.
+  pixel coordinates (vehicle boxes from the radar or the detector) match the stored image. An
+  image whose last MCU row is libjpeg's grey fill (a cut file closed by a fake end marker) is refused.
 * :func:`preprocess` turns a BGR image into the ``[1, 3, H, W]`` float32 tensor a bundle's
   :class:`~iaflash.engines.bundle.Preprocessing` describes.
 
@@ -18,147 +21,67 @@ import logging
 import cv2
 import numpy as np
 
+from iaflash.agent.capture.jpeg import DEFAULT_MAX_SCANS, FIX_RADAR, JpegStructure, grey_tail, read_structure
 from iaflash.agent.errors import CaptureRejected
 from iaflash.engines.bundle import Preprocessing
 from iaflash.engines.geometry import fit_geometry
 
-__all__ = ["INTERPOLATIONS", "crop", "crop_region", "decode_jpeg", "inspect_jpeg", "preprocess"]
+__all__ = ["INTERPOLATIONS", "check_jpeg", "crop", "crop_region", "decode_jpeg", "inspect_jpeg", "preprocess"]
 
 logger = logging.getLogger(__name__)
 
-_SOI = b"\xff\xd8"
-_EOI = b"\xff\xd9"
-_SOS = 0xDA
-# SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG extension) and CC (DAC) are not frames.
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-# Markers with no length field: TEM and RST0..RST7.
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _REDUCE_FLAGS = {
     1: cv2.IMREAD_COLOR,
     2: cv2.IMREAD_REDUCED_COLOR_2,
     4: cv2.IMREAD_REDUCED_COLOR_4,
     8: cv2.IMREAD_REDUCED_COLOR_8,
 }
-_FIX_RADAR = "check the radar's image output (baseline or progressive JPEG, written completely before the sidecar)"
 
 
-def _truncated(at: int, size: int) -> CaptureRejected:
-    return CaptureRejected(
-        "truncated_jpeg",
-        f"JPEG ends at byte {size} inside its header (segment at byte {at}): the file is incomplete; {_FIX_RADAR}",
-    )
-
-
-def _corrupt(problem: str) -> CaptureRejected:
-    return CaptureRejected("corrupt_image", f"JPEG header is corrupt: {problem}; {_FIX_RADAR}")
-
-
-def _scan_header(data: bytes) -> tuple[int, int, int]:
-    """``(width, height, offset of the first scan)`` from the JPEG markers; no pixel is decoded."""
-    if len(data) < 4 or data[:2] != _SOI:
-        raise CaptureRejected(
-            "not_jpeg",
-            f"image does not start with the JPEG SOI marker FFD8 (first bytes "
-            f"{data[:4].hex() or 'none'}, {len(data)} bytes); {_FIX_RADAR}",
-        )
-    size: tuple[int, int] | None = None
-    pos = 2
-    while True:
-        pos, marker, length = _segment(data, pos)
-        if marker == _SOS:
-            if size is None:
-                raise _corrupt("image data (SOS) before any frame header (SOF)")
-            return size[0], size[1], pos
-        if marker in _SOF:
-            size = _frame_size(data, pos, length)
-        pos += 2 + length
-
-
-def _segment(data: bytes, pos: int) -> tuple[int, int, int]:
-    """``(position, marker, length)`` of the segment at ``pos``, after fill bytes; 0 length if standalone."""
-    while pos + 1 < len(data) and data[pos] == 0xFF and data[pos + 1] == 0xFF:
-        pos += 1  # fill bytes before a marker
-    if pos + 2 > len(data):
-        raise _truncated(pos, len(data))
-    if data[pos] != 0xFF:
-        raise _corrupt(f"expected a marker at byte {pos}, found {data[pos]:#04x}")
-    marker = data[pos + 1]
-    if marker in _STANDALONE:
-        return pos, marker, 0
-    if marker in (0xD8, 0xD9):
-        raise _corrupt(f"marker FF{marker:02X} at byte {pos} before any image data")
-    if pos + 4 > len(data):
-        raise _truncated(pos, len(data))
-    length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-    if length < 2:
-        raise _corrupt(f"segment FF{marker:02X} at byte {pos} has length {length}")
-    if pos + 2 + length > len(data):
-        raise _truncated(pos, len(data))
-    return pos, marker, length
-
-
-def _frame_size(data: bytes, pos: int, length: int) -> tuple[int, int]:
-    if length < 8:
-        raise _corrupt(f"frame header at byte {pos} is {length} bytes, needs at least 8")
-    height = int.from_bytes(data[pos + 5 : pos + 7], "big")
-    width = int.from_bytes(data[pos + 7 : pos + 9], "big")
-    if height == 0 or width == 0:
-        raise _corrupt(f"frame header at byte {pos} gives {width}x{height} (DNL-defined height is unsupported)")
-    return width, height
-
-
-def _check_eoi(data: bytes, scan_at: int) -> None:
-    # FF D9 cannot occur inside entropy-coded data (FF is stuffed as FF 00), so an EOI after the
-    # first scan means the file was written to the end; thumbnails sit before the first scan.
-    if data.rfind(_EOI, scan_at) == -1:
-        raise CaptureRejected(
-            "truncated_jpeg",
-            f"JPEG has no end-of-image marker FFD9 after its image data "
-            f"({len(data)} bytes): the file is incomplete; {_FIX_RADAR}",
-        )
-
-
-def inspect_jpeg(data: bytes, *, max_pixels: int, min_side: int) -> tuple[int, int]:
-    """``(width, height)`` of a JPEG read from its markers, without decoding it.
+def check_jpeg(data: bytes, *, max_pixels: int, min_side: int, max_scans: int = DEFAULT_MAX_SCANS) -> JpegStructure:
+    """The JPEG's structure from its markers, without decoding it (iaflash.agent.capture.jpeg).
 
     Raises CaptureRejected with reason ``not_jpeg``, ``truncated_jpeg``, ``corrupt_image``
-    (broken marker structure), ``image_too_large`` or ``image_too_small``.
+    (broken marker structure, scans out of order, image data that stops early),
+    ``too_many_scans`` (the decode budget), ``image_too_large`` or ``image_too_small``.
     """
-    width, height, scan_at = _scan_header(data)
-    if width * height > max_pixels:
-        raise CaptureRejected(
-            "image_too_large",
-            f"JPEG is {width}x{height} = {width * height} pixels, more than "
-            f"the limit of {max_pixels}; lower the radar's resolution or "
-            "raise spool.max_image_pixels",
-        )
-    if min(width, height) < min_side:
-        raise CaptureRejected(
-            "image_too_small",
-            f"JPEG is {width}x{height}, a side is below the minimum of "
-            f"{min_side} pixels; check the radar's output or lower "
-            "spool.min_image_side",
-        )
-    _check_eoi(data, scan_at)
-    return width, height
+    return read_structure(data, max_scans=max_scans, max_pixels=max_pixels, min_side=min_side)
 
 
-def decode_jpeg(data: bytes, *, reduce: int = 1) -> np.ndarray:
+def inspect_jpeg(data: bytes, *, max_pixels: int, min_side: int, max_scans: int = DEFAULT_MAX_SCANS) -> tuple[int, int]:
+    """``(width, height)`` of a JPEG read from its markers, without decoding it; see :func:`check_jpeg`."""
+    structure = check_jpeg(data, max_pixels=max_pixels, min_side=min_side, max_scans=max_scans)
+    return structure.width, structure.height
+
+
+def decode_jpeg(
+    data: bytes, *, reduce: int = 1, structure: JpegStructure | None = None, max_scans: int = DEFAULT_MAX_SCANS
+) -> np.ndarray:
     """Decode a JPEG to a BGR uint8 ``[H, W, 3]`` array, at 1/``reduce`` size (1, 2, 4 or 8).
 
-    Raises CaptureRejected ``not_jpeg``/``truncated_jpeg``/``corrupt_image``.
+    ``structure`` is :func:`check_jpeg`'s result when the caller has it (the markers are then not
+    walked twice). A decoded image whose last MCU row is libjpeg's uniform grey fill (the data ended
+    early) is refused. Raises CaptureRejected ``not_jpeg``/``truncated_jpeg``/``corrupt_image``/
+    ``too_many_scans``.
     """
     if reduce not in _REDUCE_FLAGS:
         raise ValueError(f"reduce must be one of {sorted(_REDUCE_FLAGS)}, got {reduce}")
-    _, _, scan_at = _scan_header(data)
-    _check_eoi(data, scan_at)
+    if structure is None:
+        structure = read_structure(data, max_scans=max_scans)
     flags = _REDUCE_FLAGS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:
-        raise CaptureRejected("corrupt_image", f"OpenCV could not decode the JPEG ({exc.err}); {_FIX_RADAR}") from exc
+        raise CaptureRejected("corrupt_image", f"OpenCV could not decode the JPEG ({exc.err}); {FIX_RADAR}") from exc
     if image is None or image.ndim != 3 or image.shape[2] != 3:
-        raise CaptureRejected("corrupt_image", f"OpenCV could not decode the JPEG ({len(data)} bytes); {_FIX_RADAR}")
+        raise CaptureRejected("corrupt_image", f"OpenCV could not decode the JPEG ({len(data)} bytes); {FIX_RADAR}")
+    if grey_tail(image, structure, reduce):
+        raise CaptureRejected(
+            "corrupt_image",
+            f"JPEG image data stops early: its last {structure.mcu_size[1]}-pixel row of blocks decodes "
+            "as the decoder's uniform grey fill (the file was cut and an end-of-image marker added, or damaged "
+            f"on the way); {FIX_RADAR}",
+        )
     return image
 
 

@@ -33,6 +33,8 @@ _REJECT_FIXES = {
     "orphan_file": FIX_RADAR,
     "missing_image": FIX_RADAR,
     "corrupt_image": "images arrive truncated or damaged: check the radar's export and its disk",
+    "truncated_jpeg": "images arrive cut short: check that the radar writes each image fully before its sidecar",
+    "too_many_scans": "the radar's JPEGs have too many scans: check its encoder, or raise spool.max_jpeg_scans",
     "empty_image": "images arrive empty: check the radar's export and its disk",
     "not_a_file": "only capture files belong in spool/incoming: remove folders and links from it",
 }
