@@ -31,6 +31,7 @@ from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_docto
 from iaflash.provisioning.model.cli import model as model_group
 from iaflash.provisioning.enrol.command import enrol_command
 from iaflash.provisioning.selftest_command import selftest_command
+from iaflash.provisioning.tail import tail_command
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def doctor_cmd(config_path: Path, as_json: bool, broker_timeout: float) -> None:
 
 cli.add_command(enrol_command)
 cli.add_command(selftest_command)
+cli.add_command(tail_command)
 
 
 cli.add_command(model_group)  # model install | list | rollback (provisioning/model/)

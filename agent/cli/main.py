@@ -59,6 +59,7 @@ def run(config_path: Path) -> None:
     Example:
       iaflash-agent run --config /etc/iaflash/agent.toml
     """
+    from iaflash.agent.logformat import configure_logging  # noqa: PLC0415  # keeps `--help` fast
     from iaflash.agent.service import Service  # noqa: PLC0415  # keeps `--help` fast
 
     try:
@@ -67,7 +68,7 @@ def run(config_path: Path) -> None:
         for issue in exc.issues:
             _err(str(issue))
         sys.exit(EXIT_ERROR)
-    setup_logging(cfg.log.level, cfg.log.format)
+    configure_logging(cfg.log.level, cfg.log.format)  # journald priorities, the reason in text lines
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
