@@ -334,6 +334,11 @@ class Config(_Section):
     def topic_root(self) -> str:
         return f"{self.mqtt.topic_prefix}/{self.site.site_id}/{self.site.device_id}"
 
+    @property
+    def trust_state_file(self) -> Path:
+        """The box's trust state (revocation list applied, rollback marks): beside the outbox (docs/SIGNING.md)."""
+        return self.outbox.db.parent / "trust-state.json"
+
 
 def _unknown_key_fix(key: str, section_model: type[BaseModel] | None) -> str:
     """The fix for a key the section does not have, with the closest allowed key when one is close."""

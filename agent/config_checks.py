@@ -17,7 +17,9 @@ def semantic_issues(cfg: Config, file: str) -> list[ConfigIssue]:
     """Problems a valid file can still have: missing bundle, unreadable key, unusable paths."""
     issues: list[ConfigIssue] = []
     try:
-        load_trusted_bundle(cfg.model.bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
+        load_trusted_bundle(
+            cfg.model.bundle, cfg.security.trust_dir, cfg.security.allow_unsigned, state_file=cfg.trust_state_file
+        )
     except EngineError as exc:
         issues.append(
             ConfigIssue(

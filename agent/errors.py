@@ -24,7 +24,11 @@ Every error says what failed, where (file, config key, capture id) and how to fi
         ├── BundleError
         │   ├── TaxonomyError  the bundle's labels cannot form a taxonomy (one spelling, two groups)
         │   └── SignatureError
-        │       └── UntrustedKey
+        │       ├── UntrustedKey
+        │       │   ├── WrongRole
+        │       │   ├── KeyExpired
+        │       │   └── KeyRevoked
+        │       └── RollbackRefused
         ├── ModelLoadError
         │   └── UnusablePlan
         ├── CudaError
@@ -47,10 +51,14 @@ from iaflash.engines.errors import (
     EngineError,
     IaflashError,
     InferenceError,
+    KeyExpired,
+    KeyRevoked,
     ModelLoadError,
+    RollbackRefused,
     SignatureError,
     UntrustedKey,
     UnusablePlan,
+    WrongRole,
 )
 
 __all__ = [
@@ -69,6 +77,8 @@ __all__ = [
     "IaflashError",
     "InferenceError",
     "InstanceLocked",
+    "KeyExpired",
+    "KeyRevoked",
     "LinkError",
     "ModelLoadError",
     "ModelStoreError",
@@ -78,10 +88,12 @@ __all__ = [
     "RegistryError",
     "RegistryFileError",
     "RegistryUnavailable",
+    "RollbackRefused",
     "SignatureError",
     "TaxonomyError",
     "UntrustedKey",
     "UnusablePlan",
+    "WrongRole",
 ]
 
 

@@ -175,11 +175,18 @@ def _save_evidence(response: dict[str, Any], out: Path) -> None:
     help="registry_sync: the subset file (.jsonl.gz); its FILE.sig is sent with it.",
 )
 @click.option(
+    "--revocations",
+    "revocations",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="revoke_keys: the signed revocation list (iaflash-engines trust sign-revocations).",
+)
+@click.option(
     "--key",
     "key",
     required=True,
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Central's Ed25519 private key (PEM); its .pub must be in the sites' trust store.",
+    help="Central's command key (PEM, role commands); its .pub must be in the sites' trust_dir/commands/.",
 )
 @broker_options
 @click.option(
@@ -202,13 +209,14 @@ def cmd(
     command: str,
     pairs: tuple[str, ...],
     file: Path | None,
+    revocations: Path | None,
     key: Path,
     broker: BrokerOptions,
     timeout: float,
     out: Path | None,
     as_json: bool,
 ) -> None:
-    """Send a signed COMMAND (ping, status, send_evidence, registry_sync) to one box; print its response.
+    """Send a signed COMMAND (ping, status, send_evidence, registry_sync, revoke_keys) to one box; print its response.
 
     Exit 0 when the box answers ok, 1 when it refuses or does not answer in time.
 
@@ -218,8 +226,14 @@ def cmd(
       iaflash-central cmd site-042 box-01 send_evidence --arg capture_id=20261102-081500-000123 \\
           --key central.key --out evidence/
       iaflash-central cmd site-042 box-01 registry_sync --file siv-0002.jsonl.gz --key central.key --json
+      iaflash-central cmd site-042 box-01 revoke_keys --revocations revoked-0003.json --key central.key
     """
     args = _args(pairs, file)
+    if revocations is not None:
+        try:
+            args["list"] = json.loads(revocations.read_bytes())
+        except ValueError as exc:
+            raise click.UsageError(f"--revocations {revocations}: not JSON ({exc})") from exc
     try:
         client = CommandClient(
             broker.host, broker.port, protocol=broker.protocol, private_key_path=key, configure=broker.apply

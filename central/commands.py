@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from iaflash.agent.commands.protocol import SCHEMA_ID, canonical_bytes, validate_response
-from iaflash.engines.signing import load_private_key, sign_bytes
+from iaflash.engines.signing import check_signing_role, load_private_key, sign_bytes
 
 __all__ = ["CommandClient"]
 
@@ -54,6 +54,8 @@ class CommandClient:
         """``configure`` sets TLS and credentials on the paho client (``BrokerOptions.apply``)."""
         self.host, self.port, self.protocol, self.prefix = host, port, protocol, topic_prefix
         self.validity_s = validity_s
+        if private_key_path is not None:  # boxes trust command keys only from trust_dir/commands/
+            check_signing_role(private_key_path, "commands")
         self._key = load_private_key(private_key_path) if private_key_path is not None else None
         self.signer = signer or (Path(private_key_path).stem if private_key_path is not None else "unsigned")
         self.client_id = f"iaflash-central-cmd-{uuid.uuid4().hex[:12]}"

@@ -1,8 +1,8 @@
 """``iaflash-engines``: the model publisher's and the technician's inference tools.
 
 Subcommands live beside the code they drive (``engines/cli_bundle.py``: keygen, sign,
-verify; ``engines/cli_pack.py``: pack; ``engines/cli_build.py``: build); this module only
-assembles the group.
+verify, allow-rollback; ``engines/cli_pack.py``: pack; ``engines/cli_build.py``: build;
+``engines/cli_trust.py``: trust); this module only assembles the group.
 
 Exit codes: 0 ok, 1 operational error, 2 usage error, 3 check found problems.
 """
@@ -25,6 +25,7 @@ _COMMANDS = (
     ("iaflash.engines.cli_bundle", "commands"),
     ("iaflash.engines.cli_pack", "commands"),
     ("iaflash.engines.cli_build", "commands"),
+    ("iaflash.engines.cli_trust", "commands"),
 )
 
 

@@ -9,7 +9,11 @@ with everything below and draws the whole tree::
     ├── BackendUnavailable   the backend's library or device is missing (is_available() said why)
     ├── BundleError          a model bundle is missing a file, fails its sha256, or has a bad manifest
     │   └── SignatureError   a bundle or signed file is unsigned, altered after signing, or its .sig is malformed
-    │       └── UntrustedKey the signature is by a key that is not in the trust store
+    │       ├── UntrustedKey the signature is by a key that is not in the trust store
+    │       │   ├── WrongRole    the key is trusted, but for another role (docs/SIGNING.md#roles)
+    │       │   ├── KeyExpired   the key's not_after has passed
+    │       │   └── KeyRevoked   the key is on the revocation list this box applied
+    │       └── RollbackRefused  validly signed, but older than what this box already applied
     ├── ModelLoadError       the runtime refused the model file (corrupt ONNX, bad plan)
     │   └── UnusablePlan     TensorRT refused a cached plan: it is discarded and rebuilt
     ├── CudaError            a CUDA call failed (no device, out of memory, driver too old)
@@ -41,6 +45,22 @@ class SignatureError(BundleError):
 
 class UntrustedKey(SignatureError):
     """A valid-looking signature by a key whose id is not in the trust store."""
+
+
+class WrongRole(UntrustedKey):
+    """The signing key is in the trust store, but not for the role this content needs."""
+
+
+class KeyExpired(UntrustedKey):
+    """The signing key's ``not_after`` is in the past (box time)."""
+
+
+class KeyRevoked(UntrustedKey):
+    """The signing key is listed by the revocation list this box applied."""
+
+
+class RollbackRefused(SignatureError):
+    """Signed content older than what this box already applied (bundle version, registry seq, revocation list)."""
 
 
 class ModelLoadError(EngineError):

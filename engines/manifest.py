@@ -225,6 +225,7 @@ class Manifest:
     ood: OodSpec | None = None
     lookalike_groups: tuple[tuple[str, ...], ...] = ()
     operating_point: OperatingPoint | None = None
+    allow_rollback_from: str | None = None  # a signed rollback: the newest version it may replace (engines/rollback.py)
 
     @property
     def crop_spec(self) -> CropSpec:
@@ -250,6 +251,8 @@ class Manifest:
             del data["lookalike_groups"]
         if self.operating_point is None:
             del data["operating_point"]
+        if self.allow_rollback_from is None:
+            del data["allow_rollback_from"]
         return data
 
     @classmethod
@@ -678,4 +681,11 @@ def _parse_manifest(data: Mapping[str, Any]) -> Manifest:
         ood=_parse_ood(data),
         lookalike_groups=_parse_lookalike_groups(data),
         operating_point=_parse_operating_point(data, temperature),
+        allow_rollback_from=_parse_rollback(data),
     )
+
+
+def _parse_rollback(data: Mapping[str, Any]) -> str | None:
+    if "allow_rollback_from" not in data:
+        return None
+    return _text(data, "allow_rollback_from", "give the newest version this rollback may replace, or remove it")

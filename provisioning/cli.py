@@ -123,9 +123,10 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
     """Import a registry subset FILE (snapshot or delta) into the cache, in one transaction.
 
     FILE must be signed (FILE.sig, written at central by `iaflash-engines sign FILE --key KEY`) by a
-    key whose .pub is in [security] trust_dir; [security] allow_unsigned = true also accepts unsigned
-    files, for development only. The bytes whose signature was checked are the bytes imported. On
-    any error the cache is left exactly as it was. A delta must follow the cache's seq.
+    key whose .pub is in [security] trust_dir/registry/; [security] allow_unsigned = true also accepts
+    unsigned files, for development only. The bytes whose signature was checked are the bytes
+    imported. On any error the cache is left exactly as it was. A delta must follow the cache's seq;
+    a file older than what the box applied (seq) is refused.
 
     \b
     Example:
@@ -155,6 +156,7 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
             allow_unsigned=cfg.security.allow_unsigned,
             expected_key_id=expected,
             progress=progress,
+            state_file=cfg.trust_state_file,
         )
     seconds = time.perf_counter() - start
     rate = records[0] / seconds if seconds > 0 else 0.0

@@ -80,15 +80,15 @@ class Site:
 
 
 def build_models(out: Path) -> Path:
-    """Signed demo classifier + demo detector and the trust store holding their publisher's key."""
+    """Signed demo classifier + demo detector and the trust store holding their publisher's key (role models)."""
     from iaflash.agent.demo.detector import build_demo_detector_bundle
     from iaflash.agent.demo.model import build_demo_bundle
     from iaflash.engines.signing import generate_keypair, sign_bundle
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trust").mkdir()
-    private, public = generate_keypair(out / "publisher")
-    shutil.copy(public, out / "trust" / public.name)
+    (out / "trust" / "models").mkdir(parents=True)  # the trust store's folder for the model publisher's role
+    private, public = generate_keypair(out / "publisher", role="models")
+    shutil.copy(public, out / "trust" / "models" / public.name)
     _, accuracy = build_demo_bundle(out / "model")
     assert accuracy > 0.95
     build_demo_detector_bundle(out / "detector")

@@ -2,6 +2,8 @@
 
 A small real agent (MqttLink + CommandWorker over a real registry cache and spool) answers most
 tests; one test runs the whole Service on the demo models. Central is the real CommandClient.
+The trust store has one folder per role (docs/SIGNING.md#roles): central's key signs commands,
+the registry publisher's key signs subset files, the revocation authority's key signs revocation lists.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from iaflash.agent.registry.plates import key_id, plate_key
 from iaflash.agent.service import Service
 from iaflash.central.cli import main as central_main
 from iaflash.central.commands import CommandClient
-from iaflash.engines.signing import generate_keypair, sign_file
+from iaflash.engines.keys import read_public_key
+from iaflash.engines.revocation import build_revocation_list
+from iaflash.engines.signing import TrustState, generate_keypair, load_private_key, sign_bytes, sign_file
 
 SITE, DEVICE = "site-1", "box-1"
 PLATE = "AB-123-CD"
@@ -47,18 +51,33 @@ CAPTURE = "20261102-081500-000123"
 
 @dataclass
 class Keys:
-    central: Path  # trusted private key
+    central: Path  # trusted private key, role commands
     stranger: Path  # a valid key outside the trust store
     trust: Path
+    registry: Path  # role registry: signs subset files
+    models: Path  # role models: trusted, but never for a command
+    revocation: Path  # role revocation: signs revocation lists
+    expired: Path  # role commands, not_after an hour ago
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
-    (tmp_path / "trust").mkdir()
-    central, central_pub = generate_keypair(tmp_path / "central")
+    trust = tmp_path / "trust"
+    made = {}
+    for name, role in (
+        ("central", "commands"),
+        ("registry", "registry"),
+        ("models", "models"),
+        ("revocation", "revocation"),
+    ):
+        made[name], pub = generate_keypair(tmp_path / name, role=role)
+        (trust / role).mkdir(parents=True, exist_ok=True)
+        shutil.copy(pub, trust / role / pub.name)
+    past = datetime.now(timezone.utc) - timedelta(hours=1)
+    made["expired"], pub = generate_keypair(tmp_path / "expired", role="commands", not_after=past)
+    shutil.copy(pub, trust / "commands" / pub.name)
     stranger, _ = generate_keypair(tmp_path / "stranger")
-    shutil.copy(central_pub, tmp_path / "trust" / central_pub.name)
-    return Keys(central, stranger, tmp_path / "trust")
+    return Keys(trust=trust, stranger=stranger, **made)
 
 
 SCENE = make_scene(480, 400)  # the reviewed vehicle, its driver, its plate, another car's plate, a pedestrian
@@ -96,12 +115,13 @@ class Agent:
         protocol: str = "5",
         allow_unsigned: bool = False,
         evidence: dict[str, Any] | None = None,
+        device: str = DEVICE,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root, self.hmac = root, secrets.token_bytes(32)
         self.cfg: Config = parse_config(
             {
-                "site": {"site_id": SITE, "device_id": DEVICE},
+                "site": {"site_id": SITE, "device_id": device},
                 "spool": {"dir": str(root / "spool")},
                 "registry": {"db": str(root / "registry.db")},
                 "outbox": {"db": str(root / "state.db")},
@@ -157,8 +177,11 @@ class Agent:
 def make_agent(tmp_path: Path, broker: MosquittoBroker, keys: Keys) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
-    def make(protocol: str = "5", allow_unsigned: bool = False, evidence: dict[str, Any] | None = None) -> Agent:
-        agents.append(Agent(tmp_path / f"agent{len(agents)}", broker.port, keys, protocol, allow_unsigned, evidence))
+    def make(
+        protocol: str = "5", allow_unsigned: bool = False, evidence: dict[str, Any] | None = None, device: str = DEVICE
+    ) -> Agent:
+        root = tmp_path / f"agent{len(agents)}"
+        agents.append(Agent(root, broker.port, keys, protocol, allow_unsigned, evidence, device))
         return agents[-1]
 
     yield make
@@ -363,10 +386,10 @@ def test_registry_sync_imports_a_signed_delta_and_lookups_change(
     tmp_path: Path,
 ) -> None:
     assert agent.lookup(PLATE) == "RENAULT CLIO" and agent.lookup(NEW_PLATE) is None
-    response = central.send(SITE, DEVICE, "registry_sync", signed_delta(agent, tmp_path, keys.central), timeout=20)
+    response = central.send(SITE, DEVICE, "registry_sync", signed_delta(agent, tmp_path, keys.registry), timeout=20)
     assert response["ok"] is True, response
     assert response["result"]["state"]["seq"] == 2 and response["result"]["state"]["count"] == 1
-    assert response["result"]["signer"] == "central"
+    assert response["result"]["signer"] == "registry"
     assert agent.lookup(PLATE) is None and agent.lookup(NEW_PLATE) == "PEUGEOT 208"
     leftovers = [p.name for p in agent.cfg.registry.db.parent.iterdir() if p.name.startswith(".cmd-sync-")]
     assert leftovers == []
@@ -407,7 +430,7 @@ def test_registry_sync_of_a_delta_with_a_gap_fails_with_the_fix(
     )
     args = {
         "file_b64": base64.b64encode(delta.read_bytes()).decode("ascii"),
-        "signature": json.loads(sign_file(delta, keys.central).read_text()),
+        "signature": json.loads(sign_file(delta, keys.registry).read_text()),
     }
     response = central.send(SITE, DEVICE, "registry_sync", args, timeout=20)
     assert error_code(response) == "failed" and "request a snapshot" in response["error"]["message"]
@@ -440,11 +463,18 @@ def for_another_box(client: CommandClient) -> dict[str, Any]:
     return client.sign(doc)
 
 
+def signed_by(key: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` signed with ``key`` whatever its role (central's client refuses a key of another role)."""
+    return {**doc, "signature": sign_bytes(canonical_bytes(doc), load_private_key(key), key.stem)}
+
+
 REFUSALS: dict[str, Callable[[CommandClient, Keys, int], dict[str, Any]]] = {
     "bad_signature": lambda c, k, p: tampered(c),
     "untrusted_key": lambda c, k, p: CommandClient(port=p, private_key_path=k.stranger).sign(
         c.build(SITE, DEVICE, "ping")
     ),
+    "wrong_role": lambda c, k, p: signed_by(k.models, c.build(SITE, DEVICE, "ping")),
+    "expired_key": lambda c, k, p: signed_by(k.expired, c.build(SITE, DEVICE, "ping")),
     "expired": lambda c, k, p: expired(c),
     "invalid": lambda c, k, p: invalid(c),
     "unknown_command": lambda c, k, p: c.build(SITE, DEVICE, "self_destruct"),
@@ -485,6 +515,120 @@ def test_a_replayed_command_is_refused_even_by_a_restarted_worker(agent: Agent, 
     agent.worker = agent.new_worker()  # ids are kept in SQLite beside the outbox
     assert error_code(central.send_document(SITE, DEVICE, doc, timeout=10)) == "replayed"
     assert agent.worker.counters()["refused.replayed"] == 1
+
+
+def test_replay_on_a_second_box_is_refused(
+    make_agent: Callable[..., Agent], broker: MosquittoBroker, keys: Keys
+) -> None:
+    """A registry_sync signed for box-1, captured and published to box-2, is refused there (wrong_target):
+    box-2's replay store never saw it, the signed target is what stops it; box-2's cache is untouched."""
+    box1, box2 = make_agent(device="box-1"), make_agent(device="box-2")
+    snapshot = box1.root / "other.jsonl.gz"
+    write_subset(
+        snapshot,
+        dataset_id="siv",
+        seq=7,
+        key_id=key_id(box1.hmac),
+        records=records_from_plates(box1.hmac, [(NEW_PLATE, "PEUGEOT", "208", "VP", "CI")]),
+    )
+    args = {
+        "file_b64": base64.b64encode(snapshot.read_bytes()).decode("ascii"),
+        "signature": json.loads(sign_file(snapshot, keys.registry).read_text()),
+    }
+    # MQTT 3.1.1 from central: the answer goes to the signed reply_to, whichever box publishes it
+    with CommandClient("127.0.0.1", broker.port, protocol="3.1.1", private_key_path=keys.central) as client:
+        doc = client.build(SITE, "box-1", "registry_sync", args)
+        assert client.send_document(SITE, "box-1", doc, timeout=20)["ok"] is True
+        replayed = client.send_document(SITE, "box-2", doc, timeout=20)
+    assert error_code(replayed) == "wrong_target" and replayed["device_id"] == "box-2"
+    assert f"is signed for {SITE}/box-1, this box is {SITE}/box-2" in replayed["error"]["message"]
+    assert box2.worker.counters()["refused.wrong_target"] == 1 and box2.worker.counters()["ok"] == 0
+    assert box2.lookup(PLATE) == "RENAULT CLIO" and read_state(box2.cfg.registry.db).seq == 1  # type: ignore[union-attr]
+    assert box1.lookup(NEW_PLATE) == "PEUGEOT 208"
+
+
+def revocations(keys: Keys, seq: int, *revoked: Path, signer: Path | None = None) -> dict[str, Any]:
+    """A revocation list of ``seq`` revoking the keys of ``revoked``, signed by the revocation key (or ``signer``)."""
+    pairs = [(read_public_key(k.with_suffix(".pub")).key_id, f"test: {k.stem} compromised") for k in revoked]
+    key = signer or keys.revocation
+    return build_revocation_list(seq, pairs, load_private_key(key), key.stem)
+
+
+def test_revoke_keys_applies_a_signed_list_and_the_revoked_keys_are_refused_everywhere(
+    agent: Agent, central: CommandClient, keys: Keys, tmp_path: Path
+) -> None:
+    """Seq 1 revokes the registry key: its file is refused (revoked_key), the cache kept. Seq 2 also
+    revokes central's own key: the next command it signs is refused. Both are counted."""
+    first = central.send(SITE, DEVICE, "revoke_keys", {"list": revocations(keys, 1, keys.registry)}, timeout=10)
+    assert first["ok"] is True and first["result"]["seq"] == 1 and first["result"]["changed"] is True
+    sync = central.send(SITE, DEVICE, "registry_sync", signed_delta(agent, tmp_path, keys.registry), timeout=20)
+    assert error_code(sync) == "revoked_key"
+    assert "which is revoked by the revocation list seq 1 this box applied" in sync["error"]["message"]
+    assert agent.lookup(PLATE) == "RENAULT CLIO" and agent.lookup(NEW_PLATE) is None
+    both = revocations(keys, 2, keys.registry, keys.central)
+    assert central.send(SITE, DEVICE, "revoke_keys", {"list": both}, timeout=10)["ok"] is True
+    ping = central.send(SITE, DEVICE, "ping", timeout=10)
+    assert error_code(ping) == "revoked_key" and "signed by key central" in ping["error"]["message"]
+    counters = agent.worker.counters()
+    assert counters["refused.revoked_key"] == 2 and counters["ok"] == 2
+    assert TrustState(agent.cfg.trust_state_file).summary()["refused"]["revoked_key"] == 2
+
+
+def test_revoke_keys_never_replaces_a_newer_list_with_an_older_one(
+    agent: Agent, central: CommandClient, keys: Keys
+) -> None:
+    newer, older = revocations(keys, 5, keys.models), revocations(keys, 4, keys.stranger)
+    assert central.send(SITE, DEVICE, "revoke_keys", {"list": newer}, timeout=10)["ok"] is True
+    refused = central.send(SITE, DEVICE, "revoke_keys", {"list": older}, timeout=10)
+    assert error_code(refused) == "rollback"
+    assert "revocation list seq 4 is older than the applied seq 5" in refused["error"]["message"]
+    again = central.send(SITE, DEVICE, "revoke_keys", {"list": newer}, timeout=10)  # the same list: a no-op
+    assert again["ok"] is True and again["result"]["changed"] is False
+    state = TrustState(agent.cfg.trust_state_file)
+    applied = state.revocation()
+    assert (
+        applied is not None
+        and applied.seq == 5
+        and applied.key_ids == (read_public_key(keys.models.with_suffix(".pub")).key_id,)
+    )
+    assert state.summary()["refused"]["rollback_revocation"] == 1
+
+
+def test_a_revocation_list_signed_by_the_command_key_is_refused_as_wrong_role(
+    agent: Agent, central: CommandClient, keys: Keys
+) -> None:
+    """Only a revocation key signs a list: a stolen command key alone cannot revoke the others."""
+    forged = revocations(keys, 1, keys.registry, signer=keys.central)
+    response = central.send(SITE, DEVICE, "revoke_keys", {"list": forged}, timeout=10)
+    assert error_code(response) == "wrong_role"
+    assert "revocation lists need a key of role revocation" in response["error"]["message"]
+    assert TrustState(agent.cfg.trust_state_file).revocation() is None
+
+
+def test_registry_sync_of_an_older_snapshot_is_refused_and_counted(
+    agent: Agent, central: CommandClient, keys: Keys, tmp_path: Path
+) -> None:
+    assert central.send(SITE, DEVICE, "registry_sync", signed_delta(agent, tmp_path, keys.registry), 20)["ok"]
+    old = tmp_path / "old-snapshot.jsonl.gz"
+    write_subset(
+        old,
+        dataset_id="siv",
+        seq=1,
+        key_id=key_id(agent.hmac),
+        records=records_from_plates(agent.hmac, [(PLATE, "RENAULT", "CLIO", "VP", "CI")]),
+    )
+    args = {
+        "file_b64": base64.b64encode(old.read_bytes()).decode("ascii"),
+        "signature": json.loads(sign_file(old, keys.registry).read_text()),
+    }
+    response = central.send(SITE, DEVICE, "registry_sync", args, timeout=20)
+    assert error_code(response) == "rollback"
+    assert "snapshot seq 1 (dataset siv) is older than the applied seq 2" in response["error"]["message"]
+    assert "fix: import the newest file from central" in response["error"]["message"]
+    assert read_state(agent.cfg.registry.db).seq == 2  # type: ignore[union-attr]
+    assert agent.lookup(PLATE) is None and agent.lookup(NEW_PLATE) == "PEUGEOT 208"
+    assert agent.worker.counters()["refused.rollback"] == 1
+    assert TrustState(agent.cfg.trust_state_file).summary()["refused"]["rollback_registry"] == 1
 
 
 def test_a_response_topic_that_differs_from_the_signed_reply_to_is_refused(
@@ -608,7 +752,7 @@ def test_cli_cmd_ping_and_registry_sync_print_the_response(
     assert ping.exit_code == 0, ping.output
     assert json.loads(ping.stdout)["result"]["pong"] == "9.9.9"
     delta = tmp_path / "delta.jsonl.gz"
-    delta.write_bytes(base64.b64decode(signed_delta(agent, tmp_path, keys.central)["file_b64"]))
+    delta.write_bytes(base64.b64decode(signed_delta(agent, tmp_path, keys.registry)["file_b64"]))
     sync = runner.invoke(central_main, [*base[:3], "registry_sync", *base[3:], "--file", str(delta)])
     assert sync.exit_code == 0, sync.output
     assert '"seq": 2' in sync.stdout and agent.lookup(NEW_PLATE) == "PEUGEOT 208"
@@ -639,7 +783,8 @@ def test_a_running_service_answers_status_and_sends_the_evidence_of_a_processed_
     models = build_models(tmp_path / "models")
     central_key, central_pub = generate_keypair(tmp_path / "central")
     site = make_site(tmp_path / "site", models, broker.port, n=4)
-    shutil.copy(central_pub, site.cfg.security.trust_dir / central_pub.name)
+    (site.cfg.security.trust_dir / "commands").mkdir(exist_ok=True)
+    shutil.copy(central_pub, site.cfg.security.trust_dir / "commands" / central_pub.name)
     service = Service(site.cfg)
     service.start()
     try:

@@ -31,7 +31,7 @@ def test_demo_flags_exactly_the_planted_clones_on_either_embedded_broker(tmp_pat
     assert result.flags_received == result.expected_flags == 5 and result.duplicates == 0
     assert result.rejected == 2
     assert any("central received FLAG" in line for line in lines)
-    assert any("signed by demo-publisher" in line for line in lines)
+    assert any("signed by demo-registry" in line for line in lines)  # one key per role
     gc.collect()  # collect amqtt's leftovers here, under this test's filter, not in a later test
 
 

@@ -56,10 +56,11 @@ def keys(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def trust(tmp_path: Path, keys: Path) -> Path:
-    """A trust store that holds only the publisher's public key."""
+    """A trust store that holds only the publisher's public key, trusted for bundles and registry files."""
     root = tmp_path / "trust"
-    root.mkdir()
-    (root / "publisher.pub").write_bytes((keys / "publisher.pub").read_bytes())
+    for role in ("models", "registry"):
+        (root / role).mkdir(parents=True)
+        (root / role / "publisher.pub").write_bytes((keys / "publisher.pub").read_bytes())
     return root
 
 
@@ -138,37 +139,38 @@ def test_sign_and_verify_bytes_returns_the_trust_store_name(keys: Path, trust: P
     store = TrustStore.from_dir(trust)
     assert store.names == ("publisher",)
     assert store.key_ids == (doc["key_id"],)
-    assert store.verify(b"payload", doc) == "publisher"  # the store's name, not the document's claim
-    assert store.check(b"payload", doc).signer == "claimed-name"
+    assert store.verify(b"payload", doc, role="models") == "publisher"  # the store's name, not the document's claim
+    assert store.check(b"payload", doc, role="models").signer == "claimed-name"
 
 
 def test_signature_document_survives_a_json_round_trip(keys: Path, trust: Path) -> None:
     doc = json.loads(json.dumps(sign_bytes(b"x", load_private_key(keys / "publisher.key"), "p")))
-    assert TrustStore.from_dir(trust).verify(b"x", doc) == "publisher"
+    assert TrustStore.from_dir(trust).verify(b"x", doc, role="models") == "publisher"
 
 
 def test_tampered_data_is_refused(keys: Path, trust: Path) -> None:
     doc = sign_bytes(b"payload", load_private_key(keys / "publisher.key"), "publisher")
     with pytest.raises(SignatureError, match="signature does not match: the data was altered after signing") as err:
-        TrustStore.from_dir(trust).verify(b"payl0ad", doc)
+        TrustStore.from_dir(trust).verify(b"payl0ad", doc, role="models")
     assert not isinstance(err.value, UntrustedKey)
 
 
 def test_key_id_swapped_to_another_trusted_key_does_not_verify(tmp_path: Path, keys: Path, trust: Path) -> None:
-    (trust / "stranger.pub").write_bytes((keys / "stranger.pub").read_bytes())
+    (trust / "models" / "stranger.pub").write_bytes((keys / "stranger.pub").read_bytes())
     doc = sign_bytes(b"payload", load_private_key(keys / "publisher.key"), "publisher")
     doc["key_id"] = key_id(public_key_bytes(load_public_key(keys / "stranger.pub")))
     with pytest.raises(SignatureError, match="signature does not match"):
-        TrustStore.from_dir(trust).verify(b"payload", doc)
+        TrustStore.from_dir(trust).verify(b"payload", doc, role="models")
 
 
 def test_untrusted_key_is_refused_naming_its_id_and_the_trusted_ones(keys: Path, trust: Path) -> None:
     doc = sign_bytes(b"payload", load_private_key(keys / "stranger.key"), "stranger")
     with pytest.raises(UntrustedKey) as err:
-        TrustStore.from_dir(trust).verify(b"payload", doc)
+        TrustStore.from_dir(trust).verify(b"payload", doc, role="models")
     message = str(err.value)
     assert f"signed by key id {doc['key_id']} which is not in the trust store {trust}" in message
-    assert "(trusted: publisher)" in message and "add the publisher's .pub to the trust store" in message
+    assert "(trusted for models: publisher)" in message
+    assert f"add the publisher's .pub to {trust / 'models'}" in message
 
 
 @pytest.mark.parametrize(
@@ -192,12 +194,12 @@ def test_malformed_signature_document_is_refused(
 ) -> None:
     doc = {**sign_bytes(b"payload", load_private_key(keys / "publisher.key"), "publisher"), **change}
     with pytest.raises(SignatureError, match=f"malformed signature .*{problem}"):
-        TrustStore.from_dir(trust).verify(b"payload", doc)
+        TrustStore.from_dir(trust).verify(b"payload", doc, role="models")
 
 
 def test_trust_store_with_a_bad_pub_file_names_it(trust: Path) -> None:
-    (trust / "broken.pub").write_text("hello\n")
-    with pytest.raises(SignatureError, match=rf"public key {trust / 'broken.pub'}:"):
+    (trust / "models" / "broken.pub").write_text("hello\n")
+    with pytest.raises(SignatureError, match=rf"public key {trust / 'models' / 'broken.pub'}:"):
         TrustStore.from_dir(trust)
 
 
@@ -226,8 +228,8 @@ def test_registry_file_signed_and_verified(tmp_path: Path, keys: Path, trust: Pa
     sig = sign_file(subset, keys / "publisher.key")
     assert sig == tmp_path / "subset-000042.jsonl.gz.sig"
     assert json.loads(sig.read_text())["signer"] == "publisher"
-    assert verify_file(subset, TrustStore.from_dir(trust)) == "publisher"
-    data, verified = read_verified_file(subset, TrustStore.from_dir(trust))
+    assert verify_file(subset, TrustStore.from_dir(trust), role="registry") == "publisher"
+    data, verified = read_verified_file(subset, TrustStore.from_dir(trust), role="registry")
     assert data == subset.read_bytes() and verified.key_id == json.loads(sig.read_text())["key_id"]
 
 
@@ -236,7 +238,7 @@ def test_registry_file_altered_after_signing_is_refused(tmp_path: Path, keys: Pa
     sign_file(subset, keys / "publisher.key", signer="central")
     subset.write_bytes(subset.read_bytes() + b"\x00")
     with pytest.raises(SignatureError, match=rf"{subset}: signature does not match"):
-        verify_file(subset, TrustStore.from_dir(trust))
+        verify_file(subset, TrustStore.from_dir(trust), role="registry")
 
 
 def test_unsigned_registry_file_says_how_to_sign_it(tmp_path: Path, trust: Path) -> None:
@@ -246,14 +248,14 @@ def test_unsigned_registry_file_says_how_to_sign_it(tmp_path: Path, trust: Path)
         match=r"not signed: .*subset-000042\.jsonl\.gz\.sig is missing; "
         r"fix: sign it with iaflash-engines sign",
     ):
-        verify_file(subset, TrustStore.from_dir(trust))
+        verify_file(subset, TrustStore.from_dir(trust), role="registry")
 
 
 def test_signature_file_that_is_not_json_is_refused(tmp_path: Path, trust: Path) -> None:
     subset = _subset(tmp_path)
     (tmp_path / "subset-000042.jsonl.gz.sig").write_text("-----BEGIN SIGNATURE-----\n")
     with pytest.raises(SignatureError, match=r"malformed signature .*\.sig: not JSON"):
-        verify_file(subset, TrustStore.from_dir(trust))
+        verify_file(subset, TrustStore.from_dir(trust), role="registry")
 
 
 # ---------------------------------------------------------------- bundles
@@ -405,8 +407,8 @@ def test_sign_file_writes_format_2_over_the_files_sha256_and_size(tmp_path: Path
         b"iaflash-signature/2\nsha256 " + hashlib.sha256(data).hexdigest().encode() + f"\nsize {len(data)}\n".encode()
     )
     load_public_key(keys / "publisher.pub").verify(base64.b64decode(doc["signature"]), message)  # raises if not
-    assert verify_file(subset, TrustStore.from_dir(trust)) == "publisher"
-    assert TrustStore.from_dir(trust).check(data, doc).name == "publisher"  # from bytes too
+    assert verify_file(subset, TrustStore.from_dir(trust), role="registry") == "publisher"
+    assert TrustStore.from_dir(trust).check(data, doc, role="registry").name == "publisher"  # from bytes too
 
 
 def test_open_trusted_file_checks_then_streams_the_same_bytes_in_bounded_memory(
@@ -471,7 +473,7 @@ def test_a_large_file_with_a_format_1_signature_is_refused_with_the_fix(
 def test_check_digest_refuses_a_format_1_document(keys: Path, trust: Path) -> None:
     doc = sign_bytes(b"payload", load_private_key(keys / "publisher.key"), "publisher")
     with pytest.raises(SignatureError, match=r"format 1 .*cannot be checked without holding the file in memory"):
-        TrustStore.from_dir(trust).check_digest(digest_bytes(b"payload"), doc)
+        TrustStore.from_dir(trust).check_digest(digest_bytes(b"payload"), doc, role="registry")
 
 
 def test_a_truncated_file_names_both_sizes(tmp_path: Path, keys: Path, trust: Path) -> None:

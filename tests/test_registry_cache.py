@@ -541,8 +541,8 @@ def test_signed_import_parses_the_bytes_it_checked_not_the_file_again(
     imported: the import reads the file it opened and checked."""
     file = signed(snapshot(tmp_path / "s.gz"), keys)
 
-    def check_then_swap(path: Path, trust_dir: Path | None, allow: bool) -> Any:
-        result = open_trusted_file(path, trust_dir, allow)
+    def check_then_swap(path: Path, trust_dir: Path | None, allow: bool, **kwargs: Any) -> Any:
+        result = open_trusted_file(path, trust_dir, allow, **kwargs)
         snapshot(path, [("XY-321-ZT", "BMW", "X1", None, None)], seq=9)  # an attacker's file
         return result
 
@@ -592,8 +592,8 @@ def test_signed_import_refuses_a_file_rewritten_in_place_after_its_check(
     file = signed(snapshot(tmp_path / "s.gz", seq=5), keys)
     attacker = snapshot(tmp_path / "evil.gz", [("XY-321-ZT", "BMW", "X1", None, None)], seq=9).read_bytes()
 
-    def check_then_rewrite(path: Path, trust_dir: Path | None, allow: bool) -> Any:
-        result = open_trusted_file(path, trust_dir, allow)
+    def check_then_rewrite(path: Path, trust_dir: Path | None, allow: bool, **kwargs: Any) -> Any:
+        result = open_trusted_file(path, trust_dir, allow, **kwargs)
         with open(path, "r+b") as fh:  # same inode, new content
             fh.write(attacker)
             fh.truncate()

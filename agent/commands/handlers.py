@@ -3,9 +3,14 @@
 paho hands each message on ``<topic_root>/cmd`` to :meth:`iaflash.agent.link.mqtt.MqttLink.enable_commands`'s
 queue and returns at once. :class:`CommandWorker`'s thread takes it from there and checks, in order:
 size and JSON (``invalid``), the schema ``command.v1.json`` (``invalid``), the Ed25519 signature over
-the canonical body against ``security.trust_dir`` (``bad_signature``/``untrusted_key``), the validity
-window (``expired``/``invalid``), the command id against the replay store (``replayed``), and the name
-(``unknown_command``). Fast commands (ping, status) run on that thread; slow ones (send_evidence,
+the canonical body by a key of role ``commands`` of ``security.trust_dir``, with the box's applied
+revocation list (``bad_signature``/``untrusted_key``/``wrong_role``/``expired_key``/``revoked_key``),
+the signed target (``wrong_target``), the validity window (``expired``/``invalid``), the command id
+against the replay store (``replayed``), and the name (``unknown_command``). The target check
+makes the per-box replay store enough fleet-wide: a command runs on the one box it names, once.
+``revoke_keys`` applies a revocation list (signed by a ``revocation`` key) to the box's trust
+state; an older list is refused (``rollback``), as is an older registry file (``registry_sync``).
+Fast commands (ping, status) run on that thread; slow ones (send_evidence,
 registry_sync) on one more thread, so a registry import never delays a ping. Every answer follows
 ``response.v1.json`` and never carries a plate in clear; every refusal is counted and logged once.
 send_evidence sends only anonymised images (:mod:`iaflash.agent.evidence.anonymise`, docs/EVIDENCE.md):
@@ -37,6 +42,7 @@ from typing import Any
 from iaflash.agent.capture.sidecar import CAPTURE_ID_RE, IMAGE_NAME_RE, parse_timestamp
 from iaflash.agent.commands.protocol import (
     CLOCK_SKEW_S,
+    COMMAND_ROLE,
     FIX_SIGN,
     MAX_FILE_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -55,10 +61,14 @@ from iaflash.agent.errors import (
     AnonymiseError,
     CommandError,
     IaflashError,
+    KeyExpired,
+    KeyRevoked,
     LinkError,
     PlateError,
+    RollbackRefused,
     SignatureError,
     UntrustedKey,
+    WrongRole,
 )
 from iaflash.agent.evidence.anonymise import anonymise_jpeg
 from iaflash.agent.evidence.detector import BundleFinder, load_finder
@@ -66,7 +76,7 @@ from iaflash.agent.evidence.vehicle_box import VehicleLocator, load_locator
 from iaflash.agent.link.mqtt import InboundMessage, MqttLink
 from iaflash.agent.registry.cache import import_signed_subset
 from iaflash.agent.registry.plates import key_id, plate_key
-from iaflash.engines.signing import TrustStore, Verified
+from iaflash.engines.signing import TrustState, TrustStore, Verified, install_revocations
 
 __all__ = ["CommandWorker"]
 
@@ -127,6 +137,7 @@ class CommandWorker:
             ("status", self._status),
             ("send_evidence", self._send_evidence),
             ("registry_sync", self._registry_sync),
+            ("revoke_keys", self._revoke_keys),
         ):
             self.register(name, handler, slow=name in SLOW)
 
@@ -238,12 +249,10 @@ class CommandWorker:
                 return None
             raise CommandError("bad_signature", f"{what} is not signed; fix: {FIX_SIGN}")
         try:
-            trust = TrustStore.from_dir(sec.trust_dir)
-            return trust.check(canonical_bytes(doc), doc["signature"], what=what)
-        except UntrustedKey as exc:
-            raise CommandError("untrusted_key", f"{exc} (security.trust_dir)") from exc
+            trust = TrustStore.from_dir(sec.trust_dir, state=TrustState(self.cfg.trust_state_file))
+            return trust.check(canonical_bytes(doc), doc["signature"], role=COMMAND_ROLE, what=what)
         except SignatureError as exc:
-            raise CommandError("bad_signature", str(exc)) from exc
+            raise trust_refusal(exc, " (security.trust_dir)") from exc
 
     def _check_target(self, doc: dict[str, Any]) -> None:
         """The signed target must be this box: a command signed for another box never runs here."""
@@ -428,14 +437,45 @@ class CommandWorker:
                 trust_dir=sec.trust_dir,
                 allow_unsigned=sec.allow_unsigned,
                 expected_key_id=key_id(self._hmac_key),
+                state_file=self.cfg.trust_state_file,
             )
-        except UntrustedKey as exc:
-            raise CommandError("untrusted_key", str(exc)) from exc
         except SignatureError as exc:
-            raise CommandError("bad_signature", str(exc)) from exc
+            raise trust_refusal(exc) from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return {"state": state.to_dict(), "signer": signer}
+
+    def _revoke_keys(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Apply the signed revocation list in ``args.list`` (role revocation; never an older one)."""
+        doc = args.get("list")
+        if not isinstance(doc, dict):
+            raise CommandError(
+                "invalid",
+                "args.list must be the revocation list document; fix: "
+                "`iaflash-central cmd SITE DEVICE revoke_keys --revocations LIST.json --key COMMANDS.key`",
+            )
+        try:
+            parsed, changed = install_revocations(
+                doc, self.cfg.security.trust_dir, TrustState(self.cfg.trust_state_file), where="args.list"
+            )
+        except SignatureError as exc:
+            raise trust_refusal(exc) from exc
+        return {**parsed.summary(), "changed": changed}
+
+
+_TRUST_CODES: tuple[tuple[type[SignatureError], str], ...] = (
+    (RollbackRefused, "rollback"),
+    (KeyRevoked, "revoked_key"),
+    (KeyExpired, "expired_key"),
+    (WrongRole, "wrong_role"),
+    (UntrustedKey, "untrusted_key"),
+)
+
+
+def trust_refusal(exc: SignatureError, suffix: str = "") -> CommandError:
+    """The command error of a trust refusal: its code says which (``bad_signature`` for the rest)."""
+    code = next((c for cls, c in _TRUST_CODES if isinstance(exc, cls)), "bad_signature")
+    return CommandError(code, f"{exc}{suffix}")
 
 
 def _b64(value: Any) -> bytes:

@@ -6,7 +6,6 @@ The wire contract is docs/MQTT.md#commands; :mod:`iaflash.agent.commands.handler
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import threading
 import time
@@ -20,6 +19,7 @@ from iaflash.agent.errors import CommandError
 from iaflash.agent.schemas.loader import validator
 from iaflash.agent.sqlite import sqlite_errors
 from iaflash.agent.strictjson import loads_strict
+from iaflash.engines.sigdoc import canonical_bytes as _canonical
 
 SCHEMA_ID = "iaflash.command/1"
 RESPONSE_SCHEMA_ID = "iaflash.response/1"
@@ -28,15 +28,18 @@ MAX_PAYLOAD_BYTES = MAX_FILE_BYTES * 4 // 3 + 1024 * 1024  # base64 of that, plu
 MAX_VALIDITY_S = 24 * 3600  # expires_at - issued_at; also how long an id is kept for replay checks
 CLOCK_SKEW_S = 300  # tolerated lead of central's clock over the box's
 SLOW = frozenset({"send_evidence", "registry_sync"})
-FIX_SIGN = "send it with `iaflash-central cmd ... --key CENTRAL.key`"
+FIX_SIGN = "send it with `iaflash-central cmd ... --key COMMANDS.key` (a key of role commands)"
+COMMAND_ROLE = "commands"  # the trust store folder whose keys may sign commands (docs/SIGNING.md#roles)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def canonical_bytes(body: dict[str, Any]) -> bytes:
-    """What a command's signature covers: sorted keys, no spaces, UTF-8, without ``signature``."""
-    doc = {k: v for k, v in body.items() if k != "signature"}
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    """What a command's signature covers: sorted keys, no spaces, UTF-8, without ``signature``.
+
+    The same form as a revocation list's (:func:`iaflash.engines.sigdoc.canonical_bytes`).
+    """
+    return _canonical(body)
 
 
 def _validator(name: str) -> Draft202012Validator:

@@ -87,14 +87,13 @@ def prepare_workdir(workdir: Path, scenario: list[DemoCapture], echo: Any) -> by
     key_file = workdir / "secrets" / "hmac.key"
     key_file.write_text(key.hex())
     os.chmod(key_file, 0o600)
-    (workdir / "trust").mkdir()
-    private, public = generate_keypair(workdir / "secrets" / "demo-publisher")
-    shutil.copy(public, workdir / "trust" / public.name)
+    models_key = _trusted_key(workdir, "demo-models", "models")  # one key per role (docs/SIGNING.md#roles)
+    registry_key = _trusted_key(workdir, "demo-registry", "registry")
     t = time.perf_counter()
     _, accuracy = build_demo_bundle(workdir / "model")
-    sign_bundle(workdir / "model", private, signer="demo-publisher")
+    sign_bundle(workdir / "model", models_key, signer="demo-models")
     build_demo_detector_bundle(workdir / "detector")
-    sign_bundle(workdir / "detector", private, signer="demo-publisher")
+    sign_bundle(workdir / "detector", models_key, signer="demo-models")
     echo(
         f"  demo classifier trained in {time.perf_counter() - t:.1f}s (training accuracy {accuracy:.0%}) and "
         "demo vehicle detector built, both signed - DEMO models for the synthetic fleet only"
@@ -109,12 +108,25 @@ def prepare_workdir(workdir: Path, scenario: list[DemoCapture], echo: Any) -> by
         key_id=key_id(key),
         records=records_from_plates(key, rows),
     )
-    sign_file(subset, private, signer="demo-publisher")
+    sign_file(subset, registry_key, signer="demo-registry", role="registry")
     state, signer = import_signed_subset(
-        workdir / "registry.db", subset, trust_dir=workdir / "trust", allow_unsigned=False, expected_key_id=key_id(key)
+        workdir / "registry.db",
+        subset,
+        trust_dir=workdir / "trust",
+        allow_unsigned=False,
+        expected_key_id=key_id(key),
+        state_file=workdir / "trust-state.json",  # where the demo agent keeps it: beside its outbox
     )
     echo(f"  registry subset imported: {state.count} plates (stored as HMAC only), seq {state.seq}, signed by {signer}")
     return key
+
+
+def _trusted_key(workdir: Path, name: str, role: str) -> Path:
+    """A new key pair of ``role`` in secrets/, its .pub in the demo trust store's folder for that role."""
+    private, public = generate_keypair(workdir / "secrets" / name, role=role)
+    (workdir / "trust" / role).mkdir(parents=True, exist_ok=True)
+    shutil.copy(public, workdir / "trust" / role / public.name)
+    return private
 
 
 def demo_config(workdir: Path, port: int, protocol: str, host: str = "127.0.0.1") -> dict[str, Any]:
@@ -150,8 +162,7 @@ def _review_store(workdir: Path, port: int, protocol: str, echo: Any) -> Any:
     except ImportError as exc:
         echo(f"  central's review store skipped ({exc}): pip install 'iaflash-edge[central]'")
         return None
-    key, public = generate_keypair(workdir / "secrets" / "demo-central")
-    shutil.copy(public, workdir / "trust" / public.name)  # the box trusts central's signed commands
+    key = _trusted_key(workdir, "demo-central", "commands")  # the box trusts central's signed commands
     return EmbeddedCentral(workdir, port, key).start()
 
 

@@ -92,7 +92,13 @@ def load_finder(cfg: Config) -> BundleFinder | None:
             "fix: install the bundle there or unset evidence.detector_bundle (the safe default masks without it)"
         )
     try:
-        bundle = load_trusted_bundle(Path(path), cfg.security.trust_dir, cfg.security.allow_unsigned)
+        bundle = load_trusted_bundle(
+            Path(path),
+            cfg.security.trust_dir,
+            cfg.security.allow_unsigned,
+            state_file=cfg.trust_state_file,
+            record=True,
+        )
         detector_spec(bundle)
         backend = create_backend("onnxruntime", threads=1)
         backend.load(bundle)

@@ -67,7 +67,9 @@ def load_locator(cfg: Config) -> VehicleLocator | None:
     if path is None:
         return None
     try:
-        bundle = load_trusted_bundle(Path(path), cfg.security.trust_dir, cfg.security.allow_unsigned)
+        bundle = load_trusted_bundle(
+            Path(path), cfg.security.trust_dir, cfg.security.allow_unsigned, state_file=cfg.trust_state_file
+        )
         locator = VehicleLocator(bundle, create_backend("onnxruntime", threads=1))
         locator.backend.load(bundle)
     except EngineError as exc:

@@ -31,23 +31,25 @@ from typing import IO, Any
 
 import sqlite_utils
 
-from iaflash.agent.errors import RegistryError, RegistryFileError, RegistryUnavailable, SignatureError
+from iaflash.agent.errors import RegistryError, RegistryFileError, RegistryUnavailable, RollbackRefused, SignatureError
 from iaflash.agent.registry.plates import key_id as compute_key_id
 from iaflash.agent.registry.plates import plate_key
 from iaflash.agent.registry.record import RegistryRecord, RegistryState
 from iaflash.agent.registry.subset_file import (
     FORMAT,
     VERSION,
+    Applied,
     PlateRow,
     Row,
     SubsetHeader,
     SubsetReader,
+    check_not_rolled_back,
     parse_time,
     records_from_plates,
     write_subset,
 )
 from iaflash.agent.sqlite import sqlite_errors
-from iaflash.engines.signing import TrustedFile, open_trusted_file, signature_path
+from iaflash.engines.signing import TrustedFile, TrustState, open_trusted_file, signature_path
 
 __all__ = [
     "FORMAT",
@@ -162,16 +164,20 @@ def _write_state(conn: sqlite3.Connection, state: RegistryState) -> None:
 
 
 def _check_against_cache(
-    header: SubsetHeader, current: RegistryState | None, expected_key_id: str | None, file: Path
+    header: SubsetHeader,
+    current: RegistryState | None,
+    expected_key_id: str | None,
+    file: Path,
+    mark: Applied | None = None,
 ) -> None:
     if expected_key_id is not None and header.key_id != expected_key_id:
         raise RegistryError(
             f"{file}: hashed with key {header.key_id}, this box's key is {expected_key_id}; "
             "plates would never match — fix: request a file built with this box's key"
         )
+    cached = None if current is None else Applied(current.dataset_id, current.seq)
+    check_not_rolled_back(header, Applied.newest(cached, mark), file)  # RollbackRefused: older than applied
     if header.kind == "snapshot":
-        if current is not None and header.seq < current.seq:
-            log.warning("snapshot %s seq %s replaces a newer cache (seq %s)", file, header.seq, current.seq)
         return
     if current is None:
         raise RegistryError(f"{file}: gap: cache is empty, delta expects base {header.base_seq}; request a snapshot")
@@ -179,6 +185,12 @@ def _check_against_cache(
         raise RegistryError(
             f"{file}: delta is for dataset {header.dataset_id} (key {header.key_id}), the "
             f"cache holds {current.dataset_id} (key {current.key_id}); request a snapshot"
+        )
+    if header.seq == current.seq:  # this very delta was applied already: nothing to do, and no gap
+        raise RegistryError(
+            f"{file}: already at seq {current.seq}: this delta (seq {header.seq}) was applied before; "
+            "nothing to import (fix: none needed; import the next delta, base_seq "
+            f"{current.seq}, when central sends it)"
         )
     if header.base_seq != current.seq:
         raise RegistryError(
@@ -232,11 +244,15 @@ def _apply(conn: sqlite3.Connection, reader: SubsetReader, progress: Progress | 
 
 
 def _import(
-    conn: sqlite3.Connection, reader: SubsetReader, expected_key_id: str | None, progress: Progress | None
+    conn: sqlite3.Connection,
+    reader: SubsetReader,
+    expected_key_id: str | None,
+    progress: Progress | None,
+    mark: Applied | None = None,
 ) -> RegistryState:
-    """Check the header against the cache, replace or patch it, write meta; the caller commits."""
+    """Check the header against the cache (and ``mark``), replace or patch it, write meta; the caller commits."""
     header = reader.header
-    _check_against_cache(header, _read_state(conn), expected_key_id, reader.file)
+    _check_against_cache(header, _read_state(conn), expected_key_id, reader.file, mark)
     if header.kind == "snapshot":
         conn.execute("DELETE FROM vehicles")
     _apply(conn, reader, progress)
@@ -256,6 +272,7 @@ def import_subset(
     progress: Progress | None = None,
     data: bytes | IO[bytes] | None = None,
     before_commit: Callable[[], None] | None = None,
+    mark: Applied | None = None,
 ) -> RegistryState:
     """Apply a snapshot (replaces everything) or a delta (must follow the cache's seq) in one transaction.
 
@@ -263,6 +280,8 @@ def import_subset(
     already read, or a binary stream of it: it is parsed instead of ``file``, which then only names
     it in messages. ``before_commit`` runs after the last record, inside the transaction: if it
     raises, nothing is imported. ``progress(done, total)`` is called every 10,000 records and at the end.
+    A file older than the cache's state or ``mark`` (the box's high-water mark, kept outside the
+    cache) is refused with :class:`RollbackRefused` and nothing is imported.
     """
     file, db_path = Path(file), Path(db_path)
     with SubsetReader(file, data) as reader, _db_errors("registry import", db_path):
@@ -271,7 +290,7 @@ def import_subset(
             conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: B-tree inserts
             conn.execute("BEGIN IMMEDIATE")
             try:
-                state = _import(conn, reader, expected_key_id, progress)
+                state = _import(conn, reader, expected_key_id, progress, mark)
                 if before_commit is not None:
                     before_commit()
                 conn.execute("COMMIT")
@@ -287,7 +306,9 @@ def import_subset(
     return state
 
 
-def _open_signed(file: Path, trust_dir: Path | None, allow_unsigned: bool) -> TrustedFile:
+def _open_signed(
+    file: Path, trust_dir: Path | None, allow_unsigned: bool, state_file: Path | None = None
+) -> TrustedFile:
     """iaflash.engines.signing.open_trusted_file, with messages that name the subset file and the fix."""
     if not file.is_file():
         raise RegistryFileError(f"{file}: no such file; fix: check the path of the subset file")
@@ -299,7 +320,7 @@ def _open_signed(file: Path, trust_dir: Path | None, allow_unsigned: bool) -> Tr
             "(security.allow_unsigned = true accepts unsigned files, for development only)"
         )
     try:
-        return open_trusted_file(file, trust_dir, allow_unsigned)
+        return open_trusted_file(file, trust_dir, allow_unsigned, role="registry", state_file=state_file)
     except SignatureError as exc:
         if str(file) in str(exc):
             raise
@@ -314,8 +335,9 @@ def import_signed_subset(
     allow_unsigned: bool,
     expected_key_id: str | None,
     progress: Progress | None = None,
+    state_file: Path | None = None,
 ) -> tuple[RegistryState, str | None]:
-    """Check ``file``'s detached signature (``<file>.sig``) against ``trust_dir``, then import it.
+    """Check ``file``'s detached signature (``<file>.sig``) by a ``registry`` key of ``trust_dir``, then import it.
 
     Memory stays bounded whatever the file size (docs/SIGNING.md, format 2): a first streamed pass
     over the open file checks the signature, a second pass over the same open file parses it while
@@ -326,11 +348,17 @@ def import_signed_subset(
     ``allow_unsigned`` (for development only; iaflash.engines.signing logs a warning).
 
     Raises :class:`SignatureError` (unsigned, altered after signing, malformed ``.sig``, no trust
-    store), :class:`UntrustedKey` (signed by a key outside ``trust_dir``), and whatever
+    store), :class:`UntrustedKey` (signed by a key outside ``trust_dir``, or revoked, expired or
+    of another role), :class:`RollbackRefused` (older than what the box applied), and whatever
     :func:`import_subset` raises. A refusal leaves the cache as it was.
+
+    ``state_file``: the box's trust state (docs/SIGNING.md): its revocation list is enforced, its
+    registry mark (dataset, seq: it survives a cache moved aside) is a floor, it is raised after
+    the import, and refusals are counted there.
     """
     file = Path(file)
-    with _open_signed(file, trust_dir, allow_unsigned) as trusted:
+    state = None if state_file is None else TrustState(state_file)
+    with _open_signed(file, trust_dir, allow_unsigned, state_file) as trusted:
         verified = trusted.verified
         if verified is not None:
             log.info(
@@ -340,15 +368,36 @@ def import_signed_subset(
                 verified.key_id,
                 verified.signed_at,
             )
-        state = import_subset(
-            db_path,
-            file,
-            expected_key_id=expected_key_id,
-            progress=progress,
-            data=trusted.stream,
-            before_commit=trusted.confirm,
-        )
-    return state, None if verified is None else verified.name
+        try:
+            imported = import_subset(
+                db_path,
+                file,
+                expected_key_id=expected_key_id,
+                progress=progress,
+                data=trusted.stream,
+                before_commit=trusted.confirm,
+                mark=_registry_mark(state),
+            )
+        except RollbackRefused:
+            if state is not None:
+                state.count("rollback_registry")
+            raise
+    if state is not None:
+        try:
+            state.set_mark(REGISTRY_MARK, {"dataset_id": imported.dataset_id, "seq": imported.seq})
+        except OSError as exc:  # imported all the same; the cache's own seq still refuses older files
+            log.error("registry import: the trust state %s was not updated (%s); fix: check the disk", state_file, exc)
+    return imported, None if verified is None else verified.name
+
+
+REGISTRY_MARK = "registry"  # the trust state's name for the registry's high-water mark
+
+
+def _registry_mark(state: TrustState | None) -> Applied | None:
+    value = None if state is None else state.mark(REGISTRY_MARK)
+    if value is None or not isinstance(value.get("seq"), int) or not isinstance(value.get("dataset_id"), str):
+        return None
+    return Applied(value["dataset_id"], value["seq"])
 
 
 def read_state(db_path: Path) -> RegistryState | None:

@@ -6,6 +6,9 @@
   the header, then the records in :class:`Segment` runs ready for ``executemany``.
 * The format is in docs/REGISTRY.md. Every refusal is a :class:`RegistryFileError` naming the file,
   the line where there is one, and the fix.
+* Rollback protection (:func:`check_not_rolled_back`): a file older than what the box applied
+  (``seq`` below the applied seq, or another dataset at the same seq) is refused with
+  :class:`RollbackRefused`; the cache calls it inside the import's transaction.
 
 Records are parsed with orjson and accepted by a few type checks (:func:`_row_of`; a million of them
 per import). A line that fails them is parsed again with :mod:`json` and checked field by field,
@@ -29,18 +32,20 @@ from typing import IO, Any, NamedTuple, NoReturn, TypeAlias
 
 import orjson
 
-from iaflash.agent.errors import RegistryFileError
+from iaflash.agent.errors import RegistryFileError, RollbackRefused
 from iaflash.agent.registry.plates import plate_key
 from iaflash.engines.atomic import open_atomic
 
 __all__ = [
     "FORMAT",
     "VERSION",
+    "Applied",
     "PlateRow",
     "Row",
     "Segment",
     "SubsetHeader",
     "SubsetReader",
+    "check_not_rolled_back",
     "parse_header",
     "parse_time",
     "records_from_plates",
@@ -89,6 +94,42 @@ def parse_time(value: str) -> datetime:
     if parsed.tzinfo is None:
         raise ValueError("no UTC offset")
     return parsed.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The newest registry content a box applied: its dataset and seq (the cache's, or the trust state's mark)."""
+
+    dataset_id: str
+    seq: int
+
+    @classmethod
+    def newest(cls, *marks: Applied | None) -> Applied | None:
+        found = [m for m in marks if m is not None]
+        return max(found, key=lambda m: m.seq) if found else None
+
+
+def check_not_rolled_back(header: SubsetHeader, applied: Applied | None, file: Path) -> None:
+    """Refuse a file older than ``applied``: seq never goes back on a box, across datasets (docs/REGISTRY.md).
+
+    A file of the applied seq and dataset is accepted again (a re-import); another dataset must
+    come with a higher seq. Raises :class:`RollbackRefused` with the fix; reads nothing.
+    """
+    if applied is None:
+        return
+    if header.seq < applied.seq:
+        raise RollbackRefused(
+            f"{file}: {header.kind} seq {header.seq} (dataset {header.dataset_id}) is older than the applied seq "
+            f"{applied.seq} (dataset {applied.dataset_id}); registry content never goes back on a box. fix: import "
+            f"the newest file from central (a snapshot with seq >= {applied.seq}, or a delta with base_seq "
+            f"{applied.seq}); central's seq keeps rising, also across datasets"
+        )
+    if header.seq == applied.seq and header.dataset_id != applied.dataset_id:
+        raise RollbackRefused(
+            f"{file}: {header.kind} of dataset {header.dataset_id} has seq {header.seq}, the seq this box applied "
+            f"for dataset {applied.dataset_id}; a new dataset needs a higher seq. fix: rebuild it at central with "
+            f"--seq {applied.seq + 1} or more"
+        )
 
 
 # ---------------------------------------------------------------- validation

@@ -156,7 +156,7 @@ def check_bundle(cfg: Config, name: str, path: Path, task: str) -> Check:
         f".pub into {trust} (docs/SIGNING.md)"
     )
     try:
-        bundle = load_trusted_bundle(path, trust, cfg.security.allow_unsigned)
+        bundle = load_trusted_bundle(path, trust, cfg.security.allow_unsigned, state_file=cfg.trust_state_file)
     except EngineError as exc:  # its own fix speaks to the publisher; the technician reinstalls
         return Check(name, "fail", split_fix(str(exc), fix)[0], fix)
     m = bundle.manifest
