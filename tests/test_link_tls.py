@@ -160,6 +160,20 @@ def test_the_agent_publishes_over_tls_with_its_certificate_and_central_gets_each
         assert (stats["acked"], stats["refused"]) == (5, 0)
 
 
+def test_a_selftest_under_the_box_s_root_is_accepted_and_never_reaches_central(
+    broker: CentralBroker, pki: Pki, central: Central, tmp_path: Path
+) -> None:
+    """``iaflash-provision selftest`` publishes under ``<root>/selftest/``: allowed, and outside central's filters."""
+    cfg = box_config(broker.port, pki, pki.issue("site-1/box-1", "box-a"))
+    with Outbox(tmp_path / "a.db") as ob:
+        record(ob, f"{cfg.topic_root}/selftest", A, 1)
+        with Agent(cfg, tmp_path / "a.db") as agent:
+            assert wait_until(lambda: ob.depth() == 0, 10, "the selftest event acknowledged")
+            stats = agent.publisher.stats()
+        assert (stats["acked"], stats["refused"]) == (1, 0)
+    assert [t for t, _ in central.drain() if "/events/" in t] == []
+
+
 @pytest.mark.parametrize("how", ["an outbox row for B's topic", "A's certificate in B's config"])
 def test_box_a_cannot_publish_under_box_b_s_topics_the_event_is_refused_135_kept_and_counted(
     broker: CentralBroker, pki: Pki, central: Central, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
