@@ -25,11 +25,13 @@ from iaflash.agent.errors import IaflashError, RegistryError
 from iaflash.agent.registry.cache import import_signed_subset, read_state
 from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.agent.registry.record import RegistryState
+from iaflash.agent.registry.subset_file import SubsetReader
 from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, version_option
 from iaflash.engines.errors import EngineError
 from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_doctor
-from iaflash.provisioning.model.cli import model as model_group
 from iaflash.provisioning.enrol.command import enrol_command
+from iaflash.provisioning.model.cli import model as model_group
+from iaflash.provisioning.output import print_error
 from iaflash.provisioning.selftest_command import selftest_command
 from iaflash.provisioning.tail import tail_command
 
@@ -46,7 +48,8 @@ def _operational(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except (IaflashError, EngineError) as exc:  # EngineError: signature refusals (iaflash.engines.signing)
-            click.echo(f"error: {exc}", err=True)
+            command = " ".join(click.get_current_context().command_path.split()[1:])  # e.g. "registry import"
+            print_error(command, str(exc), EXIT_ERROR, bool(kwargs.get("as_json")))  # --json: the error document
             sys.exit(EXIT_ERROR)
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
@@ -57,6 +60,22 @@ def _emit(doc: dict[str, Any], as_json: bool, text: str) -> None:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
         click.echo(text)
+
+
+def _already_applied(file: Path, db_path: Path) -> RegistryState | None:
+    """The cache's state when ``file`` is a delta it already applied (same dataset and key, same seq), else None."""
+    if not db_path.is_file():
+        return None
+    with SubsetReader(file) as reader:
+        header = reader.header
+    try:
+        state = read_state(db_path)
+    except RegistryError:
+        return None  # the import says what is wrong with the cache
+    if header.kind != "delta" or state is None:
+        return None
+    same = (state.dataset_id, state.key_id, state.seq) == (header.dataset_id, header.key_id, header.seq)
+    return state if same else None
 
 
 def _read_key_file(path: Path) -> bytes:
@@ -134,6 +153,13 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
     """
     cfg = load_config(config_path)
     db_path = db or cfg.registry.db
+    applied = _already_applied(file, db_path)
+    if applied is not None:  # a re-import of the last delta changes nothing: say so, exit 0
+        doc = {"command": "registry import", "file": str(file), "db": str(db_path), "records": 0,
+               "already_applied": True, "state": applied.to_dict(), "signed_by": None}  # fmt: skip
+        _emit(doc, as_json, f"already at seq {applied.seq}: {file.name} (delta seq {applied.seq} of "
+              f"{applied.dataset_id}) was applied before; nothing changed in {db_path}")  # fmt: skip
+        return
     raw = (
         _read_key_file(key_file)
         if key_file

@@ -24,6 +24,8 @@ LABEL = {"ok": "ok", "warn": "warn", "fail": "FAIL", "skip": "skip", "error": "E
 def error_document(command: str, message: str, exit_code: int) -> dict[str, Any]:
     """The stable failure document: what went wrong and how to fix it, split from ``what; fix: how``."""
     what, fix = split_fix(message, "")
+    if not fix and ". fix: " in message:
+        what, _, fix = message.partition(". fix: ")
     return {"ok": False, "command": command, "exit_code": exit_code, "error": what, "fix": fix}
 
 

@@ -190,7 +190,8 @@ def test_import_errors_exit_1_with_a_message_naming_the_file(
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: {file}")
     assert "fix:" in result.stderr or case == "untrusted"  # engines' message: "add the publisher's .pub ..."
-    assert result.stdout == ""
+    doc = json.loads(result.stdout)  # --json: the error document on stdout (provisioning/output.py)
+    assert (doc["ok"], doc["command"], doc["exit_code"]) == (False, "registry import", 1) and str(file) in doc["error"]
     assert not (tmp_path / "registry.db").exists() or opened(tmp_path / "registry.db").state() is None
 
 
