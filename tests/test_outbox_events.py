@@ -142,3 +142,23 @@ def test_schema_is_draft_2020_12_strict_and_a_copy() -> None:
 
 def test_topic_for_puts_the_outcome_last() -> None:
     assert topic_for("iaflash/v1/site-1/box-1", "mismatch") == "iaflash/v1/site-1/box-1/events/mismatch"
+
+
+def test_the_radar_equipment_and_lane_travel_in_the_event() -> None:
+    """Two radars on one box: the sidecar's equipment and lane tell central which one took the capture."""
+    base = {
+        "verdict": verdict(),
+        "site_id": "site-1",
+        "device_id": "box-1",
+        "capture_id": "cap-1",
+        "captured_at": "2026-11-02T08:15:00+01:00",
+        "plate_key": PLATE_KEY,
+        "timings_ms": {},
+    }
+    assert build_event(**base, equipment="MESTA-FUSION", lane=2)["radar"] == {"equipment": "MESTA-FUSION", "lane": 2}
+    assert build_event(**base)["radar"] == {"equipment": None, "lane": None}  # a sidecar without them
+    with pytest.raises(ValueError, match=r"\$.radar.lane"):
+        build_event(**base, lane=17)
+    older = event()
+    del older["radar"]
+    validate_event(older)  # events from before 1.2 have no radar: still valid

@@ -50,6 +50,7 @@ class Listener:
 
     def __init__(self, port: int) -> None:
         self.topics: dict[str, list[str]] = {"central": [], "selftest": []}
+        self.payloads: list[dict[str, object]] = []
         self._ready = threading.Event()
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
         self.client.on_connect = lambda c, *_: c.subscribe(
@@ -64,6 +65,8 @@ class Listener:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         kind = "selftest" if "/selftest/" in msg.topic else "central"
         self.topics[kind].append(msg.topic)
+        if "/events/" in msg.topic:
+            self.payloads.append(json.loads(msg.payload))
 
     def stop(self) -> None:
         self.client.loop_stop()
@@ -109,6 +112,7 @@ def test_selftest_passes_on_a_good_box_and_leaves_production_alone(
     assert lines[-1] == "selftest: 7 ok, 0 warn, 0 FAIL, 0 skipped: the box works end to end"
     wait_until(lambda: len([t for t in listener.topics["selftest"] if "/events/" in t]) == 3, timeout=5)
     assert listener.topics["central"] == []  # central's subscription never sees a selftest event
+    assert {json.dumps(p["radar"]) for p in listener.payloads} == {'{"equipment": "iaflash-selftest", "lane": 1}'}
     state = tmp_path / "box/var/lib/iaflash"
     assert not (state / "state.db").exists()  # the production outbox was never created
     assert [p for p in (state / "spool").rglob("*") if p.is_file()] == []

@@ -53,8 +53,14 @@ def build_event(
     captured_at: str,
     plate_key: str | None,
     timings_ms: dict[str, float],
+    equipment: str | None = None,
+    lane: int | None = None,
 ) -> dict[str, Any]:
-    """Wrap a verdict into a new event with a fresh UUID4 ``event_id``; validated before return."""
+    """Wrap a verdict into a new event with a fresh UUID4 ``event_id``; validated before return.
+
+    ``equipment`` and ``lane`` are the sidecar's: with several radars on one box, they tell central
+    which radar (and lane) took the capture. They are sent as ``radar`` (both may be null).
+    """
     doc: dict[str, Any] = {
         "schema": SCHEMA_ID,
         "event_id": str(uuid.uuid4()),
@@ -66,6 +72,7 @@ def build_event(
         "plate_key": plate_key,
         "verdict": verdict,
         "timings_ms": {k: round(float(v), 3) for k, v in timings_ms.items()},
+        "radar": {"equipment": equipment, "lane": lane},
     }
     validate_event(doc)
     return doc

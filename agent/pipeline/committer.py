@@ -217,6 +217,8 @@ class Committer:
             captured_at=capture.captured_at.isoformat(),
             plate_key=None if item.plate_key is None else item.plate_key.hex(),
             timings_ms={k: round(v, 2) for k, v in work.timings.items()},
+            equipment=capture.equipment,
+            lane=capture.lane,
         )
         return capture.capture_id, verdict.outcome, event, topic_for(self.cfg.topic_root, verdict.outcome)
 
