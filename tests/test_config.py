@@ -178,7 +178,8 @@ def test_unknown_section_lists_the_allowed_sections(tmp_path: Path) -> None:
     _, issue = _only_issue(tmp_path, "[mqqt]\nhost = 'x'\n")
     assert issue.key == "mqqt"
     assert (
-        "allowed keys here: decision, evidence, log, model, mqtt, outbox, registry, security, site, spool" in issue.fix
+        "allowed keys here: decision, evidence, log, metrics, model, mqtt, outbox, registry, security, site, spool"
+        in issue.fix
     )
 
 

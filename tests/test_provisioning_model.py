@@ -44,7 +44,9 @@ class Box:
     def link(self) -> Path:
         return self.root / "models" / "classifier"
 
-    def bundle(self, version: str, *, name: str = "tiny", key: Path | None = None, sign: bool = True, **kw: Any) -> Path:
+    def bundle(
+        self, version: str, *, name: str = "tiny", key: Path | None = None, sign: bool = True, **kw: Any
+    ) -> Path:
         """A signed tiny classifier bundle, as central ships it."""
         path = self.root / "usb" / f"{name}-{version}"
         shutil.rmtree(path, ignore_errors=True)
@@ -122,7 +124,7 @@ def test_install_verifies_installs_side_by_side_and_switches_the_link_atomically
     assert text.exit_code == 0, text.output
     lines = text.stdout.splitlines()
     assert lines[0].startswith("source") and "switch" in lines[5] and "(was " in lines[5]
-    assert lines[-1].endswith("uses " + str((box.root / "models" / "tiny" / "1.1.0")))
+    assert lines[-1].endswith("uses " + str(box.root / "models" / "tiny" / "1.1.0"))
     assert box.current() == "tiny/1.1.0" and box.installed() == ["tiny/1.0.0", "tiny/1.1.0"]
     assert not [p for p in box.store_files() if ".staging" in p], "no staging folder is left"
 

@@ -180,6 +180,7 @@ def test_model_install_reloads_the_running_agent_with_captures_flowing_and_none_
         dropper = Dropper(site, site.scenario[8:30], every=0.04)
         dropper.start()  # captures keep arriving for as long as the install (and the agent's reload) runs
         result = box.provision("install", str(box.models / "v2"), "--json")
+        time.sleep(0.5)  # and on for a moment after the agent reported the switch
         dropper.stop.set()
         dropper.join(10)
         assert result.exit_code == 0, result.output
