@@ -168,19 +168,33 @@ def test_as_root_the_service_user_owns_the_secrets_and_the_state(files: CentralF
     assert db.st_uid == nobody.pw_uid and "owners:" not in out
 
 
-def test_service_user_step_creates_the_account_with_the_gpu_groups_present() -> None:
-    """The useradd/usermod the step runs on a box (--root /); only groups that exist are added."""
+def test_service_user_step_creates_the_account_in_the_ingress_and_gpu_groups() -> None:
+    """What the step runs on a box (--root /), as systemd/iaflash.sysusers declares; only GPU groups present."""
     import grp
 
     step = ServiceUser(Box(Path("/"), "iaflash-enrol-test-user"), "/var/lib/iaflash")
     commands = step.commands()
     assert commands[0][:2] == ["useradd", "--system"] and commands[0][-1] == "iaflash-enrol-test-user"
     assert "--home-dir" in commands[0] and "/var/lib/iaflash" in commands[0]
-    present = [g for g in ("video", "render") if g in {e.gr_name for e in grp.getgrall()}]
-    assert commands[1:] == (
-        [["usermod", "--append", "--groups", ",".join(present), "iaflash-enrol-test-user"]] if present else []
-    )
+    groups = {e.gr_name for e in grp.getgrall()}
+    expected = [] if "iaflash-ingress" in groups else [["groupadd", "--system", "iaflash-ingress"]]
+    wanted = ",".join(["iaflash-ingress", *(g for g in ("video", "render") if g in groups)])
+    expected.append(["usermod", "--append", "--groups", wanted, "iaflash-enrol-test-user"])
+    assert commands[1:] == expected
     assert ServiceUser(Box(Path("/tmp/x"), "iaflash"), "/var/lib/iaflash").skipped  # not the system: never run
+
+
+def test_the_spool_gets_the_modes_of_systemd_tmpfiles(files: CentralFiles, tmp_path: Path) -> None:
+    """spool/ 0710 and incoming/ 2770 (setgid) for the radar feed's group; the sysusers/tmpfiles files installed."""
+    folder = files.build(tmp_path / "bundle", "mqtt://127.0.0.1:1")
+    box = tmp_path / "box"
+    enrol(str(folder), "--root", str(box))
+    spool = box / "var/lib/iaflash/spool"
+    assert (mode(box / "var/lib/iaflash"), mode(spool), mode(spool / "incoming"), mode(spool / "done")) == (
+        0o751, 0o710, 0o2770, 0o750
+    )  # fmt: skip
+    assert (box / "usr/lib/tmpfiles.d/iaflash.conf").read_bytes() == (ROOT / "systemd/iaflash.tmpfiles").read_bytes()
+    assert (box / "usr/lib/sysusers.d/iaflash.conf").read_bytes() == (ROOT / "systemd/iaflash.sysusers").read_bytes()
 
 
 def test_a_damaged_bundle_is_refused_naming_the_file_and_nothing_is_installed(

@@ -23,6 +23,7 @@ from iaflash.provisioning.enrol.source import EnrolError, sha256_file
 __all__ = ["Box", "Dir", "File", "Owner", "ServiceUser", "Step", "Tree"]
 
 GPU_GROUPS = ("video", "render")  # Jetson /dev/nvhost-*, /dev/nvmap (video); /dev/dri/renderD* (render)
+INGRESS_GROUP = "iaflash-ingress"  # the radar feed's group: may write into spool/incoming (systemd/iaflash.sysusers)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,6 @@ class Dir(Step):
     def __init__(self, box: Box, path: str, mode: int, owner: Owner) -> None:
         self.box, self.path, self.mode, self.owner = box, box.at(path), mode, owner
         self.name = f"folder {self.path}"
-        self.note = box.owner_note(owner)
 
     def pending(self) -> str | None:
         if not self.path.is_dir():
@@ -155,7 +155,6 @@ class File(Step):
         self.box, self.path, self.mode, self.owner = box, box.at(path), mode, owner
         self.source, self.content, self.keep_previous = source, content, keep_previous
         self.name = f"{what} {self.path}"
-        self.note = box.owner_note(owner)
 
     def _bytes(self) -> bytes:
         if self.content is not None:
@@ -199,7 +198,6 @@ class Tree(Step):
     def __init__(self, box: Box, path: str, source: Path, files: list[str], owner: Owner, what: str = "bundle") -> None:
         self.box, self.path, self.source, self.files, self.owner = box, box.at(path), source, files, owner
         self.name = f"{what} {self.path}"
-        self.note = box.owner_note(owner)
 
     def _present(self) -> list[str]:
         return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file())
@@ -259,7 +257,7 @@ def _member(user: str, group: str) -> bool:
 
 
 class ServiceUser(Step):
-    """The system account the unit runs as, with the GPU groups that exist here (Jetson: video, render)."""
+    """The account the unit runs as, in the radar feed's group and the GPU groups that exist (Jetson: video, render)."""
 
     def __init__(self, box: Box, home: str, run: Callable[[list[str]], None] | None = None) -> None:
         self.box, self.home = box, Path(home)
@@ -269,20 +267,24 @@ class ServiceUser(Step):
             self.skipped = f"--root {box.root} is not /; on the box this runs: {self.commands_text()}"
 
     def commands(self) -> list[list[str]]:
-        out = []
+        """What systemd/iaflash.sysusers declares, done with the shadow tools, plus the GPU groups present."""
+        user, out = self.box.user, []
         try:
-            pwd.getpwnam(self.box.user)
+            pwd.getpwnam(user)
             exists = True
         except KeyError:
             exists = False
         if not exists:
             out.append(
                 ["useradd", "--system", "--user-group", "--home-dir", str(self.home), "--no-create-home",
-                 "--shell", "/usr/sbin/nologin", self.box.user]
+                 "--shell", "/usr/sbin/nologin", user]
             )  # fmt: skip
-        groups = [g for g in GPU_GROUPS if _group_exists(g) and not (exists and _member(self.box.user, g))]
+        if not _group_exists(INGRESS_GROUP):
+            out.append(["groupadd", "--system", INGRESS_GROUP])
+        wanted = [INGRESS_GROUP, *(g for g in GPU_GROUPS if _group_exists(g))]
+        groups = [g for g in wanted if not (exists and _member(user, g))]
         if groups:
-            out.append(["usermod", "--append", "--groups", ",".join(groups), self.box.user])
+            out.append(["usermod", "--append", "--groups", ",".join(groups), user])
         return out
 
     def commands_text(self) -> str:

@@ -27,7 +27,7 @@ from iaflash.agent.registry.cache import import_signed_subset, read_state
 from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.agent.registry.subset_file import SubsetReader
 from iaflash.provisioning.doctor.checks import Report, run_doctor
-from iaflash.provisioning.enrol.actions import Box, Dir, File, Owner, ServiceUser, Step, Tree
+from iaflash.provisioning.enrol.actions import INGRESS_GROUP, Box, Dir, File, Owner, ServiceUser, Step, Tree
 from iaflash.provisioning.enrol.source import EnrolError, EnrolSource
 
 if sys.version_info >= (3, 11):
@@ -39,22 +39,27 @@ __all__ = ["ETC", "STATE", "UNIT_FILE", "EnrolReport", "StepResult", "enrol", "f
 
 ETC, STATE = "/etc/iaflash", "/var/lib/iaflash"
 UNIT_FILE = "/etc/systemd/system/iaflash-agent.service"
+SYSUSERS, TMPFILES = "/usr/lib/sysusers.d/iaflash.conf", "/usr/lib/tmpfiles.d/iaflash.conf"
 AGENT_BIN = "/opt/iaflash/.venv/bin/iaflash-agent"  # the unit's ExecStart
 ROOT_OWNER = Owner("root", "root")
 
 
-def find_unit() -> Path:
-    """The shipped ``iaflash-agent.service``: installed data (share/iaflash-edge/systemd), else the source tree."""
+def find_shipped(name: str) -> Path:
+    """A file of systemd/ (unit, sysusers, tmpfiles): installed data (share/iaflash-edge/systemd), else the source."""
     for candidate in (
-        Path(sys.prefix) / "share" / "iaflash-edge" / "systemd" / "iaflash-agent.service",
-        Path(__file__).resolve().parents[2] / "systemd" / "iaflash-agent.service",
+        Path(sys.prefix) / "share" / "iaflash-edge" / "systemd" / name,
+        Path(__file__).resolve().parents[2] / "systemd" / name,
     ):
         if candidate.is_file():
             return candidate
     raise EnrolError(
-        f"iaflash-agent.service is not installed under {sys.prefix}/share/iaflash-edge/systemd; "
+        f"{name} is not installed under {sys.prefix}/share/iaflash-edge/systemd; "
         "fix: reinstall the agent (pip install iaflash-edge) in this environment"
     )
+
+
+def find_unit() -> Path:
+    return find_shipped("iaflash-agent.service")
 
 
 def _q(value: object) -> str:
@@ -113,7 +118,7 @@ class RegistryImport(Step):
         self.file = source.path(source.registry_snapshot)
         self.db = box.at(STATE) / "registry.db"
         self.name = f"registry {self.db}"
-        self.note = box.owner_note(box.service)
+        self.owner = box.service
         with SubsetReader(self.file) as reader:
             self.header = reader.header
 
@@ -153,15 +158,21 @@ class RegistryImport(Step):
 
 def build_steps(source: EnrolSource, box: Box, unit: Path) -> list[Step]:
     svc, cfg_owner = box.service, box.config_owner
+    ingress = Owner(box.user, INGRESS_GROUP)
     steps: list[Step] = [ServiceUser(box, STATE)]
     steps += [
         Dir(box, ETC, 0o750, cfg_owner),
         Dir(box, f"{ETC}/trust", 0o755, ROOT_OWNER),
-        Dir(box, STATE, 0o750, svc),
+        Dir(box, STATE, 0o751, svc),  # StateDirectoryMode=0751
         Dir(box, f"{STATE}/models", 0o750, svc),
         Dir(box, f"{STATE}/engines", 0o750, svc),
-        *(Dir(box, f"{STATE}/spool/{sub}", 0o750, svc) for sub in ("", "incoming", "processing", "done", "rejected")),
+        # as systemd/iaflash.tmpfiles: the radar feed's group passes through to incoming/ and writes only there
+        Dir(box, f"{STATE}/spool", 0o710, ingress),
+        Dir(box, f"{STATE}/spool/incoming", 0o2770, ingress),
+        *(Dir(box, f"{STATE}/spool/{sub}", 0o750, svc) for sub in ("processing", "done", "rejected")),
     ]
+    for name, target in (("iaflash.sysusers", SYSUSERS), ("iaflash.tmpfiles", TMPFILES)):
+        steps.append(File(box, target, 0o644, ROOT_OWNER, source=find_shipped(name), what="systemd " + name[8:]))
     steps.append(File(box, f"{ETC}/hmac.key", 0o600, svc, source=source.path("plate.key"), what="HMAC key"))
     public = {"ca.pem": "TLS CA", "client.pem": "client certificate"}
     for name, what in public.items():
@@ -242,14 +253,24 @@ def _check_config(path: Path) -> list[ConfigIssue]:
     return semantic_issues(cfg, str(path))
 
 
-def _daemon_reload(box: Box) -> StepResult | None:
-    systemctl = shutil.which("systemctl")
-    if not box.is_system or systemctl is None or not Path("/run/systemd/system").is_dir():
+def _run_system(box: Box, argv: list[str], what: str) -> StepResult | None:
+    """Run a systemd tool on the running system (--root /, systemd booted, tool installed), else nothing."""
+    tool = shutil.which(argv[0])
+    if not box.is_system or tool is None or not Path("/run/systemd/system").is_dir():
         return None
-    out = subprocess.run([systemctl, "daemon-reload"], capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run([tool, *argv[1:]], capture_output=True, text=True, timeout=60, check=False)
     if out.returncode != 0:
-        raise EnrolError(f"systemctl daemon-reload failed: {out.stderr.strip()}; fix: run it by hand")
-    return StepResult("systemd", "changed", "systemctl daemon-reload")
+        raise EnrolError(f"{' '.join(argv)} failed: {out.stderr.strip()}; fix: run it by hand and read its error")
+    return StepResult(what, "changed", " ".join(argv))
+
+
+def _systemctl_reload(box: Box) -> StepResult | None:
+    return _run_system(box, ["systemctl", "daemon-reload"], "systemd")
+
+
+def _tmpfiles(box: Box) -> StepResult | None:
+    """systemd-tmpfiles sets the default ACL of spool/incoming (the radar's files stay readable by the agent)."""
+    return _run_system(box, ["systemd-tmpfiles", "--create", TMPFILES], "spool ACL")
 
 
 def _next_steps(box: Box, config: Path) -> list[str]:
@@ -270,26 +291,28 @@ def enrol(source: EnrolSource, box: Box, *, dry_run: bool = False, broker_timeou
     """Run (or, with ``dry_run``, list) every step; then check-config and doctor on the result."""
     config = box.at(ETC) / "agent.toml"
     report = EnrolReport(str(source.origin), str(box.root), str(config), dry_run, ownership=box.ownership_problem())
-    unit_changed = False
+    unit_changed = spool_changed = False
     for step in build_steps(source, box, find_unit()):
         if step.skipped is not None:
             report.steps.append(StepResult(step.name, "skipped", step.skipped))
             continue
         change = step.pending()
+        owner = getattr(step, "owner", None)
+        if change is not None and not dry_run:
+            step.apply()
+            unit_changed |= step.name.startswith("systemd unit")
+            spool_changed |= "/spool" in step.name or step.name.startswith("systemd tmpfiles")
+        note = step.note + (box.owner_note(owner) if isinstance(owner, Owner) else "")
         if change is None:
-            report.steps.append(StepResult(step.name, "unchanged", ("up to date" + step.note).strip()))
-            continue
-        if dry_run:
-            report.steps.append(StepResult(step.name, "would change", change + step.note))
-            continue
-        step.apply()
-        unit_changed |= step.name.startswith("systemd unit")
-        report.steps.append(StepResult(step.name, "changed", change + step.note))
+            report.steps.append(StepResult(step.name, "unchanged", ("up to date" + note).strip()))
+        else:
+            report.steps.append(StepResult(step.name, "would change" if dry_run else "changed", change + note))
     if dry_run:
         report.next_steps = [f"run it again without --dry-run: sudo iaflash-provision enrol {source.origin}"]
         return report
-    if unit_changed and (reloaded := _daemon_reload(box)) is not None:
-        report.steps.append(reloaded)
+    for ran in (_systemctl_reload(box) if unit_changed else None, _tmpfiles(box) if spool_changed else None):
+        if ran is not None:
+            report.steps.append(ran)
     report.issues = _check_config(config)
     report.doctor = run_doctor(config, broker_timeout_s=broker_timeout_s, user=box.user)
     report.next_steps = _next_steps(box, config)
