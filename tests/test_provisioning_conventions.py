@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,27 @@ def test_the_cache_itself_says_already_at_seq_instead_of_gap(files: CentralFiles
     with pytest.raises(RegistryError, match=r"already at seq 2: this delta \(seq 2\) was applied before") as err:
         import_subset(db, delta, expected_key_id=kid)
     assert "request a snapshot" not in str(err.value)
+
+
+def test_doctor_says_which_backend_the_box_will_really_use_and_why(box: Path) -> None:
+    result = CliRunner().invoke(cli, ["doctor", "--config", str(box), "--json", "--broker-timeout", "0.2"])
+    (backends,) = [c for c in json.loads(result.stdout)["checks"] if c["name"] == "backends"]
+    assert backends["status"] == "ok"
+    assert backends["finding"].startswith(
+        "the agent will use ONNX Runtime on the CPU, because model.backend = auto and TensorRT cannot run here: "
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="judging another user's access needs root")
+def test_doctor_warns_when_the_service_user_cannot_open_the_gpu(tmp_path: Path) -> None:
+    """A Jetson whose service user is not in group video would quietly run on the CPU: say it, with the fix."""
+    from iaflash.provisioning.doctor.checks import gpu_access_problem
+
+    node = tmp_path / "nvmap"  # stands for /dev/nvmap: root:root 0660
+    node.touch()
+    node.chmod(0o660)
+    problem = gpu_access_problem("nobody", (str(node),))
+    assert problem == f"user nobody cannot open {node} (group root, and nobody is not in it)"
+    node.chmod(0o666)
+    assert gpu_access_problem("nobody", (str(node),)) is None
+    assert gpu_access_problem("nobody", (str(tmp_path / "absent"),)) is None  # no GPU here: nothing to say

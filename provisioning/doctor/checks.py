@@ -169,8 +169,55 @@ def check_bundle(cfg: Config, name: str, path: Path, task: str) -> Check:
     return Check(name, "ok", f"{finding}, {signed}")
 
 
-def check_backends(cfg: Config) -> Check:
-    """The configured inference backend can run here; say why the others cannot."""
+GPU_NODES = ("/dev/nvhost-ctrl-gpu", "/dev/nvmap", "/dev/nvidia0", "/dev/nvidiactl")  # Jetson, then discrete
+
+
+def gpu_access_problem(user: str | None, nodes: tuple[str, ...] = GPU_NODES) -> str | None:
+    """Why the service user cannot open the GPU's device nodes (its groups), or None (fine, or no GPU here)."""
+    import grp  # noqa: PLC0415  # only for this check
+    import pwd  # noqa: PLC0415
+
+    try:
+        account = pwd.getpwnam(user) if user and os.geteuid() == 0 else None
+    except KeyError:
+        account = None
+    for node in (Path(n) for n in nodes):
+        if not node.exists():
+            continue
+        st = node.stat()
+        if account is None:
+            if not os.access(node, os.R_OK | os.W_OK):
+                return f"this user cannot open {node}"
+            continue
+        groups = os.getgrouplist(account.pw_name, account.pw_gid)
+        bits = (
+            st.st_mode >> 6 if st.st_uid == account.pw_uid else st.st_mode >> 3 if st.st_gid in groups else st.st_mode
+        )
+        if account.pw_uid != 0 and bits & 0o6 != 0o6:
+            group = grp.getgrgid(st.st_gid).gr_name
+            return f"user {account.pw_name} cannot open {node} (group {group}, and {account.pw_name} is not in it)"
+    return None
+
+
+def _serving(cfg: Config, found: dict[str, tuple[bool, str]]) -> str:
+    """Which backend the agent will really run on, and why."""
+    wanted, (trt_ok, trt_why) = cfg.model.backend, found["tensorrt"]
+    ort = (
+        "ONNX Runtime on the GPU (CUDA)"
+        if "CUDAExecutionProvider" in found["onnxruntime"][1]
+        else "ONNX Runtime on the CPU"
+    )
+    if wanted == "tensorrt":
+        return "TensorRT, as model.backend = tensorrt asks"
+    if wanted == "onnxruntime":
+        return f"{ort}, as model.backend = onnxruntime asks"
+    if trt_ok:
+        return f"TensorRT (model.backend = auto; {ort} serves while its plan builds, the first start only)"
+    return f"{ort}, because model.backend = auto and TensorRT cannot run here: {trt_why}"
+
+
+def check_backends(cfg: Config, user: str | None = SERVICE_USER) -> Check:
+    """The configured inference backend can run here; say which one the agent will use and why."""
     found = {kind: backend_availability(kind) for kind in ("onnxruntime", "tensorrt")}
     finding = "; ".join(f"{k}: {'yes' if ok else 'no'} ({why})" for k, (ok, why) in found.items())
     wanted = cfg.model.backend
@@ -184,14 +231,24 @@ def check_backends(cfg: Config) -> Check:
             if need == "onnxruntime"
             else 'install TensorRT from JetPack, or set model.backend = "auto"',
         )
+    uses = f"the agent will use {_serving(cfg, found)}"
+    gpu = gpu_access_problem(user)
+    if gpu is not None:
+        who = user or "iaflash"
+        return Check(
+            "backends",
+            "warn",
+            f"{uses}, but {gpu}: TensorRT and CUDA would fail there and the agent would run on the CPU ({finding})",
+            f"sudo usermod -aG video,render {who} (the groups that exist), then sudo systemctl restart {UNIT}",
+        )
     if wanted == "auto" and not found["tensorrt"][0] and Path("/etc/nv_tegra_release").exists():
         return Check(
             "backends",
             "warn",
-            f"{finding}: this Jetson runs on the CPU (slow)",
+            f"{uses}: this Jetson runs on the CPU (slow); {finding}",
             "install JetPack's TensorRT and pycuda (docs/JETSON.md)",
         )
-    return Check("backends", "ok", f"model.backend = {wanted}: {finding}")
+    return Check("backends", "ok", f"{uses}; {finding}")
 
 
 # ------------------------------------------------------------------------------- running and printing
@@ -246,7 +303,7 @@ def _site_checks(cfg: Config, where: str, broker_timeout_s: float, user: str | N
         ("model", lambda: check_bundle(cfg, "model", cfg.model.bundle, "classifier")),
         ("detector", lambda: check_detector(cfg)),
         ("evidence", lambda: check_evidence(cfg)),
-        ("backends", lambda: check_backends(cfg)),
+        ("backends", lambda: check_backends(cfg, user)),
         ("spool folders", lambda: check_spool_dirs(cfg, user)),
         ("spool queue", lambda: check_spool_queue(cfg)),
         ("rejected", lambda: check_rejected(cfg)),
