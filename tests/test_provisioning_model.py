@@ -21,11 +21,13 @@ import pytest
 from click.testing import CliRunner, Result
 from onnx_builders import LABELS, classifier_onnx
 
+from iaflash.agent.config import load_config
 from iaflash.agent.health import InstanceLock, lock_holder
-from iaflash.engines.bundle import Label, Preprocessing, write_bundle
-from iaflash.engines.signing import generate_keypair, sign_bundle
+from iaflash.engines.bundle import Label, Preprocessing, load_bundle, write_bundle
+from iaflash.engines.cli import main as engines_cli
+from iaflash.engines.signing import generate_keypair, load_trusted_bundle, record_bundle, sign_bundle
+from iaflash.engines.trust_state import TrustState
 from iaflash.provisioning.cli import cli
-from iaflash.provisioning.model.order import check_not_older, is_older
 
 
 @dataclass
@@ -39,6 +41,10 @@ class Box:
     @property
     def config(self) -> Path:
         return self.root / "etc" / "agent.toml"
+
+    @property
+    def trust_state(self) -> Path:
+        return load_config(self.config).trust_state_file
 
     @property
     def link(self) -> Path:
@@ -71,6 +77,7 @@ class Box:
             f'[model]\nbundle = "{self.link}"\nstore_dir = "{self.root / "models"}"\n{extra}'
             f'[security]\ntrust_dir = "{self.root / "etc" / "trust"}"\n'
             f'[outbox]\ndb = "{self.root / "state" / "state.db"}"\n'
+            f'[registry]\ndb = "{self.root / "state" / "registry.db"}"\n'
             f'[spool]\ndir = "{self.root / "spool"}"\nmin_free_mb = 1\n'
         )
 
@@ -293,16 +300,47 @@ def test_the_same_version_is_nothing_to_do_in_use_a_rollback_otherwise_and_refus
     assert box.current() == "tiny/1.1.0"
 
 
-def test_an_older_version_than_one_installed_before_is_refused_unless_allowed_on_purpose(box: Box) -> None:
-    box.write_config(keep_versions=1)
-    box.run("install", str(box.bundle("1.0.0")))
-    box.run("install", str(box.bundle("1.2.0")))  # 1.0.0 is pruned: keep_versions = 1
+def ran(box: Box, version: str) -> None:
+    """What the agent does once a bundle loaded and took over: record it in the box's trust state."""
+    record_bundle(box.trust_state, load_bundle(box.root / "models" / "tiny" / version))
+
+
+def test_an_older_version_than_the_box_ran_is_refused_unless_the_publisher_signed_a_rollback(box: Box) -> None:
+    """The engines' rule (docs/SIGNING.md#rollback), checked by install before anything changes."""
+    box.run("install", str(box.bundle("1.2.0")))
+    ran(box, "1.2.0")
     refused = box.run("install", str(box.bundle("1.1.0")))
-    assert refused.exit_code == 1 and "older than tiny 1.2.0" in refused.stderr
-    assert "--allow-downgrade" in refused.stderr and box.current() == "tiny/1.2.0"
-    allowed = box.json("install", str(box.bundle("1.1.0")), "--allow-downgrade")
-    assert allowed["exit_code"] == 0 and box.current() == "tiny/1.1.0"
-    assert "allowed by --allow-downgrade" in next(s["detail"] for s in allowed["steps"] if s["step"] == "downgrade")
+    assert refused.exit_code == 1 and "older than or equal to 1.2.0" in refused.stderr
+    assert "allow-rollback" in refused.stderr and box.current() == "tiny/1.2.0"
+    assert box.installed() == ["tiny/1.2.0"]
+    signed = box.bundle("1.1.0")
+    allowed = CliRunner().invoke(engines_cli, ["allow-rollback", str(signed), "--from", "1.2.0", "--key", str(box.key)])
+    assert allowed.exit_code == 0, allowed.output
+    doc = box.json("install", str(signed))
+    assert doc["exit_code"] == 0 and box.current() == "tiny/1.1.0"
+
+
+def test_rollback_by_the_technician_is_recorded_in_the_trust_state_so_the_agent_accepts_it(box: Box) -> None:
+    for v in ("1.0.0", "1.1.0"):
+        box.run("install", str(box.bundle(v)))
+        ran(box, v)
+    again = box.run("install", str(box.bundle("1.0.0")))
+    assert again.exit_code == 1 and "model rollback 1.0.0" in again.stderr, "the refusal names the way back"
+    doc = box.json("rollback")
+    assert doc["exit_code"] == 0 and box.current() == "tiny/1.0.0"
+    trust = next(s["detail"] for s in doc["steps"] if s["step"] == "trust")
+    assert "tiny may run 1.0.0 (a rollback by the technician, from 1.1.0)" in trust
+    assert box.trust_state.is_relative_to(box.root), "the test box's trust state, never the machine's"
+    mark = TrustState(box.trust_state).bundle_mark("tiny")
+    assert mark is not None and (mark.current, mark.highest) == ("1.0.0", "1.1.0")
+    sec = f"{box.root}/etc/trust"
+    assert (
+        load_trusted_bundle(box.link.resolve(), Path(sec), False, state_file=box.trust_state).manifest.version
+        == "1.0.0"
+    )
+    assert box.run("rollback", "1.1.0").exit_code == 0 and box.current() == "tiny/1.1.0"
+    mark = TrustState(box.trust_state).bundle_mark("tiny")
+    assert mark is not None and (mark.current, mark.highest) == ("1.1.0", "1.1.0")
 
 
 def test_a_bundle_folder_copied_by_hand_is_adopted_into_the_store(box: Box) -> None:
@@ -349,16 +387,3 @@ def test_usage_errors_exit_2_and_every_model_command_has_help_with_an_example() 
     for command in ("install", "list", "rollback"):
         result = runner.invoke(cli, ["model", command, "-h"])
         assert result.exit_code == 0 and "Example:" in result.output
-
-
-@pytest.mark.parametrize(
-    ("older", "newer"),
-    [("1.0.0", "1.0.1"), ("1.9", "1.10"), ("2026.11.0", "2026.12.0"), ("1.0.0-rc1", "1.0.0"), ("1.0", "1.0.1")],
-)
-def test_versions_order_numbers_numerically_and_a_pre_release_below_its_release(older: str, newer: str) -> None:
-    assert is_older(older, newer) and not is_older(newer, older)
-    assert check_not_older("m", newer, older, allow_downgrade=False) is None
-
-
-def test_equal_versions_are_not_older() -> None:
-    assert not is_older("1.0", "1.0.0") and not is_older("1.0.0", "1.0")

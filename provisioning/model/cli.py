@@ -115,7 +115,6 @@ def model() -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @_config
 @_slot
-@click.option("--allow-downgrade", is_flag=True, help="Accept a version older than one installed before (on purpose).")
 @_reload
 @_wait
 @_json
@@ -124,7 +123,6 @@ def install_cmd(
     bundle: Path,
     config_path: Path,
     slot: str | None,
-    allow_downgrade: bool,
     reload: bool,
     wait_s: float,
     as_json: bool,
@@ -136,8 +134,9 @@ def install_cmd(
     <model.store_dir>/<name>/<version>/, then the slot's path (model.bundle for a classifier)
     becomes a link to it in one atomic rename. The running agent is sent SIGHUP and loads it
     without dropping a capture; if it refuses the bundle, the link is switched back. Versions
-    beyond model.keep_versions are removed (never one in use). An older version than one
-    installed before is refused (--allow-downgrade). Nothing changes before the switch.
+    beyond model.keep_versions are removed (never one in use). A version older than the newest
+    this box ran is refused unless the publisher signed it as a rollback (docs/SIGNING.md);
+    `model rollback` goes back to an installed one. Nothing changes before the switch.
 
     \b
     Example:
@@ -145,9 +144,7 @@ def install_cmd(
       sudo iaflash-provision model install ./face-detector/ --slot evidence --json
     """
     cfg = load_config(config_path)
-    report = install(
-        cfg, bundle, slot_name=slot, allow_downgrade=allow_downgrade, reload=reload, wait_s=wait_s, say=_say(as_json)
-    )
+    report = install(cfg, bundle, slot_name=slot, reload=reload, wait_s=wait_s, say=_say(as_json))
     current = report.details.get("current")
     _finish(report, as_json, f"done: the {report.slot} slot uses {current}")
 

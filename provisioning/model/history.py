@@ -2,16 +2,25 @@
 
 Rollback without a version goes one step back in the slot's history (install, install, rollback,
 rollback walks back two installs); with a version it switches to that installed version. The
-target is verified again first (the trust store may have changed since it was installed).
+target is verified again first (the trust store or the revocation list may have changed since).
+
+A box never runs a version older than the newest it ran (docs/SIGNING.md#rollback): a rollback by
+the technician on the box is the one local exception. It is recorded in the trust state before the
+switch (that name now runs the target, the newest it ran stays as it was), so the agent accepts it;
+it is undone if the agent refuses the switch. Any other way back needs a publisher-signed rollback.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from iaflash.agent.config import Config
 from iaflash.agent.errors import ModelStoreError
+from iaflash.engines.errors import EngineError
+from iaflash.engines.rollback import BundleMark, compare_versions
+from iaflash.engines.trust_state import TrustState
 from iaflash.provisioning.model.agent import agent_report, running_pid
 from iaflash.provisioning.model.install import switch_and_reload
 from iaflash.provisioning.model.steps import Report, Say, verify
@@ -95,11 +104,36 @@ def rollback(
             if entry["dir"] in dirs:  # going back to it: forget what came after
                 state["history"] = state["history"][: len(dirs) - 1 - dirs[::-1].index(entry["dir"])]
         target = store.root / entry["dir"]
-        bundle = verify(cfg, target)
+        undo = _allow_locally(cfg, entry["name"], entry["version"], report)
+        try:
+            bundle = verify(cfg, target)
+        except ModelStoreError:
+            undo()
+            raise
         report.step("verify", f"{entry['name']} {entry['version']}: signature and every sha256 still check out")
         return switch_and_reload(
-            cfg, store, doc, slot, target, bundle, "rollback", report, reload, wait_s, restore_history=saved
+            cfg, store, doc, slot, target, bundle, "rollback", report, reload, wait_s, restore_history=saved, undo=undo
         )
+
+
+def _allow_locally(cfg: Config, name: str, version: str, report: Report) -> Callable[[], None]:
+    """Record in the trust state that ``name`` runs ``version`` now (the technician's rollback); returns the undo."""
+    trust = TrustState(cfg.trust_state_file)
+    try:
+        previous = trust.bundle_mark(name)
+    except EngineError as exc:
+        raise ModelStoreError(f"rollback refused: {exc}") from exc
+    if previous is None or previous.current == version:
+        return lambda: None
+    newer = compare_versions(version, previous.highest)
+    highest = version if newer is not None and newer > 0 else previous.highest
+    trust.record_bundle(BundleMark(name, version, highest))
+    report.step(
+        "trust",
+        f"{cfg.trust_state_file}: {name} may run {version} (a rollback by the technician, from {previous.current}); "
+        f"the newest it ran stays {highest}",
+    )
+    return lambda: trust.record_bundle(previous)
 
 
 def listing(cfg: Config) -> dict[str, Any]:
@@ -158,5 +192,4 @@ def _slot_listing(store: ModelStore, slot: Slot, state: dict[str, Any], running:
         "current": str(current) if current else None,
         "installed": versions,
         "rollback_to": f"{target['name']}/{target['version']}" if target else None,
-        "highest": state["highest"],
     }

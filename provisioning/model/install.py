@@ -1,23 +1,27 @@
 """``model install``, ``model rollback`` and ``model list``, step by step (docs/BUNDLES.md).
 
-install: measure the source → room check → stage it into the store → verify it as the agent will →
-trial load → slot, name, version and downgrade checks → rename into ``<name>/<version>`` → switch
-the slot's link → record → reload the agent (and switch back if it refuses) → prune.
+install: measure the source → room check → stage it into the store → verify it as the agent will
+(signature, revocations, sha256s, and the engines' rollback rule: never older than the newest this
+box ran, unless a signed rollback) → trial load → slot, name and version checks → rename into
+``<name>/<version>`` → switch the slot's link → record → reload the agent (and switch back if it
+refuses) → prune.
 Nothing of the box changes before the switch; any refusal before it leaves the box as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from iaflash.agent.config import Config
 from iaflash.agent.errors import ModelStoreError
-from iaflash.engines.bundle import Bundle
+from iaflash.engines.bundle import MANIFEST_FILE, Bundle
+from iaflash.engines.errors import RollbackRefused
 from iaflash.provisioning.model.agent import AgentReload, agent_report, reload_agent, running_pid
-from iaflash.provisioning.model.order import check_not_older, is_older
 from iaflash.provisioning.model.source import measure, remove_tree, stage
 from iaflash.provisioning.model.steps import Report, Say, signer_of, trial_load, verify
 from iaflash.provisioning.model.store import HISTORY_KEPT, SLOTS, ModelStore, Slot, now_text, slot_of
@@ -114,19 +118,12 @@ def _adopt(cfg: Config, store: ModelStore, slot: Slot, state: dict[str, Any], re
     ModelStore.switch(link, target)
     state["installed"].append(_entry(store, bundle, target, signer_of(cfg, target), str(link)))
     state["history"].append(_hist(store, target, bundle, "adopt"))
-    _raise_highest(state, bundle)
     report.step("adopt", f"{link} was a folder ({bundle.manifest.name} {bundle.manifest.version}): moved to {target}")
 
 
 def _hist(store: ModelStore, where: Path, bundle: Bundle, action: str) -> dict[str, str]:
     m = bundle.manifest
     return {"name": m.name, "version": m.version, "dir": store.relative(where), "at": now_text(), "action": action}
-
-
-def _raise_highest(state: dict[str, Any], bundle: Bundle) -> None:
-    m, highest = bundle.manifest, state["highest"]
-    if m.name not in highest or is_older(highest[m.name], m.version):
-        highest[m.name] = m.version
 
 
 def _find(state: dict[str, Any], name: str, version: str) -> dict[str, Any] | None:
@@ -139,12 +136,29 @@ def _same_bundle(store: ModelStore, target: Path, staged: Path) -> bool:
     return sha256_file(target / "manifest.json") == sha256_file(staged / "manifest.json")
 
 
+def _verify_new(cfg: Config, store: ModelStore, staged: Path, shown: Path) -> Bundle:
+    """verify(); an older version refused by the rollback rule says so, and how to go back to an installed one."""
+    try:
+        return verify(cfg, staged, shown=shown)
+    except ModelStoreError as exc:
+        if not isinstance(exc.__cause__, RollbackRefused):
+            raise
+        hint = ""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, ModelStoreError):
+            doc = json.loads((staged / MANIFEST_FILE).read_bytes())
+            if store.version_dir(str(doc["name"]), str(doc["version"])).is_dir():
+                hint = (
+                    f"; {doc['name']} {doc['version']} is still installed here: a technician goes back to it with "
+                    f"`iaflash-provision model rollback {doc['version']}`"
+                )
+        raise ModelStoreError(f"{exc}{hint}") from exc.__cause__
+
+
 def install(
     cfg: Config,
     source_path: Path,
     *,
     slot_name: str | None = None,
-    allow_downgrade: bool = False,
     reload: bool = True,
     wait_s: float = 60.0,
     say: Say | None = None,
@@ -159,7 +173,7 @@ def install(
         staged = store.staging_dir()
         try:
             stage(source, staged)
-            bundle = verify(cfg, staged, shown=source.path)
+            bundle = _verify_new(cfg, store, staged, source.path)
             signer = signer_of(cfg, staged)
             m = bundle.manifest
             report.step(
@@ -175,9 +189,7 @@ def install(
             report.step("trial", f"loads and runs in ONNX Runtime (CPU): {trial_load(bundle, source.path)}")
             slot = _slot_for(cfg, bundle, slot_name)
             report.slot = slot.name
-            return _install_staged(
-                cfg, store, slot, staged, bundle, signer, str(source.path), report, allow_downgrade, reload, wait_s
-            )
+            return _install_staged(cfg, store, slot, staged, bundle, signer, str(source.path), report, reload, wait_s)
         finally:
             remove_tree(staged)
 
@@ -191,7 +203,6 @@ def _install_staged(
     signer: dict[str, str] | None,
     source: str,
     report: Report,
-    allow_downgrade: bool,
     reload: bool,
     wait_s: float,
 ) -> Report:
@@ -223,9 +234,6 @@ def _install_staged(
                 f"{m.name} {m.version} is installed already ({target}) but not in use; fix: switch to it with "
                 f"`iaflash-provision model rollback {m.version} --slot {slot.name}`"
             )
-    note = check_not_older(m.name, m.version, state["highest"].get(m.name), allow_downgrade=allow_downgrade)
-    if note:
-        report.step("downgrade", note)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         os.rename(staged, target)
@@ -235,7 +243,6 @@ def _install_staged(
         report.step("install", f"{target} (already there for another slot: shared)")
     state["installed"] = [e for e in state["installed"] if e["dir"] != store.relative(target)]
     state["installed"].append(_entry(store, bundle, target, signer, source))
-    _raise_highest(state, bundle)
     return switch_and_reload(cfg, store, doc, slot, target, bundle, "install", report, reload, wait_s)
 
 
@@ -251,10 +258,12 @@ def switch_and_reload(
     reload: bool,
     wait_s: float,
     restore_history: list[dict[str, Any]] | None = None,
+    undo: Callable[[], None] | None = None,
 ) -> Report:
     """Switch the slot's link to ``target``, record it, reload the agent (switch back if it refuses), prune.
 
-    ``restore_history``: the slot's history to put back if the agent refuses (default: as it is now).
+    ``restore_history``: the slot's history to put back if the agent refuses (default: as it is now);
+    ``undo``: what else to put back then (the rollback's trust-state record).
     """
     link = slot.link
     assert link is not None
@@ -272,6 +281,8 @@ def switch_and_reload(
         ModelStore.switch(link, previous)
         state["history"] = saved_history
         store.write_state(doc)
+        if undo is not None:
+            undo()
         report.ok = False
         report.step(
             "switch back",

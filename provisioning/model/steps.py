@@ -57,12 +57,15 @@ def _where(text: str, staged: Path | None, shown: Path | None) -> str:
 
 
 def verify(cfg: Config, path: Path, *, shown: Path | None = None) -> Bundle:
-    """Load ``path`` exactly as the agent will (signature against ``security.trust_dir``, every sha256).
+    """Load ``path`` exactly as the agent will: signature by a ``models`` key of ``security.trust_dir``,
+    not revoked, every sha256, and the version rule of the box's trust state (docs/SIGNING.md#rollback:
+    never older than the newest this box ran, unless a signed rollback). Only checks: nothing is recorded.
 
     ``shown`` replaces ``path`` in the messages (the source the technician gave, not the staging folder).
     """
     try:
-        return load_trusted_bundle(path, cfg.security.trust_dir, cfg.security.allow_unsigned)
+        sec = cfg.security
+        return load_trusted_bundle(path, sec.trust_dir, sec.allow_unsigned, state_file=cfg.trust_state_file)
     except EngineError as exc:
         text = _where(str(exc), path, shown)
         if "fix" not in text:

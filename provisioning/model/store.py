@@ -5,10 +5,10 @@ A *slot* is one config path the agent loads a bundle from: ``classifier`` (``mod
 makes that path a symlink to ``<store_dir>/<name>/<version>``; switching replaces the symlink with
 one ``rename``, so the agent sees the old bundle or the new one, never a mix.
 
-``<store_dir>/.store.json`` (written atomically) keeps, per slot, the versions in install order, the
-history of switches (the last one is in use) and the highest version installed per name (the
-downgrade check). The symlink itself is the truth about what is in use: the state file only adds
-what a symlink cannot say.
+``<store_dir>/.store.json`` (written atomically) keeps, per slot, the versions in install order and
+the history of switches (the last one is in use). The symlink itself is the truth about what is in
+use: the state file only adds what a symlink cannot say. Which versions a box may run is the trust
+state's business (``trust-state.json``, docs/SIGNING.md#rollback), not this file's.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class ModelStore:
         state: dict[str, Any] = doc["slots"].setdefault(slot, {})
         state.setdefault("installed", [])
         state.setdefault("history", [])
-        state.setdefault("highest", {})
+        state.pop("highest", None)  # kept by the trust state now (docs/SIGNING.md#rollback)
         return state
 
     # -- paths -----------------------------------------------------------------------------
