@@ -280,3 +280,18 @@ def test_install_switches_back_when_the_agent_refuses_the_new_bundle(box: Box) -
     assert box.report["classifier"]["version"] == "1.0.0" and box.proc.poll() is None
     listed = json.loads(box.provision("list", "--json").stdout)
     assert {v["version"] for v in listed["slots"]["classifier"]["installed"]} == {"1.0.0", "1.1.0"}
+
+
+def test_model_rollback_reloads_the_running_agent_back_to_the_previous_version(box: Box) -> None:
+    """After 1.1.0 ran, going back is the technician's explicit rollback: the agent accepts it and judges with it."""
+    site = box.site
+    assert box.provision("install", str(box.models / "v2")).exit_code == 0
+    assert box.report["classifier"]["version"] == "1.1.0"
+    result = box.provision("rollback", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["agent"]["state"] == "reloaded" and box.report["classifier"]["version"] == "1.0.0"
+    assert box.report["generation"] == 3 and box.report["reloads"] == {"ok": 2, "failed": 0}
+    captures = judged(site)[:4]
+    site.drop(captures)
+    wait_until(lambda: site.processed_count() == len(captures), 60, "verdicts after the rollback")
