@@ -280,9 +280,9 @@ def _next_steps(box: Box, config: Path) -> list[str]:
     if not box.at(AGENT_BIN).is_file():
         out.append(f"install the agent where the unit runs it: {box.at(AGENT_BIN)} (docs/TECHNICIAN.md, 'Install')")
     out += [
-        f"{sudo}systemctl enable --now iaflash-agent      # start the agent",
-        f"{sudo}iaflash-provision selftest{cfg}      # known captures through this box, to the broker",
-        "iaflash-provision tail                          # watch the verdicts and their reasons (Ctrl-C stops)",
+        f"{sudo}systemctl enable --now iaflash-agent   (start the agent)",
+        f"{sudo}iaflash-provision selftest{cfg}   (known captures through this box, to the broker)",
+        f"{sudo}iaflash-provision tail   (watch the verdicts and their reasons; Ctrl-C stops)",
     ]
     return out
 
