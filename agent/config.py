@@ -336,8 +336,8 @@ class Config(_Section):
 
     @property
     def trust_state_file(self) -> Path:
-        """The box's trust state (revocation list applied, rollback marks): beside the outbox (docs/SIGNING.md)."""
-        return self.outbox.db.parent / "trust-state.json"
+        """The box's trust state (revocation list, rollback marks): beside the registry cache (docs/SIGNING.md)."""
+        return self.registry.db.parent / "trust-state.json"
 
 
 def _unknown_key_fix(key: str, section_model: type[BaseModel] | None) -> str:

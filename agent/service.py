@@ -23,7 +23,7 @@ from typing import Any
 from iaflash.agent.capture.spool import Spool
 from iaflash.agent.commands.handlers import CommandWorker
 from iaflash.agent.config import Config, read_secret
-from iaflash.agent.errors import CommandError, IaflashError, OutboxError, RegistryError
+from iaflash.agent.errors import CommandError, IaflashError, OutboxError, RegistryError, SignatureError
 from iaflash.agent.health import (
     InstanceLock,
     LastErrors,
@@ -44,6 +44,7 @@ from iaflash.agent.pipeline.pipeline import Pipeline
 from iaflash.agent.registry.cache import Registry
 from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.engines.base import Backend
+from iaflash.engines.signing import TrustState
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +407,7 @@ class Service:
             "last_errors": self.last_errors.snapshot(),
             "mqtt": self.link.health() if self.link else None,
             "commands": self.commands.counters() if self.commands else {},
+            "trust": _trust_summary(self.cfg),
             "pid": os.getpid(),
         }
 
@@ -430,6 +432,14 @@ def _brief_detector(models: ModelSet | None) -> dict[str, Any] | None:
     bundle = models.detector[1]
     m = bundle.manifest
     return {"name": m.name, "version": m.version, "path": str(bundle.path), "sha256": bundle.model_sha256}
+
+
+def _trust_summary(cfg: Config) -> dict[str, Any]:
+    """The trust state for the heartbeat: revocation list seq, bundle and registry marks, refusals by kind."""
+    try:
+        return TrustState(cfg.trust_state_file).summary()
+    except (SignatureError, OSError) as exc:  # the heartbeat carries the problem instead
+        return {"problem": str(exc)}
 
 
 def _brief_text(models: ModelSet) -> str:

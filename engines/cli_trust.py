@@ -28,7 +28,7 @@ from iaflash.engines.signing import TrustState, TrustStore, check_signing_role, 
 __all__ = ["commands"]
 
 DEFAULT_TRUST = Path("/etc/iaflash/trust")
-DEFAULT_STATE = Path("/var/lib/iaflash/trust-state.json")  # beside the default [outbox] db
+DEFAULT_STATE = Path("/var/lib/iaflash/trust-state.json")  # beside the default [registry] db
 
 _trust_option = click.option(
     "--trust",
@@ -44,7 +44,7 @@ _state_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     default=DEFAULT_STATE,
     show_default=True,
-    help="The box's trust state: trust-state.json in the directory of [outbox] db.",
+    help="The box's trust state: trust-state.json in the directory of [registry] db.",
 )
 
 

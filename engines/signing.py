@@ -100,6 +100,7 @@ __all__ = [
     "read_signature",
     "read_trusted_file",
     "read_verified_file",
+    "record_bundle",
     "sign_bundle",
     "sign_bytes",
     "sign_digest",
@@ -379,6 +380,26 @@ def _open_trust(trust_dir: Path | None, allow_unsigned: bool, state_file: Path |
     return TrustStore.from_dir(trust_dir, state=None if state_file is None else TrustState(state_file))
 
 
+def record_bundle(state_file: Path, bundle: Bundle) -> BundleMark:
+    """Remember that the box now runs ``bundle`` (after it loaded, warmed and took over): its new mark.
+
+    Raises RollbackRefused if the bundle may not replace what the box ran (:func:`check_bundle_version`);
+    a trust state that cannot be written is logged, not raised: the bundle already runs.
+    """
+    state = TrustState(state_file)
+    previous = state.bundle_mark(bundle.manifest.name)
+    mark = check_bundle_version(previous, bundle.manifest)
+    if mark == previous:
+        return mark
+    try:
+        state.record_bundle(mark)
+    except OSError as exc:
+        log.error("bundle %s %s: the trust state %s was not updated (%s)", mark.name, mark.current, state_file, exc)
+    if previous is not None and mark.highest == previous.highest:
+        log.warning("bundle %s: signed rollback from %s to %s accepted", mark.name, previous.current, mark.current)
+    return mark
+
+
 def load_trusted_bundle(
     path: Path,
     trust_dir: Path | None,
@@ -393,7 +414,8 @@ def load_trusted_bundle(
     bundle and :class:`BundleError` for a file that fails its sha256. With ``state_file`` (the
     box's trust state) the applied revocation list is enforced and the bundle's version is checked
     against what the box ran under its name (:func:`check_bundle_version`; RollbackRefused, counted);
-    ``record`` then remembers this version (the agent records what it runs; checks only check).
+    ``record`` then remembers this version at once (:func:`record_bundle`; the agent records once a
+    whole model set took over, checks never record).
     """
     state = None if state_file is None else TrustState(state_file)
     bundle, verified = verify_bundle(
@@ -402,16 +424,12 @@ def load_trusted_bundle(
     if state is not None:
         previous = state.bundle_mark(bundle.manifest.name)
         try:
-            mark = check_bundle_version(previous, bundle.manifest)
+            check_bundle_version(previous, bundle.manifest)
         except RollbackRefused as exc:
             state.count("rollback_bundle")
             raise RollbackRefused(f"{path}: {exc}") from exc
-        if record and mark != previous:
-            state.record_bundle(mark)
-            if previous is not None and mark.highest == previous.highest:
-                log.warning(
-                    "bundle %s: signed rollback from %s to %s accepted", mark.name, previous.current, mark.current
-                )
+        if record:
+            record_bundle(state.path, bundle)
     if verified is not None:
         log.info(
             "bundle %s %s %s: signed by %s (key id %s, role %s) at %s",

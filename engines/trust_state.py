@@ -1,6 +1,6 @@
 """A box's trust state: what it applied and must never go back on, in one small JSON file.
 
-``trust-state.json`` (beside the agent's outbox, ``/var/lib/iaflash/`` by default; docs/SIGNING.md)
+``trust-state.json`` (beside the agent's registry cache, ``/var/lib/iaflash/`` by default; docs/SIGNING.md)
 holds:
 
 * ``revocation``: the newest revocation list the box applied, the signed document itself;
@@ -80,7 +80,7 @@ class TrustState:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # a box's state directory; created as the agent would
         # read-only is enough for flock, and works on a lock file created by another user (root vs the agent)
         fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDONLY | os.O_CREAT, 0o644)
         try:
@@ -160,6 +160,8 @@ class TrustState:
         def change(doc: dict[str, Any]) -> None:
             doc["refused"][kind] = int(doc["refused"].get(kind, 0)) + 1
 
+        if not self.path.parent.is_dir():  # a check run on a machine that is no box: nothing to count into
+            return
         with contextlib.suppress(OSError, SignatureError):
             self._update(change)
 

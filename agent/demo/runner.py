@@ -115,7 +115,7 @@ def prepare_workdir(workdir: Path, scenario: list[DemoCapture], echo: Any) -> by
         trust_dir=workdir / "trust",
         allow_unsigned=False,
         expected_key_id=key_id(key),
-        state_file=workdir / "trust-state.json",  # where the demo agent keeps it: beside its outbox
+        state_file=workdir / "trust-state.json",  # where the demo agent keeps it: beside its registry
     )
     echo(f"  registry subset imported: {state.count} plates (stored as HMAC only), seq {state.seq}, signed by {signer}")
     return key

@@ -30,7 +30,7 @@ from iaflash.engines.bundle import Bundle
 from iaflash.engines.errors import BundleError
 from iaflash.engines.factory import backend_availability, create_backend
 from iaflash.engines.options import BuildOptions
-from iaflash.engines.signing import load_trusted_bundle
+from iaflash.engines.signing import load_trusted_bundle, record_bundle
 
 __all__ = ["ModelSet", "backend_reason", "load_model_set"]
 
@@ -223,12 +223,19 @@ def _resolved(path: Path) -> Path:
     return Path(path).resolve()
 
 
+def _load_checked(cfg: Config, path: Path) -> Bundle:
+    """A bundle the agent may run: signed by a models key, not revoked, and not older than what this box
+    ran under its name (docs/SIGNING.md#rollback); :func:`load_model_set` records it once all loaded."""
+    sec = cfg.security
+    return load_trusted_bundle(path, sec.trust_dir, sec.allow_unsigned, state_file=cfg.trust_state_file)
+
+
 def load_detector_bundle(cfg: Config) -> Bundle | None:
     """The signed vehicle detector bundle of ``model.detector_bundle``, or None when none is configured."""
     if cfg.model.detector_bundle is None:
         return None
     path = _resolved(cfg.model.detector_bundle)
-    bundle = load_trusted_bundle(path, cfg.security.trust_dir, cfg.security.allow_unsigned)
+    bundle = _load_checked(cfg, path)
     if bundle.manifest.task != "detector" or bundle.manifest.detector is None:
         raise BundleError(
             f"{cfg.model.detector_bundle}: model.detector_bundle points at a "
@@ -244,7 +251,7 @@ def load_model_set(cfg: Config, generation: int = 1) -> ModelSet:
     TaxonomyError...) after closing whatever was already loaded: nothing is left half open.
     """
     path = _resolved(cfg.model.bundle)
-    bundle = load_trusted_bundle(path, cfg.security.trust_dir, cfg.security.allow_unsigned)
+    bundle = _load_checked(cfg, path)
     if bundle.manifest.task != "classifier":
         raise BundleError(
             f"{cfg.model.bundle}: model.bundle points at a {bundle.manifest.task} bundle; "
@@ -259,9 +266,13 @@ def load_model_set(cfg: Config, generation: int = 1) -> ModelSet:
         if detector_bundle is not None:
             loaded.append(_load_backend(cfg, detector_bundle))
             detector = (loaded[-1], detector_bundle)
-        return ModelSet.from_parts(
+        models = ModelSet.from_parts(
             cfg, loaded[0], bundle, detector, generation=generation, owned=True, tensorrt_reason=tensorrt_reason
         )
+        for ran in (bundle, detector_bundle):  # the versions this box runs from now on: never lower later
+            if ran is not None:
+                record_bundle(cfg.trust_state_file, ran)
+        return models
     except BaseException:
         for backend in loaded:
             backend.close()
