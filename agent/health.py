@@ -229,6 +229,8 @@ def disk_usage(paths: Iterable[Path]) -> list[dict[str, Any]]:
         out.append(
             {
                 "path": str(path),
+                "free_bytes": free,
+                "total_bytes": total,
                 "free_mb": round(free / 2**20, 1),
                 "total_mb": round(total / 2**20, 1),
                 "free_ratio": round(free / total, 4) if total else None,

@@ -173,9 +173,9 @@ def _disk(hb: dict[str, Any], fam: FamilyMaker) -> None:
     total = fam("iaflash_disk_size_bytes", "gauge", "Size of each watched file system.")
     read_only = fam("iaflash_disk_read_only", "gauge", "1 when a watched file system is mounted read-only.")
     for fs in hb.get("disk") or []:
-        if isinstance(fs, dict) and "free_mb" in fs:
-            free.add(float(fs["free_mb"]) * 2**20, path=fs["path"])
-            total.add(float(fs["total_mb"]) * 2**20, path=fs["path"])
+        if isinstance(fs, dict) and "free_bytes" in fs:
+            free.add(fs["free_bytes"], path=fs["path"])
+            total.add(fs["total_bytes"], path=fs["path"])
             read_only.add(fs.get("read_only"), path=fs["path"])
 
 
