@@ -239,3 +239,19 @@ def test_central_refuses_a_snapshot_hashed_with_another_plate_key(files: Central
 
 def test_the_installed_unit_is_the_shipped_one() -> None:
     assert find_unit().read_bytes() == (ROOT / "systemd/iaflash-agent.service").read_bytes()
+
+
+def test_a_model_slot_managed_by_the_model_store_is_kept(files: CentralFiles, tmp_path: Path) -> None:
+    """After `model install` the slot is a link to the version in use: a new enrol leaves it alone and says how."""
+    folder = files.build(tmp_path / "bundle", "mqtt://127.0.0.1:1")
+    box = tmp_path / "box"
+    enrol(str(folder), "--root", str(box))
+    slot = box / "var/lib/iaflash/models/classifier"
+    version = slot.with_name("tiny-classifier-1.0.0")
+    slot.rename(version)
+    slot.symlink_to(version.name)
+    code, out = enrol(str(folder), "--root", str(box), "--json")
+    steps = {s["name"]: s for s in json.loads(out)["steps"]}
+    assert steps[f"classifier {slot}"]["status"] == "skipped"
+    assert "managed by the model store: kept" in steps[f"classifier {slot}"]["detail"]
+    assert slot.is_symlink() and code == 0

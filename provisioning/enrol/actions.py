@@ -198,6 +198,11 @@ class Tree(Step):
     def __init__(self, box: Box, path: str, source: Path, files: list[str], owner: Owner, what: str = "bundle") -> None:
         self.box, self.path, self.source, self.files, self.owner = box, box.at(path), source, files, owner
         self.name = f"{what} {self.path}"
+        if self.path.is_symlink():  # the model store's link to the version in use (iaflash-provision model)
+            self.skipped = (
+                f"{self.path} is a link managed by the model store: kept; to install the bundle's model, "
+                f"iaflash-provision model install {source}"
+            )
 
     def _present(self) -> list[str]:
         return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file())
