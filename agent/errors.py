@@ -157,7 +157,7 @@ class InstanceLocked(IaflashError):
 
 
 class ProvisioningError(IaflashError):
-    """``iaflash-provision enrol/selftest/tail``: an unusable provisioning bundle or a failed step (what, where, fix)."""
+    """``iaflash-provision enrol/selftest/tail``: an unusable provisioning bundle or a failed step."""
 
 
 class CommandError(IaflashError):
