@@ -153,6 +153,7 @@ def test_the_agent_publishes_over_tls_with_its_certificate_and_central_gets_each
         with Agent(cfg, tmp_path / "a.db") as agent:
             got = central.events(5)
             assert wait_until(lambda: ob.depth() == 0, 10, "the outbox to empty")
+            assert wait_until(lambda: agent.publisher.stats()["acked"] == 5, 5, "the publisher to count the acks")
             stats = agent.publisher.stats()
             assert agent.link.health()["connect_failures"] == 0
         assert [d["event_id"] for _, d in got] == ids
@@ -169,6 +170,7 @@ def test_a_selftest_under_the_box_s_root_is_accepted_and_never_reaches_central(
         record(ob, f"{cfg.topic_root}/selftest", A, 1)
         with Agent(cfg, tmp_path / "a.db") as agent:
             assert wait_until(lambda: ob.depth() == 0, 10, "the selftest event acknowledged")
+            assert wait_until(lambda: agent.publisher.stats()["acked"] == 1, 5, "the publisher to count the ack")
             stats = agent.publisher.stats()
         assert (stats["acked"], stats["refused"]) == (1, 0)
     assert [t for t, _ in central.drain() if "/events/" in t] == []
@@ -202,6 +204,29 @@ def test_box_a_cannot_publish_under_box_b_s_topics_the_event_is_refused_135_kept
     warned = [r.getMessage() for r in caplog.records if "broker refused event" in r.getMessage()]
     assert len(warned) == 1 and forged[0] in warned[0] and "135" in warned[0]
     assert "kept in the outbox" in warned[0] and "fix: allow this device to publish under its topic prefix" in warned[0]
+
+
+def test_a_box_cannot_publish_on_any_cmd_topic_not_even_its_own(broker: CentralBroker, pki: Pki) -> None:
+    """Only central writes commands: the ACL gives a box no write on ``cmd`` (commands are signed as well)."""
+    cert, key = pki.issue("site-1/box-1", "box-a")
+    codes: queue.Queue[int] = queue.Queue()
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    c.tls_set(ca_certs=str(pki.ca_file), certfile=str(cert), keyfile=str(key))
+    c.on_publish = lambda client, userdata, mid, rc, props: codes.put(rc.value)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    try:
+        for topic in (
+            "iaflash/v1/site-1/box-1/cmd",
+            "iaflash/v1/site-2/box-2/cmd",
+            "iaflash/v1/site-1/box-1/heartbeat",
+        ):
+            c.publish(topic, b"{}", qos=1)
+        got = [codes.get(timeout=10) for _ in range(3)]
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    assert got[:2] == [135, 135] and got[2] < 128  # both cmd topics refused; its heartbeat accepted (16: no subscriber)
 
 
 def test_box_a_cannot_take_box_b_s_session_over_by_using_its_client_id(
