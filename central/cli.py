@@ -24,6 +24,7 @@ from iaflash.central.serve.command import review_command, reviewer_command, serv
 from iaflash.central.subscriber import DEFAULT_FILTER, Subscriber
 from iaflash.central.subsets import registry_group
 from iaflash.central.train.cli import train_command
+from iaflash.central.train.detector import train_detector_command
 from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, version_option
 from iaflash.engines.errors import EngineError
 
@@ -47,6 +48,7 @@ main.add_command(reviewer_command)
 main.add_command(review_command)
 main.add_command(broker_config_command)
 main.add_command(train_command)
+main.add_command(train_detector_command)
 main.add_command(export_command)
 main.add_command(enrolment_group)
 
