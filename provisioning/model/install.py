@@ -31,6 +31,13 @@ __all__ = ["install", "switch_and_reload"]
 MIB = 1 << 20
 
 
+def size_text(n: float) -> str:
+    """``17 KiB``, ``23.4 MiB``, ``1.2 GiB``."""
+    if n < MIB:
+        return f"{n / 1024:.0f} KiB"
+    return f"{n / MIB:.1f} MiB" if n < 1024 * MIB else f"{n / (1024 * MIB):.1f} GiB"
+
+
 def _slot_for(cfg: Config, bundle: Bundle, wanted: str | None) -> Slot:
     task = bundle.manifest.task
     if wanted is not None:
@@ -64,12 +71,12 @@ def _check_room(store: ModelStore, need: int, cfg: Config) -> str:
     free, floor = store.free_bytes(), cfg.spool.min_free_mb * MIB
     if free - need < floor:
         raise ModelStoreError(
-            f"not enough room in {store.root}: the bundle needs {need / MIB:.1f} MiB, {free / MIB:.1f} MiB are free, "
+            f"not enough room in {store.root}: the bundle needs {size_text(need)}, {size_text(free)} are free, "
             f"and {cfg.spool.min_free_mb} MiB must stay free (spool.min_free_mb: below it the agent pauses intake); "
             "fix: free space (old evidence in spool/done, or fewer model versions: model.keep_versions), then try "
             "again"
         )
-    return f"{need / MIB:.1f} MiB needed, {free / MIB:.1f} MiB free, {cfg.spool.min_free_mb} MiB kept free"
+    return f"{size_text(need)} needed, {size_text(free)} free, {cfg.spool.min_free_mb} MiB kept free"
 
 
 def _entry(
@@ -168,7 +175,7 @@ def install(
     report = Report("model install", slot_name or "?", say)
     with store.locked():
         source = measure(source_path)
-        report.step("source", f"{source.kind} {source.path}: {len(source.files)} files, {source.size / MIB:.1f} MiB")
+        report.step("source", f"{source.kind} {source.path}: {len(source.files)} files, {size_text(source.size)}")
         report.step("room", _check_room(store, source.size, cfg))
         staged = store.staging_dir()
         try:
