@@ -1,6 +1,6 @@
 """``iaflash-provision model``: install bundles side by side, switch atomically, list, roll back, reload.
 
-Layout (docs/BUNDLES.md#installing-switching-and-rolling-back)::
+Layout (docs/BUNDLES.md#models-on-a-box)::
 
     <model.store_dir>/<name>/<version>/     one installed bundle (manifest.json, manifest.sig, ...)
     <model.store_dir>/.store.json           per slot: versions in install order, history of switches
