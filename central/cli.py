@@ -218,7 +218,10 @@ def cmd(
     out: Path | None,
     as_json: bool,
 ) -> None:
-    """Send a signed COMMAND (ping, status, send_evidence, registry_sync, revoke_keys) to one box; print its response.
+    """Send a signed COMMAND to one box; print its response.
+
+    COMMAND: ping, status, send_evidence, registry_sync, revoke_keys, reload (the box loads the
+    bundles its config names now, without a restart: docs/BUNDLES.md#reload).
 
     Exit 0 when the box answers ok, 1 when it refuses or does not answer in time.
 
@@ -229,6 +232,7 @@ def cmd(
           --key central.key --out evidence/
       iaflash-central cmd site-042 box-01 registry_sync --file siv-0002.jsonl.gz --key central.key --json
       iaflash-central cmd site-042 box-01 revoke_keys --revocations revoked-0003.json --key central.key
+      iaflash-central cmd site-042 box-01 reload --key central.key --timeout 120
     """
     args = _args(pairs, file)
     if revocations is not None:
