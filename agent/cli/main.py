@@ -154,6 +154,8 @@ def demo(workdir: Path, broker_kind: str, count: int, as_json: bool) -> None:
     setup_logging("WARNING", "text")
     echo = (lambda _msg: None) if as_json else click.echo
     try:
+        import onnx  # noqa: F401, PLC0415  # the [demo] extra: checked first, before minutes of set-up
+
         result = run_demo(workdir, broker_kind=broker_kind, count=count, echo=echo)
     except ModuleNotFoundError as exc:  # the [demo] extra: onnx builds the demo models, amqtt is the fallback broker
         if (exc.name or "").split(".")[0] not in ("onnx", "amqtt"):
