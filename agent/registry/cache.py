@@ -192,12 +192,6 @@ def _check_against_cache(
             "nothing to import (fix: none needed; import the next delta, base_seq "
             f"{current.seq}, when central sends it)"
         )
-    if header.seq == current.seq:  # this very delta was applied already: nothing to do, and no gap
-        raise RegistryError(
-            f"{file}: already at seq {current.seq}: this delta (seq {header.seq}) was applied before; "
-            "nothing to import (fix: none needed; import the next delta, base_seq "
-            f"{current.seq}, when central sends it)"
-        )
     if header.base_seq != current.seq:
         raise RegistryError(
             f"{file}: gap: cache at seq {current.seq}, delta expects base {header.base_seq}; request a snapshot"
