@@ -200,6 +200,13 @@ class OutboxConfig(_Section):
     db: Path = Field(
         Path("/var/lib/iaflash/state.db"), description="SQLite (WAL) file holding processed captures and unsent events."
     )
+    processed_retention_days: float = Field(
+        90,
+        ge=1,
+        le=3650,
+        description="Processed captures are remembered this long (at least spool.retention_days): a capture "
+        "dropped again later is processed again as new. Unsent events are never pruned.",
+    )
 
 
 class MqttConfig(_Section):

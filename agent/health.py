@@ -114,8 +114,11 @@ class InstanceLock:
                 "on one config would share the spool, the outbox and the MQTT client id. Fix: stop the other one "
                 f"(systemctl stop iaflash-agent, or kill {holder}) or give this one its own config and directories"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the pid only names the holder; the flock is the lock (a full disk must not stop the start here)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            log.warning("%s: cannot write this agent's pid into the lock file (%s); the lock is held", self.path, exc)
         self._fd = fd
 
     def release(self) -> None:

@@ -37,6 +37,8 @@ from iaflash.agent.health import (
 from iaflash.agent.link.mqtt import MqttLink
 from iaflash.agent.link.publisher import Publisher
 from iaflash.agent.metrics import Exporter, start_exporters, stop_exporters
+from iaflash.agent.outbox.salvage import salvage_notes
+from iaflash.agent.outbox.startup import open_at_start
 from iaflash.agent.outbox.store import Outbox
 from iaflash.agent.pipeline.committer import VerdictCallback
 from iaflash.agent.pipeline.models import ModelSet, load_model_set
@@ -79,11 +81,13 @@ class Service:
         self.exporters: list[Exporter] = []
         self.spool = Spool(cfg.spool.dir, cfg.spool)
         self.housekeeping_errors = 0
+        self.processed_pruned = 0
         # The disk guard watches every file system the agent writes to (docs/RELIABILITY.md).
         self.spool.watched = [cfg.spool.dir, cfg.outbox.db.parent, cfg.registry.db.parent]
         self.lock = InstanceLock(cfg.outbox.db.parent)
 
-    def start(self) -> None:
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Build and start every part; ``stop`` (SIGTERM) ends a wait for disk space (outbox/startup.py)."""
         cfg = self.cfg
         for path in (cfg.outbox.db.parent, cfg.registry.db.parent):
             path.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,7 @@ class Service:
         self.models = models = load_model_set(cfg)
         self.backend, bundle = models.backend, models.bundle
         self.detector_backend = models.detector[0] if models.detector else None
-        outbox = Outbox(cfg.outbox.db)
+        outbox = open_at_start(cfg.outbox.db, stop=stop)  # salvages a corrupt file, waits out a full disk
         try:
             finished, requeued = self.spool.recover(outbox.is_processed)
             pending = outbox.depth()
@@ -322,8 +326,15 @@ class Service:
         outbox = Outbox(self.cfg.outbox.db)
         try:
             removed = self.spool.purge(older_than_days=self.cfg.spool.retention_days, keep=outbox.has_unsent)
+            keep_days = max(self.cfg.outbox.processed_retention_days, self.cfg.spool.retention_days)
+            pruned = outbox.prune_processed(older_than_days=keep_days)
         finally:
             outbox.close()
+        self.processed_pruned += pruned
+        if pruned:
+            log.info(
+                "forgot %d processed captures older than %g days (outbox.processed_retention_days)", pruned, keep_days
+            )
         if removed:
             log.info("purged %d captures older than %s days from done/", removed, self.cfg.spool.retention_days)
         self.spool.purge_rejected(older_than_days=self.cfg.spool.rejected_retention_days)
@@ -400,6 +411,7 @@ class Service:
             "disk_paused": p.disk_paused if p else False,
             "disk_problem": p.disk_problem if p else None,
             "commits_paused": p.committer.paused if p else None,
+            "outbox": {"processed_pruned": self.processed_pruned, "salvaged": salvage_notes(self.cfg.outbox.db)},
             "registry": registry_summary(self.registry, self.cfg.registry.max_age_hours) if self.registry else None,
             "model": models.describe() if models else None,
             "reloads": {**self.reloads, "last": self.last_reload},

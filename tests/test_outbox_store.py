@@ -163,11 +163,13 @@ def test_an_unusable_path_is_an_outbox_error_with_a_fix(tmp_path: Path) -> None:
         Outbox(tmp_path / "state.db")
 
 
-def test_a_corrupt_file_is_an_outbox_error_with_a_recovery_hint(tmp_path: Path) -> None:
+def test_a_corrupt_file_is_an_outbox_error_whose_fix_is_the_salvage_at_start(tmp_path: Path) -> None:
+    """The outbox never rebuilds the file itself (it holds the unsent flags): the start salvages it."""
     bad = tmp_path / "state.db"
     bad.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(OutboxError, match=r"not a database.*\.recover"):
+    with pytest.raises(OutboxError, match=r"not a database \(fix: restart the agent: .* salvages its unsent events"):
         Outbox(bad)
+    assert bad.read_bytes() == b"this is not a database" * 100
 
 
 def test_has_unsent_is_true_until_the_event_is_acknowledged(tmp_path: Path) -> None:

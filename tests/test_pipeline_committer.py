@@ -17,7 +17,9 @@ from iaflash.agent.config import Config, parse_config
 from iaflash.agent.decision.verdict import Prediction, Verdict
 from iaflash.agent.demo.runner import demo_config
 from iaflash.agent.demo.scenario import build_scenario, start_time, write_capture
+from iaflash.agent.errors import OutboxError
 from iaflash.agent.outbox.events import validate_event
+from iaflash.agent.outbox.salvage import check_and_salvage
 from iaflash.agent.outbox.store import Outbox
 from iaflash.agent.pipeline.committer import Committer, Decided
 from iaflash.agent.registry.record import RegistryRecord
@@ -108,3 +110,29 @@ def test_the_callback_sees_each_verdict_after_it_is_durable(site: tuple[Config, 
 
     _run(Committer(cfg, spool, on_verdict=on_verdict), [_decided(spool, ids[1], "match")])
     assert seen == [("match", True)]
+
+
+def test_a_state_db_found_corrupt_while_running_stops_the_commit_thread_and_the_next_start_salvages_it(
+    site: tuple[Config, Spool, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retrying a damaged file forever would stop the site: the agent exits, systemd restarts it, the start salvages."""
+    cfg, spool, ids = site
+    db = cfg.outbox.db
+    with Outbox(db) as outbox:
+        outbox.record_many([(f"old-{i}", "match", None, None) for i in range(3000)])
+    size = db.stat().st_size
+    with db.open("r+b") as f:  # every page but the schema's: the next insert reads garbage
+        f.seek(2 * 4096)
+        f.write(bytes(range(256)) * ((size - 2 * 4096) // 256))
+    committer = Committer(cfg, spool)
+    committer.thread.start()
+    committer.put(_decided(spool, ids[0], "mismatch"))
+    committer.inputs_done()
+    committer.thread.join(30)
+    assert isinstance(committer.fatal, OutboxError) and "malformed" in str(committer.fatal)
+    assert any("the agent stops so that its next start" in r.getMessage() for r in caplog.records)
+    assert (spool.root / "processing" / f"{ids[0]}.json").exists()  # nothing lost: redone after the restart
+    note = check_and_salvage(db)  # what the next start does first
+    assert note is not None and note["state"] == "salvaged"
+    with Outbox(db) as outbox:
+        assert spool.recover(outbox.is_processed) == (0, 1)  # requeued, judged again

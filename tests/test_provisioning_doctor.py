@@ -18,6 +18,7 @@ from e2e_site import Site, build_models, make_site
 from iaflash.agent.capture.spool import Spool
 from iaflash.agent.demo.broker import MosquittoBroker, free_port
 from iaflash.agent.errors import CaptureRejected
+from iaflash.agent.outbox.salvage import check_and_salvage
 from iaflash.agent.outbox.store import Outbox
 from iaflash.engines.bundle import SIGNATURE_FILE
 from iaflash.provisioning.cli import cli
@@ -248,6 +249,32 @@ def test_recent_unsent_events_are_ok(site: Site) -> None:
     _queue_event(site.cfg.outbox.db, 60)
     _, doc = doctor(site)
     assert check(doc, "outbox")["status"] == "ok" and "1 unsent events" in check(doc, "outbox")["finding"]
+
+
+def test_a_corrupt_state_db_is_a_failure_naming_the_outbox_fix(site: Site) -> None:
+    site.cfg.outbox.db.write_bytes(b"not a database" * 500)
+    code, doc = doctor(site)
+    outbox = check(doc, "outbox")
+    assert code == 3 and outbox["status"] == "fail" and "not a database" in outbox["finding"]
+    assert "restart the agent" in outbox["fix"] and "salvages its unsent events" in outbox["fix"]
+
+
+def test_a_salvaged_state_db_stays_a_finding_until_its_copy_is_deleted(site: Site) -> None:
+    """A salvage that read nothing (the whole file was garbage) fails: flags may be lost that cannot be listed."""
+    db = site.cfg.outbox.db
+    db.write_bytes(b"not a database" * 500)
+    note = check_and_salvage(db)
+    assert note is not None
+    code, doc = doctor(site)
+    outbox = check(doc, "outbox")
+    moved = Path(note["moved_to"]).name
+    assert code == 3 and outbox["status"] == "fail"
+    assert f"moved to {moved}" in outbox["finding"] and "flags may be lost that cannot be listed" in outbox["finding"]
+    assert "now: " in outbox["finding"] and "no unsent events" in outbox["finding"]
+    assert "then delete both" in outbox["fix"]
+    for path in db.parent.glob(f"{moved}*"):
+        path.unlink()
+    assert check(doctor(site)[1], "outbox")["status"] == "ok"
 
 
 def test_rejected_captures_are_summarised_by_reason(site: Site) -> None:

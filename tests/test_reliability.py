@@ -12,10 +12,13 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 import threading
+import time
+import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +33,13 @@ from iaflash.agent.decision.verdict import Verdict
 from iaflash.agent.demo.broker import MosquittoBroker, free_port
 from iaflash.agent.demo.scenario import DemoCapture, registry_rows, start_time, write_capture
 from iaflash.agent.errors import InstanceLocked, RegistryUnavailable
+from iaflash.agent.outbox.salvage import salvage_notes
 from iaflash.agent.outbox.store import Outbox
 from iaflash.agent.registry.cache import import_subset, records_from_plates, write_subset
 from iaflash.agent.registry.plates import key_id
 from iaflash.agent.service import Service
+from iaflash.central.subscriber import Subscriber
+from iaflash.provisioning.doctor.host import check_outbox
 
 pytestmark = pytest.mark.slow
 
@@ -549,3 +555,159 @@ def test_a_repeated_scan_jpeg_and_cut_jpegs_are_rejected_with_their_reason_and_t
     assert set(recorder.verdicts) == set(good(site)) - poisoned
     assert progressive.capture_id in recorder.verdicts
     assert site.files_in("incoming") == [] and site.files_in("processing") == []
+
+
+# ---------------------------------------------------------------- 7. housekeeping and state.db
+
+
+def processed_days_ago(db: Path, days: float, capture_ids: list[str]) -> None:
+    when = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat(timespec="milliseconds")
+    with sqlite3.connect(db) as conn:
+        conn.executemany("UPDATE processed SET processed_at = ? WHERE capture_id = ?", [(when, c) for c in capture_ids])
+
+
+def test_the_housekeeping_loop_prunes_old_processed_rows_counts_them_and_keeps_unsent_flags(
+    tmp_path: Path, models: Path
+) -> None:
+    """The running agent's housekeeping; the retention is never shorter than spool.retention_days."""
+    site = make_site(
+        tmp_path / "site",
+        models,
+        free_port(),  # no broker: the old flag stays unsent
+        n=16,
+        overrides={"outbox": {"processed_retention_days": 10}, "spool": {"retention_days": 60}},
+    )
+    db = site.cfg.outbox.db
+    old = [f"old-{i}" for i in range(30)]
+    recent = [f"recent-{i}" for i in range(5)]
+    with Outbox(db) as ob:
+        ob.record_many([(c, "match", None, None) for c in old + recent])
+        ob.record("old-flag", "mismatch", {"event_id": str(uuid.uuid4())}, f"{site.cfg.topic_root}/events/mismatch")
+    processed_days_ago(db, 90, [*old, "old-flag"])
+    processed_days_ago(db, 30, recent)  # past outbox.processed_retention_days, within spool.retention_days
+    service = run_service(site)
+    stop = threading.Event()
+    runner = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    runner.start()  # run() does its housekeeping at once, then hourly
+    try:
+        wait_until(lambda: service.heartbeat()["outbox"]["processed_pruned"] == 30, 30, "the housekeeping's prune")
+        time.sleep(0.5)
+        assert service.heartbeat()["outbox"]["processed_pruned"] == 30
+        assert service.heartbeat()["errors"]["housekeeping"] == 0
+    finally:
+        stop.set()
+        runner.join(30)
+        service.stop()
+    with Outbox(db) as ob:
+        assert ob.processed_count() == 6
+        assert ob.has_unsent("old-flag") and all(ob.is_processed(c) for c in recent)
+
+
+def smash_page_holding(db: Path, needle: bytes, page_size: int = 4096) -> None:
+    """Garbage over the page of state.db holding ``needle`` (a failing SD card)."""
+    conn = sqlite3.connect(db)
+    try:  # every committed page into the main file first
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    at = db.read_bytes().find(needle)
+    assert at > 0, needle
+    with db.open("r+b") as f:
+        f.seek(at // page_size * page_size)
+        f.write(bytes(range(256)) * (page_size // 256))
+
+
+def test_a_corrupt_state_db_is_salvaged_at_start_and_its_unsent_flags_are_sent(
+    tmp_path: Path, models: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It used to stop the start with "sqlite3 FILE .recover": now the file is moved aside, the flags go out."""
+    site = make_site(tmp_path / "site", models, free_port(), n=16)  # no broker yet: the flags stay unsent
+    first = run_service(site, Recorder())
+    try:
+        site.drop(site.scenario)
+        wait_until(lambda: site.processed_count() == site.expected_verdicts(), 90, "every verdict to be durable")
+    finally:
+        first.stop()
+    db = site.cfg.outbox.db
+    with Outbox(db) as ob:
+        unsent = {json.loads(r.payload)["capture_id"]: r.event_id for r in ob.pending(100)}
+    assert set(unsent) == set(site.expected_flags())
+    match = next(c.capture_id for c in site.scenario if c.expect == "match")
+    smash_page_holding(db, match.encode())  # the processed rows' page: the flags' events survive
+    cfg = site.cfg.model_copy(update={"mqtt": site.cfg.mqtt.model_copy(update={"port": broker.port})})
+    central = Subscriber("127.0.0.1", broker.port).start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="iaflash.agent.outbox.salvage"):
+            service = Service(cfg)
+            service.start()  # used to stop here, naming sqlite3's .recover
+        try:
+            assert central.wait_for(len(unsent), timeout=30)
+            (note,) = service.heartbeat()["outbox"]["salvaged"]
+            assert_alive(service)
+        finally:
+            service.stop()
+        events = central.events
+    finally:
+        central.stop()
+    assert sorted(e["event_id"] for e in events) == sorted(unsent.values())  # the same events, none lost
+    assert note["unsent_salvaged"] == len(unsent) and note["flags_to_check_count"] == 0
+    moved = Path(note["moved_to"])
+    assert moved.exists() and moved.name.startswith("state.db.corrupt-")
+    (logged,) = [r.getMessage() for r in caplog.records if "was corrupt" in r.getMessage()]
+    assert moved.name in logged and f"{len(unsent)} unsent events" in logged and "no flag is in doubt" in logged
+    doctor = check_outbox(cfg)
+    assert doctor.status == "warn" and moved.name in doctor.finding and "delete both" in doctor.fix
+    with Outbox(db) as ob:
+        assert ob.depth() == 0 and all(ob.is_processed(c) for c in unsent)  # rebuilt from the events
+    for path in (moved, Path(f"{moved}.json")):
+        path.unlink()  # the operator's fix: the state clears
+    assert salvage_notes(db) == [] and check_outbox(cfg).status == "ok"
+
+
+@needs_root
+def test_a_full_state_db_disk_at_start_waits_instead_of_stopping_then_starts_by_itself(
+    tmp_path: Path, models: Path, broker: MosquittoBroker, tmpfs: Any
+) -> None:
+    """Before the outbox can create its tables: the start waits (one ERROR), then the captures go through."""
+    state = tmpfs(tmp_path / "state", size="2m")
+    site = make_site(
+        tmp_path / "site",
+        models,
+        broker.port,
+        n=16,
+        overrides={"outbox": {"db": str(state / "state.db")}, "spool": {"min_free_mb": 0}},
+    )
+    filler = state / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError:  # ENOSPC: the file system is full
+            pass
+    recorder = Recorder()
+    service = Service(site.cfg, on_verdict=recorder)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            service.start(stop)
+        except BaseException as exc:  # the test reports it below
+            errors.append(exc)
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+    try:
+        starter.join(3)
+        assert starter.is_alive() and not errors  # waiting for room, not stopped
+        filler.unlink()
+        starter.join(30)
+        assert not starter.is_alive() and not errors, errors
+        site.drop(site.scenario)
+        all_verdicts_in(site, recorder)
+        assert_alive(service)
+    finally:
+        stop.set()
+        starter.join(10)
+        service.stop()
+    assert set(recorder.verdicts) == set(good(site))

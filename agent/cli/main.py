@@ -81,7 +81,7 @@ def run(config_path: Path) -> None:
     # SIGHUP: load the bundles the config's paths name now, without losing a capture (docs/BUNDLES.md).
     signal.signal(signal.SIGHUP, lambda _signum, _frame: service.request_reload("SIGHUP"))
     try:
-        service.start()
+        service.start(stop)
     except (IaflashError, EngineError) as exc:
         log.error("cannot start: %s", exc)
         service.stop()

@@ -10,6 +10,11 @@ they are published again (a duplicate, never a loss).
 Each thread opens its OWN :class:`Outbox` (its own connection); WAL lets one writer and
 many readers work at once and ``busy_timeout`` makes a second writer wait instead of failing.
 Every :mod:`sqlite3` error is mapped here to :class:`~iaflash.agent.errors.OutboxError`.
+
+The ``processed`` table is what recognises a capture dropped again as already processed (and a
+reused id with other content as a new capture). :meth:`Outbox.prune_processed` forgets rows older
+than ``outbox.processed_retention_days`` (housekeeping, hourly), never one whose event is unsent.
+A corrupt file is moved aside and salvaged at start by :mod:`iaflash.agent.outbox.salvage`.
 """
 
 from __future__ import annotations
@@ -28,13 +33,18 @@ from typing import Any
 from iaflash.agent.errors import OutboxError
 from iaflash.agent.sqlite import fix_for
 
-__all__ = ["Outbox", "OutboxRow"]
+__all__ = ["SCHEMA", "Outbox", "OutboxRow", "is_corruption"]
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000
+PRUNE_BATCH = 5000  # processed rows deleted per transaction: the commit thread never waits long for the lock
+FIX_CORRUPT = (
+    "restart the agent: at start it moves a corrupt state.db aside (state.db.corrupt-<time>) and salvages its "
+    "unsent events into a fresh one (docs/RELIABILITY.md)"
+)
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed (
     capture_id   TEXT PRIMARY KEY,
     outcome      TEXT NOT NULL,
@@ -54,6 +64,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, seq);
 """
 
+
+# Old processed rows, never one whose event is still in the outbox (its evidence must be kept).
+_PRUNE_SQL = (
+    "DELETE FROM processed WHERE rowid IN (SELECT p.rowid FROM processed p WHERE p.processed_at < ? "
+    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = p.event_id) LIMIT ?)"
+)
 
 # (capture_id, outcome, event document or None, topic or None)
 Recorded = tuple[str, str, dict[str, Any] | None, str | None]
@@ -92,7 +108,7 @@ def _enable_wal(db: sqlite3.Connection) -> None:
 
 def _create_schema(db: sqlite3.Connection) -> None:
     try:
-        db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+        db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
@@ -127,7 +143,10 @@ class Outbox:
         try:
             yield
         except (sqlite3.Error, OSError) as exc:
-            fix = fix_for(exc) if isinstance(exc, sqlite3.Error) else "check the path and permissions"
+            if is_corruption(exc):
+                fix = FIX_CORRUPT
+            else:
+                fix = fix_for(exc) if isinstance(exc, sqlite3.Error) else "check the path and permissions"
             raise OutboxError(f"outbox {self.path}: cannot {action}: {exc} (fix: {fix})") from exc
 
     @property
@@ -251,6 +270,31 @@ class Outbox:
             ).fetchone()
         return row is not None
 
+    def prune_processed(self, older_than_days: float, now: float | None = None) -> int:
+        """Forget captures processed more than ``older_than_days`` ago; returns how many rows went.
+
+        A row whose event is still unsent is kept whatever its age (its evidence must stay). Rows
+        go in batches of :data:`PRUNE_BATCH`, one transaction each, so commits never wait long.
+        """
+        cutoff = datetime.fromtimestamp((time.time() if now is None else now) - older_than_days * 86400, timezone.utc)
+        before = cutoff.isoformat(timespec="milliseconds")
+        removed = 0
+        with self._errors(f"prune processed captures older than {older_than_days:g} days"):
+            while True:
+                with self._transaction() as db:
+                    cur = db.execute(
+                        _PRUNE_SQL,
+                        (before, PRUNE_BATCH),
+                    )
+                removed += cur.rowcount
+                if cur.rowcount < PRUNE_BATCH:
+                    return removed
+
+    def processed_count(self) -> int:
+        """Number of captures remembered as processed."""
+        with self._errors("count processed captures"):
+            return int(self._conn.execute("SELECT COUNT(*) FROM processed").fetchone()[0])
+
     def depth(self) -> int:
         """Number of unsent events."""
         with self._errors("count events"):
@@ -273,3 +317,9 @@ class Outbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """True when SQLite says the file is damaged (malformed, not a database), not merely unwritable."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text)

@@ -7,7 +7,8 @@ unchanged: nothing is published or moved before its transaction commits.
 
 Failures it survives (docs/RELIABILITY.md): a commit that fails (disk full, read-only file
 system, I/O error on state.db) pauses commits with one ERROR and retries the same group until it
-goes through (the captures wait in processing/, nothing is lost); a move to done/ that fails
+goes through (the captures wait in processing/, nothing is lost), except a corrupt state.db, which
+stops the agent so that the next start salvages it (agent/outbox/salvage.py); a move to done/ that fails
 after the commit is retried later (the verdict is already durable); an unexpected error while
 building one capture's event rejects that capture (``internal_error``). A capture id that was
 already processed with OTHER content (a radar whose counter reset) is committed under a derived
@@ -35,7 +36,7 @@ from iaflash.agent.decision.verdict import Verdict
 from iaflash.agent.errors import OutboxError
 from iaflash.agent.health import Liveness
 from iaflash.agent.outbox.events import build_event, topic_for
-from iaflash.agent.outbox.store import Outbox, Recorded
+from iaflash.agent.outbox.store import Outbox, Recorded, is_corruption
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,14 @@ class Committer:
                 break
             except OutboxError as exc:
                 self.errors["commit_failures"] += 1
+                if exc.__cause__ is not None and is_corruption(exc.__cause__):
+                    log.error(
+                        "state.db is corrupt (%s): the agent stops so that its next start moves the file aside "
+                        "and salvages its unsent events; %d verdict(s) are redone then (captures in processing/)",
+                        exc,
+                        len(group),
+                    )
+                    raise
                 if self.paused is None:
                     log.error(
                         "commits paused: %s; %d verdict(s) wait in memory (their captures stay in processing/) "

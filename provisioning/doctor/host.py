@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from iaflash.agent.capture.spool import FIX_RADAR, visible
 from iaflash.agent.config import Config
 from iaflash.agent.errors import OutboxError
 from iaflash.agent.link.mqtt import probe
+from iaflash.agent.outbox.salvage import FIX_NOTE, describe, salvage_notes
 from iaflash.agent.outbox.store import Outbox
 from iaflash.provisioning.doctor.report import (
     INCOMING_MAX_AGE_S,
@@ -24,6 +26,7 @@ from iaflash.provisioning.doctor.report import (
     SPOOL_DIRS,
     UNIT,
     Check,
+    Status,
     age_text,
     split_fix,
 )
@@ -197,8 +200,30 @@ def check_disk(cfg: Config) -> Check:
 # ------------------------------------------------------------------------------- outbox and broker
 
 
+def _salvaged(notes: list[dict[str, Any]]) -> tuple[Status, str]:
+    """(status, finding) for the salvage notes beside state.db: a warning, a failure when flags are in doubt."""
+    described = [describe(note) for note in notes]
+    status: Status = "fail" if any(doubt for doubt, _ in described) else "warn"
+    return status, "; ".join(text for _, text in described)
+
+
 def check_outbox(cfg: Config) -> Check:
-    """Unsent events: how many and how old the oldest (they wait here while the broker is unreachable)."""
+    """Unsent events: how many and how old the oldest (they wait here while the broker is unreachable).
+
+    A corrupt state.db the agent moved aside and salvaged (agent/outbox/salvage.py) is shown here
+    until its copy and note are deleted: a warning, or a failure when rows could not be read.
+    """
+    depth = _outbox_depth(cfg)
+    notes = salvage_notes(cfg.outbox.db)
+    if not notes:
+        return depth
+    status, finding = _salvaged(notes)
+    if depth.status == "fail":
+        status = "fail"
+    return Check("outbox", status, f"{finding}; now: {depth.finding}", f"{FIX_NOTE}; {depth.fix}".rstrip("; "))
+
+
+def _outbox_depth(cfg: Config) -> Check:
     path = cfg.outbox.db
     if not path.is_file():
         return Check(
