@@ -2,7 +2,7 @@
 
 Exit codes: 0 done (or nothing to do), 1 refused or failed (nothing changed, or switched back),
 2 usage. Text mode prints each step as it happens; ``--json`` prints one document on stdout, also
-on failure (``{"ok": false, "error": ...}``).
+on failure (the provisioning CLI's error document: ``ok``, ``command``, ``exit_code``, ``error``, ``fix``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from iaflash.provisioning.model.history import listing, rollback
 from iaflash.provisioning.model.install import install
 from iaflash.provisioning.model.steps import Report
 from iaflash.provisioning.model.store import SLOTS
+from iaflash.provisioning.output import print_error
 
 __all__ = ["model"]
 
@@ -39,9 +40,7 @@ def _failures(command: str) -> Callable[[F], F]:
             try:
                 return func(*args, **kwargs)
             except IaflashError as exc:
-                if kwargs.get("as_json"):
-                    click.echo(json.dumps({"command": command, "ok": False, "error": str(exc)}, indent=2))
-                click.echo(f"error: {exc}", err=True)
+                print_error(command, str(exc), EXIT_ERROR, bool(kwargs.get("as_json")))
                 sys.exit(EXIT_ERROR)
 
         return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
@@ -57,7 +56,8 @@ def _say(as_json: bool) -> Callable[[str, str], None] | None:
 
 def _finish(report: Report, as_json: bool, summary: str) -> None:
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        doc = {**report.to_dict(), "exit_code": 0 if report.ok else EXIT_ERROR}
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
     elif report.ok:
         click.echo(summary)
     else:
