@@ -156,3 +156,23 @@ def test_a_corrupt_file_is_salvaged_on_the_way_to_a_working_outbox(tmp_path: Pat
         assert ob.record("cap-1", "match", None, None)
     (note,) = salvage_notes(path)
     assert note["state"] == "salvaged" and Path(note["moved_to"]).read_bytes() == b"garbage" * 1000
+
+
+def test_each_start_reminds_of_an_earlier_salvage_until_its_copy_is_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"garbage" * 1000)
+    with caplog.at_level(logging.WARNING, logger="iaflash.agent.outbox.startup"):
+        open_at_start(path).close()  # the salvage itself: its ERROR, no reminder yet
+        assert not [r for r in caplog.records if r.name.endswith("startup")]
+        open_at_start(path).close()  # the next start
+    (reminder,) = [r.getMessage() for r in caplog.records if r.name.endswith("startup")]
+    (note,) = salvage_notes(path)
+    assert Path(note["moved_to"]).name in reminder and "delete both" in reminder
+    for leftover in tmp_path.glob("state.db.corrupt-*"):
+        leftover.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="iaflash.agent.outbox.startup"):
+        open_at_start(path).close()
+    assert not caplog.records

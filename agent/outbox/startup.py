@@ -8,7 +8,8 @@ The start used to stop on the outbox's first error, and systemd restarted the ag
   logs one ERROR with the fix, tells systemd why (``STATUS=``, and ``EXTEND_TIMEOUT_USEC`` so the
   start timeout does not kill a box that only waits for room; ``WATCHDOG=1`` too), retries every
   :data:`RETRY_S` seconds, and goes on by itself once the file can be written, with one WARNING;
-* stops waiting when ``stop`` is set (SIGTERM), raising the outbox's error.
+* stops waiting when ``stop`` is set (SIGTERM), raising the outbox's error;
+* reminds, with one WARNING per start, of each earlier salvage whose moved file is still there.
 
 Any other error (permissions, a path that is a folder) still stops the start with its fix.
 """
@@ -20,10 +21,11 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from iaflash.agent.errors import OutboxError
 from iaflash.agent.health import sd_notify
-from iaflash.agent.outbox.salvage import check_and_salvage
+from iaflash.agent.outbox.salvage import FIX_NOTE, check_and_salvage, describe, salvage_notes
 from iaflash.agent.outbox.store import Outbox
 
 __all__ = ["RETRY_S", "is_disk_fault", "open_at_start"]
@@ -56,7 +58,7 @@ def open_at_start(path: Path, *, stop: threading.Event | None = None, retry_s: f
     pause = stop or threading.Event()
     while True:
         try:
-            check_and_salvage(path)
+            fresh = check_and_salvage(path)
             outbox = Outbox(path)
         except OutboxError as exc:
             if not is_disk_fault(exc, path.parent):
@@ -76,7 +78,15 @@ def open_at_start(path: Path, *, stop: threading.Event | None = None, retry_s: f
         if waiting is not None:
             log.warning("start resumed: %s can be written again", path)
             sd_notify("STATUS=starting")
+        _remind(path, fresh)
         return outbox
+
+
+def _remind(path: Path, fresh: dict[str, Any] | None) -> None:
+    """One WARNING per start for each earlier salvage whose moved file is still there (the persistent state)."""
+    for note in salvage_notes(path):
+        if fresh is None or note.get("moved_to") != fresh.get("moved_to"):
+            log.warning("outbox: %s; fix: %s", describe(note)[1], FIX_NOTE)
 
 
 def _tell_systemd(status: str, retry_s: float) -> None:
