@@ -107,8 +107,9 @@ def parse_revocation_list(doc: Any, where: str) -> RevocationList:
     seq = doc.get("seq")
     if type(seq) is not int or seq < 1:
         raise _bad(where, "seq must be an integer >= 1")
+    text = str(doc.get("issued_at"))
     try:
-        issued = datetime.fromisoformat(str(doc.get("issued_at")))
+        issued = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)  # Z: Python 3.10 too
     except ValueError:
         issued = None
     if issued is None or issued.tzinfo is None:
