@@ -133,9 +133,11 @@ class TrustState:
     # ----- bundles and marks --------------------------------------------------------------
     def bundle_mark(self, name: str) -> BundleMark | None:
         entry = self.read()["bundles"].get(name)
-        if not isinstance(entry, dict):
+        if entry is None:
             return None
-        return BundleMark(name, str(entry["current"]), str(entry["highest"]))
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("current", "highest"))):
+            raise SignatureError(f"trust state {self.path}: the mark of bundle {name} is damaged; {self._fix()}")
+        return BundleMark(name, entry["current"], entry["highest"])
 
     def record_bundle(self, mark: BundleMark) -> None:
         def change(doc: dict[str, Any]) -> None:

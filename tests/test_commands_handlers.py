@@ -812,6 +812,9 @@ def test_a_running_service_answers_status_and_sends_the_evidence_of_a_processed_
         service.stop()
     assert status["ok"] is True and status["result"]["versions"]["agent"] == "0.1.0"
     assert status["result"]["commands"]["received"] == 1
+    trust = status["result"]["trust"]  # the versions it runs are recorded: a lower one is refused later
+    assert trust["bundles"]["iaflash-demo-classifier"] == {"current": "1.0.0", "highest": "1.0.0"}
+    assert trust["refused"] == {} and trust["revocation_seq"] is None
     # no radar box: the site's vehicle detector finds the vehicle again, or nothing is sent
     sources = [r["result"]["anonymisation"]["images"][0]["vehicle_box_source"] for r in located if r["ok"]]
     assert sources and all(src.startswith("detector: ") for src in sources), located

@@ -19,6 +19,8 @@ import pytest
 from click.testing import CliRunner
 from onnx_builders import LABELS, classifier_onnx
 
+from iaflash.agent.config import Config, parse_config
+from iaflash.agent.pipeline.models import load_model_set
 from iaflash.agent.registry.cache import import_signed_subset, read_state, records_from_plates, write_subset
 from iaflash.agent.registry.plates import key_id as hmac_key_id
 from iaflash.engines.bundle import MANIFEST_FILE, Bundle, write_bundle
@@ -454,3 +456,36 @@ def test_a_damaged_trust_state_is_refused_with_the_fix_never_forgotten(box: Path
     state_file(box).write_text("{not json")
     with pytest.raises(SignatureError, match=r"trust-state\.json is not JSON .*fix: restore .* from a backup"):
         load(box, bundle(box / "v1", "1.0.0", key(box, "models")).path)
+
+
+# ---------------------------------------------------------------- the agent's own load
+
+
+def test_the_agent_records_what_it_runs_and_then_refuses_an_older_bundle(box: Path) -> None:
+    """load_model_set (what start and reload call) checks the version, records it once the set loaded,
+    and refuses to go back: the set it runs is untouched by the refusal."""
+    models_key = key(box, "models")
+
+    def config(bundle_dir: Path) -> Config:
+        return parse_config(
+            {
+                "model": {"bundle": str(bundle_dir), "backend": "onnxruntime", "threads": 1},
+                "registry": {"db": str(box / "state" / "registry.db")},
+                "outbox": {"db": str(box / "state" / "state.db")},
+                "security": {"trust_dir": str(box / "trust")},
+            }
+        )
+
+    newer = config(bundle(box / "v2", "2.0.0", models_key).path)
+    assert newer.trust_state_file == state_file(box)
+    running = load_model_set(newer)
+    try:
+        assert TrustState(state_file(box)).bundle_mark("tiny-classifier") == BundleMark(
+            "tiny-classifier", "2.0.0", "2.0.0"
+        )
+        with pytest.raises(RollbackRefused, match=r"version 1\.0\.0 is older than or equal to 2\.0\.0"):
+            load_model_set(config(bundle(box / "v1", "1.0.0", models_key).path))
+        assert running.bundle.manifest.version == "2.0.0"
+    finally:
+        running.close()
+    assert refused(box) == {"rollback_bundle": 1}
