@@ -393,7 +393,7 @@ def record_bundle(state_file: Path, bundle: Bundle) -> BundleMark:
         return mark
     try:
         state.record_bundle(mark)
-    except OSError as exc:
+    except (OSError, SignatureError) as exc:
         log.error("bundle %s %s: the trust state %s was not updated (%s)", mark.name, mark.current, state_file, exc)
     if previous is not None and mark.highest == previous.highest:
         log.warning("bundle %s: signed rollback from %s to %s accepted", mark.name, previous.current, mark.current)

@@ -80,7 +80,7 @@ class TrustState:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)  # a box's state directory; created as the agent would
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # the box's state directory, as the agent makes it
         # read-only is enough for flock, and works on a lock file created by another user (root vs the agent)
         fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDONLY | os.O_CREAT, 0o644)
         try:
@@ -162,7 +162,7 @@ class TrustState:
         def change(doc: dict[str, Any]) -> None:
             doc["refused"][kind] = int(doc["refused"].get(kind, 0)) + 1
 
-        if not self.path.parent.is_dir():  # a check run on a machine that is no box: nothing to count into
+        if not self.path.parent.is_dir():  # a check on a machine that is no box (no state directory): not counted
             return
         with contextlib.suppress(OSError, SignatureError):
             self._update(change)

@@ -96,8 +96,7 @@ def load_finder(cfg: Config) -> BundleFinder | None:
             Path(path),
             cfg.security.trust_dir,
             cfg.security.allow_unsigned,
-            state_file=cfg.trust_state_file,
-            record=True,
+            state_file=cfg.trust_state_file,  # checked against what the box ran; the agent's loads record
         )
         detector_spec(bundle)
         backend = create_backend("onnxruntime", threads=1)

@@ -385,7 +385,7 @@ def import_signed_subset(
     if state is not None:
         try:
             state.set_mark(REGISTRY_MARK, {"dataset_id": imported.dataset_id, "seq": imported.seq})
-        except OSError as exc:  # imported all the same; the cache's own seq still refuses older files
+        except (OSError, SignatureError) as exc:  # imported all the same; the cache's own seq still refuses older files
             log.error("registry import: the trust state %s was not updated (%s); fix: check the disk", state_file, exc)
     return imported, None if verified is None else verified.name
 
