@@ -62,6 +62,7 @@ from iaflash.engines.errors import (
 )
 
 __all__ = [
+    "AlreadyApplied",
     "AnonymiseError",
     "BackendUnavailable",
     "BundleError",
@@ -138,6 +139,10 @@ class RegistryError(IaflashError):
 
 class RegistryFileError(RegistryError):
     """A registry subset file is malformed."""
+
+
+class AlreadyApplied(RegistryError):
+    """A signed delta the cache applied already: nothing to import (checked after its signature)."""
 
 
 class RegistryUnavailable(RegistryError):

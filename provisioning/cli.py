@@ -21,11 +21,10 @@ import click
 
 from iaflash.agent.cli.progress import progress_callback
 from iaflash.agent.config import load_config, read_secret
-from iaflash.agent.errors import IaflashError, RegistryError
+from iaflash.agent.errors import AlreadyApplied, IaflashError, RegistryError
 from iaflash.agent.registry.cache import import_signed_subset, read_state
 from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.agent.registry.record import RegistryState
-from iaflash.agent.registry.subset_file import SubsetReader
 from iaflash.engines.cli_common import CONTEXT, EXIT_ERROR, version_option
 from iaflash.engines.errors import EngineError
 from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_doctor
@@ -60,22 +59,6 @@ def _emit(doc: dict[str, Any], as_json: bool, text: str) -> None:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
         click.echo(text)
-
-
-def _already_applied(file: Path, db_path: Path) -> RegistryState | None:
-    """The cache's state when ``file`` is a delta it already applied (same dataset and key, same seq), else None."""
-    if not db_path.is_file():
-        return None
-    with SubsetReader(file) as reader:
-        header = reader.header
-    try:
-        state = read_state(db_path)
-    except RegistryError:
-        return None  # the import says what is wrong with the cache
-    if header.kind != "delta" or state is None:
-        return None
-    same = (state.dataset_id, state.key_id, state.seq) == (header.dataset_id, header.key_id, header.seq)
-    return state if same else None
 
 
 def _read_key_file(path: Path) -> bytes:
@@ -153,13 +136,6 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
     """
     cfg = load_config(config_path)
     db_path = db or cfg.registry.db
-    applied = _already_applied(file, db_path)
-    if applied is not None:  # a re-import of the last delta changes nothing: say so, exit 0
-        doc = {"command": "registry import", "file": str(file), "db": str(db_path), "records": 0,
-               "already_applied": True, "state": applied.to_dict(), "signed_by": None}  # fmt: skip
-        _emit(doc, as_json, f"already at seq {applied.seq}: {file.name} (delta seq {applied.seq} of "
-              f"{applied.dataset_id}) was applied before; nothing changed in {db_path}")  # fmt: skip
-        return
     raw = (
         _read_key_file(key_file)
         if key_file
@@ -175,15 +151,24 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
             records[0] = done
             show(done, total)
 
-        state, signer = import_signed_subset(
-            db_path,
-            file,
-            trust_dir=cfg.security.trust_dir,
-            allow_unsigned=cfg.security.allow_unsigned,
-            expected_key_id=expected,
-            progress=progress,
-            state_file=cfg.trust_state_file,
-        )
+        try:
+            state, signer = import_signed_subset(
+                db_path,
+                file,
+                trust_dir=cfg.security.trust_dir,
+                allow_unsigned=cfg.security.allow_unsigned,
+                expected_key_id=expected,
+                progress=progress,
+                state_file=cfg.trust_state_file,
+            )
+        except AlreadyApplied:  # signature checked first; a re-import of the last delta changes nothing: exit 0
+            applied = read_state(db_path)
+            assert applied is not None  # AlreadyApplied is raised only against a cache holding that seq
+            doc = {"command": "registry import", "file": str(file), "db": str(db_path), "records": 0,
+                   "already_applied": True, "state": applied.to_dict(), "signed_by": None}  # fmt: skip
+            _emit(doc, as_json, f"already at seq {applied.seq}: {file.name} (delta seq {applied.seq} of "
+                  f"{applied.dataset_id}) was applied before; nothing changed in {db_path}")  # fmt: skip
+            return
     seconds = time.perf_counter() - start
     rate = records[0] / seconds if seconds > 0 else 0.0
     doc = {

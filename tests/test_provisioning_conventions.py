@@ -87,6 +87,27 @@ def test_re_importing_the_last_delta_says_already_at_seq_and_changes_nothing(
     assert read_state(db) == before  # not even imported_at moved
 
 
+def test_an_applied_delta_is_verified_before_it_is_called_already_applied(
+    files: CentralFiles, box: Path, tmp_path: Path
+) -> None:
+    """A copy of the applied delta whose signature no longer holds is refused, never "already at seq"."""
+    delta = tmp_path / "siv-0002.jsonl.gz"
+    records = records_from_plates(files.key, [("GH-789-JK", "FIAT", "500", "VP", "CI")])
+    write_subset(
+        delta, kind="delta", dataset_id="siv-A13", seq=2, base_seq=1, key_id=key_id(files.key), records=records
+    )
+    sign_file(delta, files.publisher, signer="registry-publisher")
+    assert CliRunner().invoke(cli, ["registry", "import", str(delta), "--config", str(box)]).exit_code == 0
+    forged = tmp_path / "forged" / delta.name
+    forged.parent.mkdir()
+    other = records_from_plates(files.key, [("ZZ-999-ZZ", "FIAT", "PANDA", "VP", "CI")])
+    write_subset(forged, kind="delta", dataset_id="siv-A13", seq=2, base_seq=1, key_id=key_id(files.key), records=other)
+    (forged.parent / f"{delta.name}.sig").write_bytes((tmp_path / f"{delta.name}.sig").read_bytes())
+    result = CliRunner().invoke(cli, ["registry", "import", str(forged), "--config", str(box)])
+    assert result.exit_code == 1 and "already at seq" not in result.output, result.output
+    assert "signature" in result.output.lower() or "sha256" in result.output.lower(), result.output
+
+
 def test_the_cache_itself_says_already_at_seq_instead_of_gap(files: CentralFiles, tmp_path: Path) -> None:
     """Any other caller of the import (the registry_sync command) gets the same words, not "request a snapshot"."""
     from iaflash.agent.errors import RegistryError

@@ -31,7 +31,14 @@ from typing import IO, Any
 
 import sqlite_utils
 
-from iaflash.agent.errors import RegistryError, RegistryFileError, RegistryUnavailable, RollbackRefused, SignatureError
+from iaflash.agent.errors import (
+    AlreadyApplied,
+    RegistryError,
+    RegistryFileError,
+    RegistryUnavailable,
+    RollbackRefused,
+    SignatureError,
+)
 from iaflash.agent.registry.plates import key_id as compute_key_id
 from iaflash.agent.registry.plates import plate_key
 from iaflash.agent.registry.record import RegistryRecord, RegistryState
@@ -187,7 +194,7 @@ def _check_against_cache(
             f"cache holds {current.dataset_id} (key {current.key_id}); request a snapshot"
         )
     if header.seq == current.seq:  # this very delta was applied already: nothing to do, and no gap
-        raise RegistryError(
+        raise AlreadyApplied(
             f"{file}: already at seq {current.seq}: this delta (seq {header.seq}) was applied before; "
             "nothing to import (fix: none needed; import the next delta, base_seq "
             f"{current.seq}, when central sends it)"
