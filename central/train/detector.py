@@ -37,70 +37,61 @@ def _frame_size(value: str) -> tuple[int, int]:
     return w, h
 
 
-def _frames(opts: dict[str, Any], note: Any) -> tuple[list[Any], dict[str, list[Any]]]:
-    """Training frames and held-out frames per source ("labels", "synthetic")."""
+def _labelled(opts: dict[str, Any], note: Any) -> tuple[list[Any], list[Any]]:
+    """LABELS' train and val frames, every box checked against its frame before anything long runs."""
+    from .detector_data import check_boxes, image_size, read_frames  # noqa: PLC0415
+
+    frames = read_frames(opts["labels"], opts["root"])
+    for f in frames:
+        check_boxes(f, image_size(f.path, f.where))
+    val = [f for f in frames if f.split == "val"]
+    note(f"{opts['labels']}: {len(frames)} frame(s), {len(val)} held out (split val)")
+    return [f for f in frames if f.split == "train"], val
+
+
+def _synthetic(opts: dict[str, Any], note: Any) -> tuple[list[Any], list[Any]]:
+    """Synthetic train frames from the photos' train split, held-out ones from their val split."""
     from iaflash.central.errors import DataError  # noqa: PLC0415
 
-    from .detector_data import check_boxes, image_size, read_frames, read_photos  # noqa: PLC0415
+    from .detector_data import read_photos  # noqa: PLC0415
     from .detector_synth import SynthSpec, synthesise  # noqa: PLC0415
+
+    photos = read_photos(opts["synthesise_from"])
+    pool = {s: [p for p in photos if p.split == s] for s in ("train", "val")}
+    if not pool["train"]:
+        raise DataError(f"{opts['synthesise_from']}: no photo in split train; fix: mark the photos to paste as train")
+    width, height = opts["frame_size"]
+    kw = {"seed": opts["seed"], "spec": SynthSpec(width=width, height=height), "report": note}
+    folder = opts["workdir"] / "synth"
+    train = synthesise(pool["train"], opts["frames"], folder / "train", split="train", **kw)
+    if not pool["val"]:
+        note(f"{opts['synthesise_from']}: no val photos, so no synthetic frames are held out")
+        return train, []
+    count = opts["val_frames"] if opts["val_frames"] is not None else max(50, opts["frames"] // 10)
+    return train, synthesise(pool["val"], count, folder / "val", split="val", **kw)
+
+
+def _frames(opts: dict[str, Any], note: Any) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Training frames, and held-out frames per source ("labels", "synthetic")."""
+    from iaflash.central.errors import DataError  # noqa: PLC0415
 
     train: list[Any] = []
     heldout: dict[str, list[Any]] = {}
-    if opts["labels"] is not None:
-        frames = read_frames(opts["labels"], opts["root"])
-        for f in frames:  # before anything long runs: a bad box is refused at once, with its line
-            check_boxes(f, image_size(f.path, f.where))
-        train += [f for f in frames if f.split == "train"]
-        if any(f.split == "val" for f in frames):
-            heldout["labels"] = [f for f in frames if f.split == "val"]
-        note(f"{opts['labels']}: {len(frames)} frame(s), {len(heldout.get('labels', []))} held out (split val)")
-    if opts["synthesise_from"] is not None:
-        photos = read_photos(opts["synthesise_from"])
-        pool = {s: [p for p in photos if p.split == s] for s in ("train", "val")}
-        if not pool["train"]:
-            raise DataError(
-                f"{opts['synthesise_from']}: no photo in split train; fix: mark the photos to paste as train"
-            )
-        width, height = opts["frame_size"]
-        spec = SynthSpec(width=width, height=height)
-        folder = opts["workdir"] / "synth"
-        train += synthesise(
-            pool["train"], opts["frames"], folder / "train", split="train", seed=opts["seed"], spec=spec, report=note
-        )
-        if pool["val"]:
-            count = opts["val_frames"] if opts["val_frames"] is not None else max(50, opts["frames"] // 10)
-            heldout["synthetic"] = synthesise(
-                pool["val"], count, folder / "val", split="val", seed=opts["seed"], spec=spec, report=note
-            )
-        else:
-            note(f"{opts['synthesise_from']}: no val photos, so no synthetic frames are held out")
+    for source, wanted, read in (("labels", "labels", _labelled), ("synthetic", "synthesise_from", _synthetic)):
+        if opts[wanted] is not None:
+            more, val = read(opts, note)
+            train += more
+            if val:
+                heldout[source] = val
     if not train:
         raise DataError("no training frames (every LABELS row is in split val); fix: mark training frames train")
     return train, heldout
 
 
-def _run(opts: dict[str, Any]) -> dict[str, Any]:
-    from dataclasses import asdict  # noqa: PLC0415
+def _config(opts: dict[str, Any]) -> Any:
+    from .detector_cache import FitConfig  # noqa: PLC0415
 
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415 -- the [train] extra, needed only when training runs
-
-    from .bundling import sign_and_check  # noqa: PLC0415
-    from .data import to_input  # noqa: PLC0415
-    from .detector_bundle import make_detector_bundle  # noqa: PLC0415
-    from .detector_cache import FitConfig, _frame_input, build_trunk, cache_features, export_trunk  # noqa: PLC0415
-    from .detector_check import evaluate_frames  # noqa: PLC0415
-    from .detector_fit import check_export, export_localiser, fit_head  # noqa: PLC0415
-    from .progress import Progress  # noqa: PLC0415
-    from .recipe import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
-    from .weights import LITE0_SHA256  # noqa: PLC0415
-
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
-    progress = Progress(opts["epochs"])
-    workdir: Path = opts["workdir"]
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = FitConfig(
+    return FitConfig(
         backbone=opts["backbone"],
         weights=str(opts["weights"] or ""),
         size=opts["size"],
@@ -111,25 +102,29 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
         cache_views=opts["cache_views"],
         seed=opts["seed"],
     )
-    train, heldout = _frames(opts, progress.note)
+
+
+def _train(opts: dict[str, Any], cfg: Any, train: list[Any], heldout: dict[str, list[Any]], note: Any) -> Any:
+    """Trunk, feature caches, head: the trained :class:`~.detector_fit.Fitted`."""
+    from .detector_cache import build_trunk, cache_features, export_trunk  # noqa: PLC0415
+    from .detector_fit import fit_head  # noqa: PLC0415
+    from .weights import LITE0_SHA256  # noqa: PLC0415
+
+    workdir: Path = opts["workdir"]
     trunk, channels, strides = build_trunk(cfg)
     trunk_onnx = export_trunk(trunk, workdir / "trunk.onnx", cfg.size)
-    trunk_key = json.dumps(
-        {
-            "backbone": cfg.backbone,
-            "weights": cfg.weights or (LITE0_SHA256 if cfg.backbone == "lite0" else f"random-{cfg.seed}"),
-            "size": cfg.size,
-        }
-    )
-    common = {"cfg": cfg, "threads": opts["threads"], "report": progress.note, "trunk_key": trunk_key}
+    weights = cfg.weights or (LITE0_SHA256 if cfg.backbone == "lite0" else f"random-{cfg.seed}")
+    trunk_key = json.dumps({"backbone": cfg.backbone, "weights": weights, "size": cfg.size})
+    common = {"cfg": cfg, "threads": opts["threads"], "report": note, "trunk_key": trunk_key}
     feats, boxes = cache_features(train, trunk_onnx, workdir / "cache-train", views=cfg.cache_views, **common)
     monitored = [f for frames in heldout.values() for f in frames]
     val = cache_features(monitored, trunk_onnx, workdir / "cache-val", views=1, **common)
-    progress.note(
+    note(
         f"training the head on {len(train)} frame(s) x {cfg.cache_views} view(s), backbone {cfg.backbone} "
         f"(taps at strides {list(strides)}), input {cfg.size}x{cfg.size}, {cfg.epochs} epoch(s)"
     )
-    fitted = fit_head(
+    data_key = (workdir / "cache-train" / "meta.json").read_text()
+    return fit_head(
         trunk,
         channels,
         strides,
@@ -137,35 +132,65 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
         val,
         cfg,
         workdir,
-        data_key=(workdir / "cache-train" / "meta.json").read_text(),
+        data_key=data_key,
         threshold=opts["score_threshold"],
-        report=progress.note,
+        report=note,
         stop_after=opts["stop_after"],
     )
-    onnx_path = export_localiser(fitted.model, workdir / "export" / "model.onnx")
-    example = to_input([_frame_input(f, 0, cfg.size, cfg.seed, 0)[0] for f in train[:2]], IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _judge(bundle: Any, train: list[Any], heldout: dict[str, list[Any]], threads: int, note: Any) -> dict[str, Any]:
+    """The figures of every held-out source through the daemon's detector path (one training frame if none)."""
+    from .detector_check import evaluate_frames  # noqa: PLC0415
+
+    figures: dict[str, Any] = {}
+    for source, frames in heldout.items():
+        note(f"judging {len(frames)} held-out {source} frame(s) through the daemon's detector path")
+        figures[source] = evaluate_frames(bundle, frames, threads=threads, report=note)
+    if not figures:  # nothing held out: still run the bundle once as the daemon would
+        note("no held-out frames: the bundle is run once on a training frame, and no figure is measured")
+        figures["smoke_train_frame"] = evaluate_frames(bundle, train[:1], threads=threads)
+    return figures
+
+
+def _run(opts: dict[str, Any]) -> dict[str, Any]:
+    from dataclasses import asdict  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415 -- the [train] extra, needed only when training runs
+
+    from .bundling import sign_and_check  # noqa: PLC0415
+    from .data import to_input  # noqa: PLC0415
+    from .detector_bundle import make_detector_bundle  # noqa: PLC0415
+    from .detector_cache import frame_input  # noqa: PLC0415
+    from .detector_fit import check_export, export_localiser  # noqa: PLC0415
+    from .progress import Progress  # noqa: PLC0415
+    from .recipe import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
+
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    progress = Progress(opts["epochs"])
+    opts["workdir"].mkdir(parents=True, exist_ok=True)
+    cfg = _config(opts)
+    train, heldout = _frames(opts, progress.note)
+    fitted = _train(opts, cfg, train, heldout, progress.note)
+    onnx_path = export_localiser(fitted.model, opts["workdir"] / "export" / "model.onnx")
+    example = to_input([frame_input(f, 0, cfg.size, cfg.seed, 0)[0] for f in train[:2]], IMAGENET_MEAN, IMAGENET_STD)
     diff = check_export(fitted.model, onnx_path, example)
     bundle = make_detector_bundle(opts["out"], onnx_path, opts, cfg.size)
     bundle = sign_and_check(bundle, opts["key"], opts["trust_dir"])
-    figures: dict[str, Any] = {}
-    for source, frames in heldout.items():
-        progress.note(f"judging {len(frames)} held-out {source} frame(s) through the daemon's detector path")
-        figures[source] = evaluate_frames(bundle, frames, threads=opts["threads"] or 2, report=progress.note)
-    if not figures:  # nothing held out: still run the bundle once as the daemon would
-        figures["smoke_train_frame"] = evaluate_frames(bundle, train[:1], threads=opts["threads"] or 2)
     report = {
         "bundle": str(bundle.path),
         "signed": opts["key"] is not None,
         "onnx_max_abs_diff": diff,
         "onnx_bytes": onnx_path.stat().st_size,
         "config": asdict(cfg),
+        "epochs_done": len(fitted.history),
         "train_frames": len(train),
-        "heldout": figures,
+        "heldout": _judge(bundle, train, heldout, opts["threads"] or 2, progress.note),
         "history": fitted.history,
         "wall_s": fitted.wall_s,
         "elapsed_s": time.monotonic() - progress.start,
         "torch": torch.__version__,
-        "numpy": np.__version__,
     }
     (opts["out"].parent / f"{opts['out'].name}.train-report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
@@ -252,7 +277,7 @@ def _summary(report: dict[str, Any]) -> str:
     help="Your own Lite0 state dict instead of the packaged ImageNet weights.",
 )
 @click.option("--size", type=click.IntRange(min=32), default=320, show_default=True, help="Input size (pixels).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option(
     "--stop-after",
     type=click.IntRange(min=0),

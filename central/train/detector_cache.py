@@ -35,7 +35,7 @@ from .lite0 import LiteNet, tiny
 from .recipe import IMAGENET_MEAN, IMAGENET_STD
 from .weights import pretrained_lite0
 
-__all__ = ["FitConfig", "build_trunk", "cache_features", "export_trunk"]
+__all__ = ["FitConfig", "build_trunk", "cache_features", "export_trunk", "frame_input", "ort_session"]
 
 CHUNK = 32
 INPUT_NAME = "input"
@@ -49,7 +49,7 @@ class FitConfig:
     backbone: Literal["lite0", "tiny"] = "lite0"
     weights: str = ""
     size: int = 320
-    epochs: int = 30
+    epochs: int = 12
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -97,7 +97,7 @@ def _view(img: np.ndarray, boxes: np.ndarray, view: int, seed: int, index: int) 
     return np.ascontiguousarray(img), boxes
 
 
-def _frame_input(frame: Frame, view: int, size: int, seed: int, index: int) -> tuple[np.ndarray, list[list[float]]]:
+def frame_input(frame: Frame, view: int, size: int, seed: int, index: int) -> tuple[np.ndarray, list[list[float]]]:
     img = load_bgr(frame.path, frame.where)
     h, w = img.shape[:2]
     check_boxes(frame, (w, h))
@@ -126,7 +126,7 @@ def export_trunk(trunk: Trunk, path: Path, size: int) -> Path:
     return path
 
 
-def _session(path: Path, threads: int) -> Any:
+def ort_session(path: Path, threads: int) -> Any:
     import onnxruntime as ort  # noqa: PLC0415 -- the agent's runtime, used here to run the frozen trunk fast
 
     options = ort.SessionOptions()
@@ -154,7 +154,7 @@ def cache_features(
     digest = hashlib.sha256(trunk_key.encode())
     for f in frames:
         digest.update(f"{f.path}|{f.boxes}\n".encode())
-    session = _session(trunk_onnx, threads)
+    session = ort_session(trunk_onnx, threads)
     probe = session.run(None, {INPUT_NAME: np.zeros((1, 3, cfg.size, cfg.size), np.float32)})
     shapes = [(len(frames), views, *p.shape[1:]) for p in probe]
     meta = {"key": digest.hexdigest(), "views": views, "seed": cfg.seed, "shapes": [list(s) for s in shapes]}
@@ -178,7 +178,7 @@ def cache_features(
     t0 = time.monotonic()
     for start in range(done, len(frames), CHUNK):
         chunk = frames[start : start + CHUNK]
-        made = [[_frame_input(f, v, cfg.size, cfg.seed, start + i) for v in range(views)] for i, f in enumerate(chunk)]
+        made = [[frame_input(f, v, cfg.size, cfg.seed, start + i) for v in range(views)] for i, f in enumerate(chunk)]
         batch = to_input([m[0] for views_ in made for m in views_], IMAGENET_MEAN, IMAGENET_STD)
         outs = [
             np.concatenate(o)

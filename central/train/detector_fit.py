@@ -24,7 +24,7 @@ import torch
 
 from iaflash.central.errors import ExportError
 
-from .detector_cache import INPUT_NAME, OUTPUT_NAME, FitConfig, _session
+from .detector_cache import INPUT_NAME, OUTPUT_NAME, FitConfig, ort_session
 from .detector_model import HEAD_VERSION, Head, Localiser, Trunk, box_iou, decode, losses, points
 from .progress import fmt_duration
 
@@ -218,7 +218,7 @@ def check_export(model: Localiser, path: Path, example: np.ndarray, atol: float 
     """The largest |ONNX Runtime - PyTorch| on ``example`` (normalised corners, scores); ExportError above atol."""
     with torch.no_grad():
         expected = model.eval()(torch.from_numpy(example)).numpy()
-    got = _session(path, 2).run([OUTPUT_NAME], {INPUT_NAME: example})[0]
+    got = ort_session(path, 2).run([OUTPUT_NAME], {INPUT_NAME: example})[0]
     diff = float(np.max(np.abs(got - expected)))
     if not diff <= atol:
         raise ExportError(
