@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -242,6 +244,27 @@ def load_detector(path: Path, threads: int) -> tuple[Backend, Bundle]:
     return backend, bundle
 
 
+def inference(kind: str, bundle: Bundle, samples: Sequence[Sample], args: argparse.Namespace, **kw: Any) -> Inference:
+    """``run_inference``, kept in ``--work`` (keyed by the bundle's and detector's manifests and the samples).
+
+    The model part is the slow part (minutes on 2 cores); the decision figures are recomputed from it
+    each run. ``--fresh`` runs the model again.
+    """
+    h = hashlib.sha256((bundle.path / "manifest.json").read_bytes())
+    h.update(bundle.model_path.read_bytes())
+    detector = kw.get("detector")
+    if detector is not None:
+        h.update((detector[1].path / "manifest.json").read_bytes())
+    h.update("\n".join(s.where for s in samples).encode())
+    path = args.work / "inference" / f"{kind}-{h.hexdigest()[:16]}.pkl"
+    if path.is_file() and not args.fresh:
+        return pickle.loads(path.read_bytes())  # our own file, in our own work folder
+    result = run_inference(bundle, samples, threads=args.threads, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(result))
+    return result
+
+
 # ---------------------------------------------------------------- pairs, the cross-fit, today's defaults
 
 
@@ -289,14 +312,14 @@ def measure(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    tight = run_inference(bundle, tight_samples(data, rows), threads=args.threads)
+    tight = inference(f"{name}-tight", bundle, tight_samples(data, rows), args)
     print(f"  {name}: tight photos done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     samples = load_dataset(captures)
     detector = args.detector_pair  # frames without a sidecar box: the daemon's detector path (or the whole frame)
-    daemon = run_inference(bundle, samples, threads=args.threads, detector=detector)
+    daemon = inference(f"{name}-daemon", bundle, samples, args, detector=detector)
     print(f"  {name}: daemon crops done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     legacy_bundle = legacy_copy(bundle, args.work / f"{name}-legacy")
-    legacy = run_inference(legacy_bundle, samples, threads=args.threads, detector=detector)
+    legacy = inference(f"{name}-legacy", legacy_bundle, samples, args, detector=detector)
     print(f"  {name}: legacy crops done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     pairs = simulate_pairs(daemon.labels, Taxonomy(bundle.labels), clones_per_image=1, seed=0)
     fitted = cross_fit(daemon, bundle, pairs, folds=args.folds, target=args.fit_target)
@@ -368,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N val photos (smoke runs)")
     parser.add_argument("--json", dest="json_out", type=Path)
+    parser.add_argument("--fresh", action="store_true", help="run the models again (default: reuse --work/inference)")
     parser.add_argument(
         "--detector",
         type=Path,
