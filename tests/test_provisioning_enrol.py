@@ -19,6 +19,7 @@ from provisioning_box import CentralFiles, central_files, snapshot, tls_files
 
 from iaflash.agent.config import load_config
 from iaflash.agent.registry.cache import read_state
+from iaflash.agent.registry.plates import key_id, load_hmac_key
 from iaflash.central.cli import main as central
 from iaflash.provisioning.cli import cli
 from iaflash.provisioning.enrol.actions import Box, ServiceUser
@@ -69,6 +70,8 @@ def test_enrol_installs_a_box_that_passes_check_config_and_doctor(files: Central
         "A13-PK42", "box-01", "127.0.0.1", 1, False
     )  # fmt: skip
     assert cfg.model.detector_bundle == state / "models/detector" and cfg.spool.dir == state / "spool"
+    # the config names the plate key it installed, so another site's key file is refused later
+    assert cfg.registry.hmac_key_id == key_id(load_hmac_key((etc / "hmac.key").read_bytes().strip()))
     registry = read_state(cfg.registry.db)
     assert registry is not None and (registry.dataset_id, registry.seq, registry.count) == ("siv-A13", 1, 2)
     assert f"check-config: {etc / 'agent.toml'}: ok" in out

@@ -95,7 +95,7 @@ def _box_key(cfg: Config) -> tuple[str, str]:
 
 
 def check_hmac_key(cfg: Config) -> Check:
-    """The deployment key is readable, private, well formed; name its key id."""
+    """This site's plate key is readable, private, well formed; name its key id."""
     try:
         kid, source = _box_key(cfg)
     except ConfigError as exc:
@@ -131,7 +131,7 @@ def check_registry(cfg: Config, config_file: str = str(DEFAULT_CONFIG)) -> Check
             "fail",
             f"{finding}: made for key id {state.key_id} but this box's key is {box_kid}, so every plate looks unknown",
             f"ask central for a snapshot made for key id {box_kid} and run {command}, "
-            "or install the deployment key the registry was made for",
+            "or install the site key the registry was made for",
         )
     if age > max_age:
         return Check(

@@ -66,6 +66,15 @@ def _q(value: object) -> str:
     return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
 
 
+def _key_id_line(source: EnrolSource) -> list[str]:
+    """``hmac_key_id`` of the bundle's plate key, so another site's key file is refused later (docs/REGISTRY.md)."""
+    try:
+        raw = source.path("plate.key").read_bytes().strip()
+        return [f"hmac_key_id = {_q(key_id(load_hmac_key(raw)))}  # this site's plate key"]
+    except (OSError, ValueError, IaflashError):
+        return []  # the key's own step says what is wrong with it
+
+
 def render_config(source: EnrolSource, box: Box) -> str:
     """The agent config for this box: ids and broker from the bundle, every path under ``box.root``."""
     state, etc, b = box.at(STATE), box.at(ETC), source.broker
@@ -92,6 +101,7 @@ def render_config(source: EnrolSource, box: Box) -> str:
         "[registry]",
         f"db = {_q(state / 'registry.db')}",
         f"hmac_key_file = {_q(etc / 'hmac.key')}",
+        *_key_id_line(source),
         "",
         "[security]",
         f"trust_dir = {_q(etc / 'trust')}",
