@@ -242,6 +242,8 @@ class Manifest:
         data["files"] = dict(sorted(self.files.items()))
         if self.detector is None:
             del data["detector"]
+        else:  # the detector's own rule (GFL-only fields dropped for yolo/nms), not asdict's every field
+            data["detector"] = self.detector.to_dict()
         if not self.full_range_makes:
             del data["full_range_makes"]
         for key in ("crop", "tta", "ood"):

@@ -173,6 +173,15 @@ def test_gfl_manifest_fields_round_trip_and_older_formats_keep_their_keys() -> N
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
     yolo = DetectorSpec("yolo", "cxcywh", False, (0,), ("raw",)).to_dict()
     assert "strides" not in yolo and "reg_max" not in yolo
+    # and so is the whole manifest of a yolo detector: what older agents wrote and can read
+    older = Manifest.from_dict(
+        _doc(
+            {"format": "yolo", "box_format": "cxcywh", "normalized": False, "vehicle_classes": [0], "outputs": ["head"]}
+        )
+    )
+    written = older.to_dict()["detector"]
+    assert not set(written) & {"strides", "reg_max", "center_offset", "score_activation"}, written
+    assert Manifest.from_dict(json.loads(json.dumps(older.to_dict()))) == older
 
 
 @pytest.mark.parametrize(
