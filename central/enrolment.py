@@ -44,9 +44,12 @@ def _check_broker(url: str) -> None:
 
 
 def _copy(src: Path, dst: Path, mode: int = 0o644) -> None:
+    """Copy ``src`` to ``dst`` created with ``mode``: a secret (0600) is never readable by others, even mid-copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    os.chmod(dst, mode)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    os.fchmod(fd, mode)  # the umask narrows the mode at creation, and an existing file keeps its own
+    with os.fdopen(fd, "wb") as out, src.open("rb") as source:
+        shutil.copyfileobj(source, out, 1 << 20)
 
 
 def _sha256(path: Path) -> str:
@@ -149,7 +152,10 @@ def build_enrolment(
 
 
 def _archive(folder: Path, archive: Path) -> None:
-    with tarfile.open(archive, "w:gz") as tar:
+    """``archive`` (0600: it holds the plate key and the box's TLS key) of ``folder``."""
+    fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # an older archive of that name keeps its mode otherwise
+    with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
         tar.add(folder, arcname=folder.name)
 
 
