@@ -98,8 +98,10 @@ def _load(cfg: Config, key: bytes, parts: _Parts) -> list[Check]:
     m = cfg.model
     build = BuildOptions(m.precision, m.workspace_mb, m.max_batch, m.engine_cache_dir)
     bundle_fix = f"reinstall the signed bundle into {m.bundle} and its publisher's .pub into {cfg.security.trust_dir}"
+    # As the agent checks them: revocations and the rollback marks of the box's trust state (never recorded here).
+    sec, state_file = cfg.security, cfg.trust_state_file
     try:
-        parts.bundle = load_trusted_bundle(m.bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
+        parts.bundle = load_trusted_bundle(m.bundle, sec.trust_dir, sec.allow_unsigned, state_file=state_file)
         parts.backend = create_backend(m.backend, threads=m.threads, build=build)
         parts.backend.load(parts.bundle)
         parts.backend.warmup()
@@ -107,7 +109,7 @@ def _load(cfg: Config, key: bytes, parts: _Parts) -> list[Check]:
         checks.append(Check("model", "fail", split_fix(str(exc), bundle_fix)[0], bundle_fix))
     if m.detector_bundle is not None:
         try:
-            det = load_trusted_bundle(m.detector_bundle, cfg.security.trust_dir, cfg.security.allow_unsigned)
+            det = load_trusted_bundle(m.detector_bundle, sec.trust_dir, sec.allow_unsigned, state_file=state_file)
             if det.manifest.task != "detector" or det.manifest.detector is None:
                 raise EngineError(f"{m.detector_bundle}: is a {det.manifest.task} bundle, not a detector")
             backend = create_backend(m.backend, threads=m.threads, build=build)
@@ -305,7 +307,7 @@ def run_selftest(
                 "hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file"
             )
         )
-        key = load_hmac_key(raw)
+        key = load_hmac_key(raw, cfg.registry.hmac_key_id)  # another site's key is refused, as by the agent
     except IaflashError as exc:
         return Report(
             str(config_path), [*checks, _fail("hmac key", exc, "install the key from the provisioning bundle")]

@@ -180,3 +180,28 @@ def test_demo_without_its_extra_says_what_to_install(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert "pip install 'iaflash-edge[demo]'" in out.stderr
+
+
+def test_another_sites_plate_key_fails_the_hmac_check_as_the_agent_would(files: CentralFiles, tmp_path: Path) -> None:
+    """[registry] hmac_key_id names this site's key: a key file with another id is refused, as the daemon does."""
+    config = enrolled(files, tmp_path, 1)
+    (tmp_path / "box/etc/iaflash/hmac.key").write_text("ab" * 32)  # another site's plate key
+    result = CliRunner().invoke(cli, ["selftest", "--config", str(config), "--user", NO_USER, "--broker-timeout", "1"])
+    assert result.exit_code == 3, result.output
+    assert "FAIL  hmac key" in result.output and "hmac_key_id" in result.output
+
+
+def test_a_bundle_older_than_the_box_ran_fails_the_model_check_as_the_agent_would(
+    files: CentralFiles, tmp_path: Path
+) -> None:
+    """The trust state says this box ran a newer classifier: the agent refuses the installed one, so does selftest."""
+    config = enrolled(files, tmp_path, 1)
+    state = tmp_path / "box/var/lib/iaflash"
+    name = json.loads((state / "models/classifier/manifest.json").read_text())["name"]
+    mark = {"current": "99.0.0", "highest": "99.0.0"}
+    doc = {"format": "iaflash-trust-state", "version": 1, "revocation": None, "bundles": {name: mark}}
+    (state / "trust-state.json").write_text(json.dumps({**doc, "marks": {}, "refused": {}}))
+    result = CliRunner().invoke(cli, ["selftest", "--config", str(config), "--user", NO_USER, "--broker-timeout", "1"])
+    assert result.exit_code == 3, result.output
+    assert "FAIL  model" in result.output and "99.0.0" in result.output
+    assert "skip  pipeline" in result.output
