@@ -8,6 +8,7 @@ Every error says what failed, where (file, config key, capture id) and how to fi
     ├── PlateError             a plate string does not normalise to a French SIV or FNI plate
     ├── RegistryError          the SIV cache or a subset file is unusable
     │   ├── RegistryFileError  a subset file is malformed (line number given)
+    │   ├── AlreadyApplied     a signed delta the cache applied already (exit 0: nothing to do)
     │   └── RegistryUnavailable  the cache file is corrupt, unreadable or missing (verdicts: inconclusive)
     ├── OutboxError            the SQLite outbox could not be written or read
     ├── LinkError              the MQTT link is misconfigured (paho errors are mapped here)
