@@ -41,7 +41,7 @@ from iaflash.agent.outbox.salvage import salvage_notes
 from iaflash.agent.outbox.startup import open_at_start
 from iaflash.agent.outbox.store import Outbox
 from iaflash.agent.pipeline.committer import VerdictCallback
-from iaflash.agent.pipeline.models import ModelSet, load_model_set
+from iaflash.agent.pipeline.models import ModelSet, load_model_set, record_model_set
 from iaflash.agent.pipeline.pipeline import Pipeline
 from iaflash.agent.registry.cache import Registry
 from iaflash.agent.registry.plates import key_id, load_hmac_key
@@ -193,13 +193,17 @@ class Service:
             old, started = pipeline.models, time.perf_counter()
             log.info("model reload (%s): loading %s", trigger, self.cfg.model.bundle)
             try:
-                new = load_model_set(self.cfg, generation=old.generation + 1)
+                new = load_model_set(self.cfg, generation=old.generation + 1, record=False)
             except (IaflashError, OSError) as exc:
                 return self._reloaded(trigger, old, None, error=str(exc), started=started)
             if self._stopping:
                 new.close()
                 return self._reloaded(trigger, old, None, error="the agent is stopping", started=started)
             retired = pipeline.swap(new)
+            try:  # only now is the new version the one this box runs (a stop before the swap records nothing)
+                record_model_set(self.cfg, new)
+            except (IaflashError, OSError) as exc:  # running all the same; the next start records it again
+                log.error("model reload (%s): the trust state was not updated (%s); fix: check the disk", trigger, exc)
             self.models, self.backend = new, new.backend
             self.detector_backend = new.detector[0] if new.detector else None
             outcome = self._reloaded(trigger, old, new, error=None, started=started)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from onnx_builders import LABELS, classifier_onnx
 
 from iaflash.agent.config import Config, parse_config
-from iaflash.agent.pipeline.models import load_model_set
+from iaflash.agent.pipeline.models import load_model_set, record_model_set
 from iaflash.agent.registry.cache import import_signed_subset, read_state, records_from_plates, write_subset
 from iaflash.agent.registry.plates import key_id as hmac_key_id
 from iaflash.engines.bundle import MANIFEST_FILE, Bundle, write_bundle
@@ -489,3 +489,34 @@ def test_the_agent_records_what_it_runs_and_then_refuses_an_older_bundle(box: Pa
     finally:
         running.close()
     assert refused(box) == {"rollback_bundle": 1}
+
+
+def test_a_reload_that_loads_but_never_swaps_records_nothing(box: Path) -> None:
+    """A reload loads with record=False and records after its swap: a set loaded but not put in use
+    (the agent stopping meanwhile) must not make the version still running a rollback at next start."""
+    models_key = key(box, "models")
+
+    def config(bundle_dir: Path) -> Config:
+        return parse_config(
+            {
+                "model": {"bundle": str(bundle_dir), "backend": "onnxruntime", "threads": 1},
+                "registry": {"db": str(box / "state" / "registry.db")},
+                "outbox": {"db": str(box / "state" / "state.db")},
+                "security": {"trust_dir": str(box / "trust")},
+            }
+        )
+
+    old = config(bundle(box / "v1", "1.0.0", models_key).path)
+    load_model_set(old).close()  # what the box runs: 1.0.0
+    loaded = load_model_set(config(bundle(box / "v2", "2.0.0", models_key).path), record=False)
+    loaded.close()  # never swapped in
+    assert TrustState(state_file(box)).bundle_mark("tiny-classifier") == BundleMark("tiny-classifier", "1.0.0", "1.0.0")
+    again = load_model_set(old)  # the next start with the link switched back: accepted
+    try:
+        assert again.bundle.manifest.version == "1.0.0"
+        record_model_set(old, loaded)  # what a reload does once it swapped the set in
+        assert TrustState(state_file(box)).bundle_mark("tiny-classifier") == BundleMark(
+            "tiny-classifier", "2.0.0", "2.0.0"
+        )
+    finally:
+        again.close()

@@ -32,7 +32,7 @@ from iaflash.engines.factory import backend_availability, create_backend
 from iaflash.engines.options import BuildOptions
 from iaflash.engines.signing import load_trusted_bundle, record_bundle
 
-__all__ = ["ModelSet", "backend_reason", "load_model_set"]
+__all__ = ["ModelSet", "backend_reason", "load_model_set", "record_model_set"]
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,18 @@ def load_detector_bundle(cfg: Config) -> Bundle | None:
     return bundle
 
 
-def load_model_set(cfg: Config, generation: int = 1) -> ModelSet:
+def record_model_set(cfg: Config, models: ModelSet) -> None:
+    """Write the versions this box runs from now on into the trust state: never lower later.
+
+    Called once the set is really in use (at start, or after a reload's swap), never before: a
+    reload that loaded a set but did not swap it in must not make the running version a rollback.
+    """
+    for ran in (models.bundle, None if models.detector is None else models.detector[1]):
+        if ran is not None:
+            record_bundle(cfg.trust_state_file, ran)
+
+
+def load_model_set(cfg: Config, generation: int = 1, *, record: bool = True) -> ModelSet:
     """Load, verify and warm up the bundles the config's paths name now, as one owned ModelSet.
 
     Raises the loading error (SignatureError, BundleError, BackendUnavailable, ModelLoadError,
@@ -269,9 +280,8 @@ def load_model_set(cfg: Config, generation: int = 1) -> ModelSet:
         models = ModelSet.from_parts(
             cfg, loaded[0], bundle, detector, generation=generation, owned=True, tensorrt_reason=tensorrt_reason
         )
-        for ran in (bundle, detector_bundle):  # the versions this box runs from now on: never lower later
-            if ran is not None:
-                record_bundle(cfg.trust_state_file, ran)
+        if record:  # a reload records after its swap (Service.reload)
+            record_model_set(cfg, models)
         return models
     except BaseException:
         for backend in loaded:
