@@ -72,6 +72,8 @@ def test_enrol_installs_a_box_that_passes_check_config_and_doctor(files: Central
     assert cfg.model.detector_bundle == state / "models/detector" and cfg.spool.dir == state / "spool"
     # the config names the plate key it installed, so another site's key file is refused later
     assert cfg.registry.hmac_key_id == key_id(load_hmac_key((etc / "hmac.key").read_bytes().strip()))
+    # the first import went through the box's trust state: its registry mark is set from the start
+    assert json.loads(cfg.trust_state_file.read_text())["marks"]["registry"]["seq"] == read_state(cfg.registry.db).seq  # type: ignore[union-attr]
     registry = read_state(cfg.registry.db)
     assert registry is not None and (registry.dataset_id, registry.seq, registry.count) == ("siv-A13", 1, 2)
     assert f"check-config: {etc / 'agent.toml'}: ok" in out

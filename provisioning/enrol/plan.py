@@ -156,8 +156,12 @@ class RegistryImport(Step):
             trust_dir=etc / "trust",
             allow_unsigned=False,
             expected_key_id=key_id(load_hmac_key(raw)),
+            state_file=self.db.parent / "trust-state.json",  # Config.trust_state_file: revocations, registry mark
         )
         ids = self.box.ids(self.box.service)
+        trust_state = self.db.parent / "trust-state.json"
+        if ids is not None and trust_state.exists():  # the agent updates it as the service user
+            os.chown(trust_state, *ids)
         for path in (self.db, self.db.with_name(self.db.name + "-wal"), self.db.with_name(self.db.name + "-shm")):
             if path.exists():
                 if ids is not None:
