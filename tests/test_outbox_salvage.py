@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from iaflash.agent.errors import OutboxError
-from iaflash.agent.outbox.salvage import check_and_salvage, integrity_problem, salvage_notes
+from iaflash.agent.outbox.salvage import check_and_salvage, integrity_problem, mark_suspect, salvage_notes
 from iaflash.agent.outbox.store import Outbox
 
 TOPIC = "iaflash/v1/s/d/events/mismatch"
@@ -73,6 +73,22 @@ def test_a_sound_file_is_left_alone(tmp_path: Path) -> None:
     assert check_and_salvage(db) is None
     assert sha(db) == before and salvage_notes(db) == []
     assert check_and_salvage(tmp_path / "never-created.db") is None
+
+
+def test_a_file_the_running_agent_marked_is_salvaged_even_when_quick_check_passes(tmp_path: Path) -> None:
+    """Damage quick_check does not see (an index out of step with its table) made commits fail at run
+    time: the committer's mark makes the next start salvage the file, so the agent does not stop at
+    every commit for ever; every row is kept and the mark is cleared."""
+    db = tmp_path / "state.db"
+    stored = build_state(db, flags=20, matches=50)
+    mark_suspect(db, "database disk image is malformed")
+    assert integrity_problem(db) is None  # what quick_check says of it
+    note = check_and_salvage(db)
+    assert note is not None and note["state"] == "salvaged" and "the running agent met" in note["problem"]
+    assert not Path(f"{db}.suspect").exists()
+    with Outbox(db) as ob:
+        assert {r.event_id: r.payload for r in ob.pending(1000)} == stored
+    assert check_and_salvage(db) is None  # once, not at every start
 
 
 def test_a_corrupt_file_is_moved_aside_and_every_readable_unsent_event_salvaged(tmp_path: Path) -> None:

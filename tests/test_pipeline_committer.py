@@ -132,7 +132,9 @@ def test_a_state_db_found_corrupt_while_running_stops_the_commit_thread_and_the_
     assert isinstance(committer.fatal, OutboxError) and "malformed" in str(committer.fatal)
     assert any("the agent stops so that its next start" in r.getMessage() for r in caplog.records)
     assert (spool.root / "processing" / f"{ids[0]}.json").exists()  # nothing lost: redone after the restart
+    assert Path(f"{db}.suspect").is_file()  # the mark: salvaged at the next start even if quick_check passed
     note = check_and_salvage(db)  # what the next start does first
     assert note is not None and note["state"] == "salvaged"
+    assert not Path(f"{db}.suspect").exists()
     with Outbox(db) as outbox:
         assert spool.recover(outbox.is_processed) == (0, 1)  # requeued, judged again

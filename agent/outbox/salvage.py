@@ -38,7 +38,9 @@ from iaflash.agent.errors import OutboxError
 from iaflash.agent.outbox.store import SCHEMA, is_corruption
 from iaflash.agent.sqlite import fix_for
 
-__all__ = ["FIX_NOTE", "check_and_salvage", "describe", "integrity_problem", "salvage_notes"]
+__all__ = ["FIX_NOTE", "check_and_salvage", "describe", "integrity_problem", "mark_suspect", "salvage_notes"]
+
+SUSPECT = ".suspect"  # beside state.db: a running agent met a corruption error there (mark_suspect)
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +93,35 @@ def integrity_problem(path: Path) -> str | None:
     return None if found == ["ok"] else "; ".join(found)
 
 
+def mark_suspect(path: Path, problem: str) -> None:
+    """Say, beside ``path``, that a running agent met a corruption error in it (before it stops).
+
+    ``quick_check`` at the next start does not see every damage (an index that no longer matches its
+    table); without this mark such a file would stop the agent at every commit, for ever. With it the
+    next start salvages the file whatever the check says. Best effort: a mark that cannot be written
+    is logged, and the start's check still runs.
+    """
+    try:
+        Path(f"{path}{SUSPECT}").write_text(f"{_now().isoformat(timespec='seconds')} {problem}\n", encoding="utf-8")
+    except OSError as exc:
+        log.error("outbox %s: cannot write the corruption mark (%s)", path, exc)
+
+
 def check_and_salvage(path: Path) -> dict[str, Any] | None:
-    """At start: finish a salvage left half-done, then salvage ``path`` if it is corrupt; the new note, or None."""
+    """At start: finish a salvage left half-done, then salvage ``path`` if it is corrupt; the new note, or None.
+
+    Corrupt means ``quick_check`` finds damage, or a running agent marked it (:func:`mark_suspect`).
+    """
     for note in salvage_notes(path):
         if note.get("state") == "moving":
             log.warning("outbox %s: finishing the salvage of %s that an earlier start left", path, note["moved_to"])
             _salvage(path, note)
+    suspect = Path(f"{path}{SUSPECT}")
     problem = integrity_problem(path)
+    if problem is None and suspect.is_file() and path.is_file():
+        problem = "the running agent met: " + suspect.read_text(encoding="utf-8", errors="replace").strip()
     if problem is None:
+        suspect.unlink(missing_ok=True)
         return None
     stamp = _now()
     moved = path.with_name(f"{path.name}{_CORRUPT}{stamp.strftime('%Y%m%dT%H%M%SZ')}")
@@ -113,7 +136,9 @@ def check_and_salvage(path: Path) -> dict[str, Any] | None:
         "detected_at": stamp.isoformat(timespec="seconds"),
         "problem": problem,
     }
-    return _salvage(path, note)
+    done = _salvage(path, note)
+    suspect.unlink(missing_ok=True)
+    return done
 
 
 def _salvage(path: Path, note: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from iaflash.agent.decision.verdict import Verdict
 from iaflash.agent.errors import OutboxError
 from iaflash.agent.health import Liveness
 from iaflash.agent.outbox.events import build_event, topic_for
+from iaflash.agent.outbox.salvage import mark_suspect
 from iaflash.agent.outbox.store import Outbox, Recorded, is_corruption
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Committer:
             except OutboxError as exc:
                 self.errors["commit_failures"] += 1
                 if exc.__cause__ is not None and is_corruption(exc.__cause__):
+                    mark_suspect(outbox.path, str(exc))  # the next start salvages it even if quick_check passes
                     log.error(
                         "state.db is corrupt (%s): the agent stops so that its next start moves the file aside "
                         "and salvages its unsent events; %d verdict(s) are redone then (captures in processing/)",
