@@ -305,6 +305,10 @@ class Service:
                 log.error("a pipeline thread stopped (%s); exiting so systemd restarts the agent", self.pipeline.fatal)
                 self.stop()
                 return 1
+            if self.publisher is not None and self.publisher.error is not None:
+                log.error("the publisher stopped (%s); exiting so systemd restarts the agent", self.publisher.error)
+                self.stop()
+                return 1
             if wd and self.pipeline.healthy():
                 sd_notify("WATCHDOG=1")
             if time.monotonic() >= next_purge:

@@ -423,3 +423,26 @@ def test_refused_and_acknowledged_pubacks_of_one_batch_are_settled_each_their_wa
         assert len(refusals) == 20 and all("135" in m for m in refusals)
     finally:
         broker.stop()
+
+
+def test_a_corrupt_outbox_stops_the_publisher_and_marks_the_file_for_the_salvage(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Retrying a damaged state.db for ever would hold its flags until some commit failed (at night,
+    none): the publisher marks the file, stops, and the service exits so that the next start salvages."""
+    cfg = config(broker.port)
+    db = tmp_path / "state.db"
+    with Outbox(db) as ob:
+        record(ob, cfg, 300)
+    size = db.stat().st_size
+    with db.open("r+b") as f:  # every page but the schema's: the first read of the rows meets garbage
+        f.seek(2 * 4096)
+        f.write(bytes(range(256)) * ((size - 2 * 4096) // 256))
+    agent = Agent(cfg, db).start()
+    try:
+        assert wait_until(lambda: not agent.publisher.is_alive(), 20)
+        assert agent.publisher.error is not None and "malformed" in str(agent.publisher.error)
+        assert Path(f"{db}.suspect").is_file()
+    finally:
+        agent.publisher.stop(5)
+        agent.link.stop(5)

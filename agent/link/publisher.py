@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from iaflash.agent.config import MqttConfig
-from iaflash.agent.errors import IaflashError
+from iaflash.agent.errors import IaflashError, OutboxError
 from iaflash.agent.link.mqtt import MqttLink
 from iaflash.agent.link.settler import Settler
-from iaflash.agent.outbox.store import Outbox, OutboxRow
+from iaflash.agent.outbox.salvage import mark_suspect
+from iaflash.agent.outbox.store import Outbox, OutboxRow, is_corruption
 
 __all__ = ["Publisher"]
 
@@ -140,8 +141,9 @@ class Publisher(threading.Thread):
         try:
             while not self._stop_evt.is_set():
                 self._turn(outbox)
-            self._finish()
-            self._refresh_stats(outbox, force=True)
+            if self.error is None:  # a corrupt outbox (self.error) is left as it is, for the salvage
+                self._finish()
+                self._refresh_stats(outbox, force=True)
         except BaseException as exc:
             self.error = exc
             log.exception("publisher stopped on an unexpected error; unsent events stay in %s", self.outbox_path)
@@ -172,6 +174,12 @@ class Publisher(threading.Thread):
                 self._maybe_heartbeat(outbox)
             self._refresh_stats(outbox)
         except IaflashError as exc:  # outbox or link trouble: keep everything, retry shortly
+            if isinstance(exc, OutboxError) and exc.__cause__ is not None and is_corruption(exc.__cause__):
+                mark_suspect(self.outbox_path, str(exc))  # retrying a damaged file would hold its flags for ever
+                log.error("publisher: state.db is corrupt (%s): the agent stops; its next start salvages it", exc)
+                self.error = exc
+                self._stop_evt.set()
+                return
             self._note_error(exc)
             self._stop_evt.wait(ERROR_PAUSE_S)
 
