@@ -461,22 +461,24 @@ def test_a_damaged_trust_state_is_refused_with_the_fix_never_forgotten(box: Path
 # ---------------------------------------------------------------- the agent's own load
 
 
+def box_config(box: Path, bundle_dir: Path) -> Config:
+    """The agent's config on ``box`` with its classifier at ``bundle_dir`` (the trust state beside the registry)."""
+    return parse_config(
+        {
+            "model": {"bundle": str(bundle_dir), "backend": "onnxruntime", "threads": 1},
+            "registry": {"db": str(box / "state" / "registry.db")},
+            "outbox": {"db": str(box / "state" / "state.db")},
+            "security": {"trust_dir": str(box / "trust")},
+        }
+    )
+
+
 def test_the_agent_records_what_it_runs_and_then_refuses_an_older_bundle(box: Path) -> None:
     """load_model_set (what start and reload call) checks the version, records it once the set loaded,
     and refuses to go back: the set it runs is untouched by the refusal."""
     models_key = key(box, "models")
 
-    def config(bundle_dir: Path) -> Config:
-        return parse_config(
-            {
-                "model": {"bundle": str(bundle_dir), "backend": "onnxruntime", "threads": 1},
-                "registry": {"db": str(box / "state" / "registry.db")},
-                "outbox": {"db": str(box / "state" / "state.db")},
-                "security": {"trust_dir": str(box / "trust")},
-            }
-        )
-
-    newer = config(bundle(box / "v2", "2.0.0", models_key).path)
+    newer = box_config(box, bundle(box / "v2", "2.0.0", models_key).path)
     assert newer.trust_state_file == state_file(box)
     running = load_model_set(newer)
     try:
@@ -484,7 +486,7 @@ def test_the_agent_records_what_it_runs_and_then_refuses_an_older_bundle(box: Pa
             "tiny-classifier", "2.0.0", "2.0.0"
         )
         with pytest.raises(RollbackRefused, match=r"version 1\.0\.0 is older than or equal to 2\.0\.0"):
-            load_model_set(config(bundle(box / "v1", "1.0.0", models_key).path))
+            load_model_set(box_config(box, bundle(box / "v1", "1.0.0", models_key).path))
         assert running.bundle.manifest.version == "2.0.0"
     finally:
         running.close()
@@ -496,19 +498,9 @@ def test_a_reload_that_loads_but_never_swaps_records_nothing(box: Path) -> None:
     (the agent stopping meanwhile) must not make the version still running a rollback at next start."""
     models_key = key(box, "models")
 
-    def config(bundle_dir: Path) -> Config:
-        return parse_config(
-            {
-                "model": {"bundle": str(bundle_dir), "backend": "onnxruntime", "threads": 1},
-                "registry": {"db": str(box / "state" / "registry.db")},
-                "outbox": {"db": str(box / "state" / "state.db")},
-                "security": {"trust_dir": str(box / "trust")},
-            }
-        )
-
-    old = config(bundle(box / "v1", "1.0.0", models_key).path)
+    old = box_config(box, bundle(box / "v1", "1.0.0", models_key).path)
     load_model_set(old).close()  # what the box runs: 1.0.0
-    loaded = load_model_set(config(bundle(box / "v2", "2.0.0", models_key).path), record=False)
+    loaded = load_model_set(box_config(box, bundle(box / "v2", "2.0.0", models_key).path), record=False)
     loaded.close()  # never swapped in
     assert TrustState(state_file(box)).bundle_mark("tiny-classifier") == BundleMark("tiny-classifier", "1.0.0", "1.0.0")
     again = load_model_set(old)  # the next start with the link switched back: accepted
