@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from .options import shared_options
+
 __all__ = ["train_command"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -96,35 +98,10 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
     help="Checkpoints and feature caches; run again with the same one to resume.",
 )
 @click.option(
-    "--key",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="Model publisher's Ed25519 key (PUBLISHER.key) to sign the bundle.",
-)
-@click.option(
-    "--trust-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Check the signed bundle against this trust store, as the box does.",
-)
-@click.option(
     "--root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
     help="Folder the CSV's image paths are relative to (default: the CSV's folder).",
-)
-@click.option(
-    "--backbone",
-    type=click.Choice(["lite0", "tiny"]),
-    default="lite0",
-    show_default=True,
-    help="lite0: EfficientNet-Lite0 with packaged ImageNet weights; tiny: a test-sized network.",
-)
-@click.option(
-    "--weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Your own Lite0 state dict instead of the packaged ImageNet weights.",
 )
 @click.option(
     "--recipe",
@@ -134,16 +111,8 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
     help="cached: CPU (frozen early blocks cached); full: GPU fine-tune with AMP; auto: full if CUDA.",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option(
-    "--stop-after",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Stop after this many epochs in all (resume later with the same --workdir).",
-)
 @click.option("--size", type=click.IntRange(min=32), default=224, show_default=True, help="Input size (pixels).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--freeze-blocks",
     type=int,
@@ -187,10 +156,9 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--drop-duplicates", is_flag=True, help="Drop identical photos (all copies if their labels conflict).")
 @click.option("--name", default="iaflash-makemodel", show_default=True, help="Bundle name.")
-@click.option("--version", "version", default="1.0.0", show_default=True, help="Bundle version.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Photo loading processes (full recipe).")
-@click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON on stdout.")
+@shared_options
 def train_command(as_json: bool, **opts: Any) -> None:
     """Train a make/model classifier and write a signed, calibrated bundle.
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import click
 
+from .options import shared_options
+
 __all__ = ["train_detector_command"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -223,18 +225,6 @@ def _summary(report: dict[str, Any]) -> str:
     help="Synthetic frames, feature caches and checkpoints; run again with the same one to resume.",
 )
 @click.option(
-    "--key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Model publisher's Ed25519 key (PUBLISHER.key) to sign the bundle.",
-)
-@click.option(
-    "--trust-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Check the signed bundle against this trust store, as the box does.",
-)
-@click.option(
     "--root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
@@ -263,28 +253,8 @@ def _summary(report: dict[str, Any]) -> str:
     show_default=True,
     help="Size of the synthetic frames (a 2448x2048 radar frame as the daemon decodes it for its detector).",
 )
-@click.option(
-    "--backbone",
-    type=click.Choice(["lite0", "tiny"]),
-    default="lite0",
-    show_default=True,
-    help="lite0: EfficientNet-Lite0 with packaged ImageNet weights; tiny: a test-sized network.",
-)
-@click.option(
-    "--weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Your own Lite0 state dict instead of the packaged ImageNet weights.",
-)
 @click.option("--size", type=click.IntRange(min=32), default=320, show_default=True, help="Input size (pixels).")
 @click.option("--epochs", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option(
-    "--stop-after",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Stop after this many epochs in all (resume later with the same --workdir).",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
 @click.option("--width", type=click.IntRange(min=8), default=64, show_default=True, help="Channels of the head.")
 @click.option(
@@ -308,13 +278,11 @@ def _summary(report: dict[str, Any]) -> str:
     show_default=True,
     help="The bundle's detector.iou_threshold (host NMS).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default="iaflash-vehicle-localiser", show_default=True, help="Bundle name.")
-@click.option("--version", "version", default="1.0.0", show_default=True, help="Bundle version.")
 @click.option(
     "--threads", type=click.IntRange(min=0), default=0, help="CPU threads of torch and ONNX Runtime (0: their default)."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON on stdout.")
+@shared_options
 def train_detector_command(as_json: bool, **opts: Any) -> None:
     """Train a vehicle localiser (one class, "car") and write a signed detector bundle.
 
