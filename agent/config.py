@@ -344,7 +344,14 @@ class Config(_Section):
     @property
     def trust_state_file(self) -> Path:
         """The box's trust state (revocation list, rollback marks): beside the registry cache (docs/SIGNING.md)."""
-        return self.registry.db.parent / "trust-state.json"
+        return trust_state_path(self.registry.db)
+
+
+def trust_state_path(registry_db: Path) -> Path:
+    """Where the box keeps its trust state for a registry cache at ``registry_db``: beside it."""
+    return (
+        registry_db.parent / "trust-state.json"
+    )  # engines.trust_state.STATE_FILE (not imported: the decision imports config, and must not pull cryptography)
 
 
 def _unknown_key_fix(key: str, section_model: type[BaseModel] | None) -> str:

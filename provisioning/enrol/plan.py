@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iaflash.agent.config import parse_config
+from iaflash.agent.config import parse_config, trust_state_path
 from iaflash.agent.config_checks import semantic_issues
 from iaflash.agent.errors import ConfigError, ConfigIssue, IaflashError
 from iaflash.agent.registry.cache import import_signed_subset, read_state
@@ -156,10 +156,10 @@ class RegistryImport(Step):
             trust_dir=etc / "trust",
             allow_unsigned=False,
             expected_key_id=key_id(load_hmac_key(raw)),
-            state_file=self.db.parent / "trust-state.json",  # Config.trust_state_file: revocations, registry mark
+            state_file=trust_state_path(self.db),  # the agent's own: revocations, registry mark
         )
         ids = self.box.ids(self.box.service)
-        trust_state = self.db.parent / "trust-state.json"
+        trust_state = trust_state_path(self.db)
         if ids is not None and trust_state.exists():  # the agent updates it as the service user
             os.chown(trust_state, *ids)
         for path in (self.db, self.db.with_name(self.db.name + "-wal"), self.db.with_name(self.db.name + "-shm")):
