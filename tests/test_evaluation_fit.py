@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from iaflash.agent.evaluation.fit import (
     fit_operating_point,
     genuine_needed,
     samples_sha256,
+    with_readings,
     write_fitted_bundle,
 )
 from iaflash.agent.registry.record import RegistryRecord
@@ -167,6 +169,85 @@ def test_a_confused_model_gets_stricter_thresholds_than_a_clean_one() -> None:
     assert noisy.clones_caught < clean.clones_caught
 
 
+def _peaked(label: int, height: float, seed: int) -> np.ndarray:
+    logits = np.random.default_rng(seed).normal(0.0, 0.3, 4)
+    logits[label] += height
+    return logits
+
+
+def test_readings_of_one_vehicle_count_once_in_the_finite_sample_rule() -> None:
+    """Two flagged readings of one car are one flagged car; n counts cars, not readings."""
+    wrong = _peaked(2, 8.0, seed=0)  # a RENAULT CLIO registration seen as a PEUGEOT, twice
+    samples = [
+        FitSample(wrong, _record(0), True, 0, sample_id="car1", unit="car1"),
+        FitSample(wrong, _record(0), True, 0, sample_id="car1@tight", unit="car1", reading="tight"),
+        FitSample(_peaked(1, 8.0, seed=1), _record(1), True, 1, sample_id="car2"),
+    ]
+    probs = np.stack([np.exp(s.logits) / np.exp(s.logits).sum() for s in samples])
+    point, verdicts = count_flags(samples, probs, TAX, DecisionConfig())
+    assert [v.is_flag for v in verdicts] == [True, True, False]
+    assert (point.flags, point.n_genuine, point.genuine_readings) == (1, 2, 3)
+    assert point.upper_bound == pytest.approx(clopper_pearson_upper(1, 2))
+
+
+def test_a_point_fitted_with_readings_holds_on_every_reading() -> None:
+    """Readings where the box fell badly (confidently wrong makes) move the point; the plain fit flags them."""
+    plain_samples = generated_samples(400, seed=1)
+    genuine = [s for s in plain_samples if s.genuine]
+    stressed = [
+        FitSample(
+            _peaked(2 if s.record.make == "RENAULT" else 0, 3.0, seed=k),
+            s.record,
+            True,
+            s.label,
+            sample_id=f"{s.sample_id}@margin",
+            unit=s.sample_id,
+            reading="margin",
+        )
+        for k, s in enumerate(genuine[:12])
+    ]
+    robust_samples = [replace(s, unit=s.sample_id) if s.genuine else s for s in plain_samples] + stressed
+    plain = fit_operating_point(plain_samples, taxonomy=TAX, target=0.02, temperature=1.0)
+    robust = fit_operating_point(robust_samples, taxonomy=TAX, target=0.02, temperature=1.0)
+    assert plain.operating_point.met and robust.operating_point.met
+    assert robust.operating_point.n_genuine == 400  # cars, not readings
+    assert robust.chosen.genuine_readings == 412
+    probs = np.stack([np.exp(s.logits) / np.exp(s.logits).sum() for s in stressed])
+
+    def flags_on_stressed(op_thresholds: dict[str, float]) -> int:
+        cfg = DecisionConfig.model_validate({**DecisionConfig().model_dump(), **op_thresholds})
+        return sum(v.is_flag for v in count_flags(stressed, probs, TAX, cfg)[1])
+
+    assert flags_on_stressed(plain.operating_point.thresholds) > 0
+    assert flags_on_stressed(robust.operating_point.thresholds) <= robust.operating_point.flags
+    assert robust.chosen.clones_caught <= plain.chosen.clones_caught
+
+
+def test_with_readings_joins_each_reading_to_its_genuine_item(tmp_path: Path) -> None:
+    """with_readings matches readings to genuine items by the sample's place; clones stay on the main reading."""
+    from iaflash.agent.demo.dataset import write_dataset
+    from iaflash.agent.demo.model import build_demo_bundle
+    from iaflash.agent.evaluation.dataset import load_dataset
+    from iaflash.agent.evaluation.evaluate import run_inference
+    from iaflash.agent.evaluation.fit import samples_from_inference
+
+    bundle, _ = build_demo_bundle(tmp_path / "bundle", per_class=4, seed=1)
+    data = load_dataset(write_dataset(tmp_path / "data", per_class=3, seed=5, level=0.2))
+    main = run_inference(bundle, data)
+    m = bundle.manifest
+    tight = run_inference(replace(bundle, manifest=replace(m, crop=replace(m.crop_spec, margin=0.0))), data)
+    taxonomy = Taxonomy.from_bundle(bundle)
+    samples = samples_from_inference(main, taxonomy)
+    joined = with_readings(samples, [("margin=0", tight)])
+    extra = joined[len(samples) :]
+    assert len(extra) == sum(s.genuine for s in samples) == len(main.samples)
+    assert all(s.genuine and s.reading == "margin=0" for s in extra)
+    by_unit = {s.unit: s for s in joined[: len(samples)] if s.genuine}
+    assert all(by_unit[s.unit].record == s.record for s in extra)
+    assert all(s.unit == "" for s in joined if not s.genuine)
+    assert not np.allclose(np.stack([s.logits for s in extra]), np.stack([by_unit[s.unit].logits for s in extra]))
+
+
 def test_unusable_samples_are_refused_clearly() -> None:
     with pytest.raises(CalibrationError, match="no samples"):
         fit_operating_point([], taxonomy=TAX)
@@ -239,3 +320,28 @@ def test_fit_command_writes_a_bundle_whose_operating_point_the_daemon_reads(tmp_
     policy = decision_policy(DecisionConfig(), op)
     assert policy.cfg.min_top1 == op.thresholds["min_top1"]
     assert (policy.no_flag_reason is None) == op.met
+
+
+def test_fit_command_with_robust_margins_counts_each_photo_once_over_its_readings(tmp_path: Path) -> None:
+    """--robust-margin reads every genuine photo again; the point's n is still the photos."""
+    from click.testing import CliRunner
+
+    from iaflash.agent.cli.main import main
+    from iaflash.agent.demo.dataset import write_dataset
+    from iaflash.agent.demo.model import build_demo_bundle
+
+    bundle, _ = build_demo_bundle(tmp_path / "bundle", per_class=8, seed=1, fit_per_class=10)
+    data = write_dataset(tmp_path / "data", per_class=12, seed=5, level=0.2)
+    args = ["fit", str(bundle.path), str(data), "--target", "0.05"]
+    robust = CliRunner().invoke(
+        main, [*args, "--out", str(tmp_path / "r"), "--json", "--robust-margin", "0", "--robust-margin", "0.25"]
+    )
+    doc = json.loads(robust.stdout)
+    assert doc["operating_point"]["n_genuine"] == 96
+    assert doc["chosen"]["genuine_readings"] == 3 * 96
+    assert (
+        load_bundle(tmp_path / "r").manifest.operating_point
+        == Manifest.from_dict(json.loads((tmp_path / "r" / "manifest.json").read_text())).operating_point
+    )
+    text = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "t"), "--robust-margin", "0"])
+    assert "192 genuine readings (crop margins 0 too)" in text.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,6 +23,7 @@ from iaflash.agent.cli.eval import (  # the CLI's shared options
     _threads_option,
     _with_paths,
 )
+from iaflash.agent.cli.progress import progress_callback
 from iaflash.engines.cli_common import CONTEXT, EXIT_PROBLEMS, json_option
 
 __all__ = ["fit"]
@@ -54,6 +56,15 @@ __all__ = ["fit"]
     show_default=True,
     help="Simulated clones per photo and level (make, model).",
 )
+@click.option(
+    "--robust-margin",
+    "robust_margins",
+    type=click.FloatRange(0, 1),
+    multiple=True,
+    metavar="M",
+    help="Also read every genuine item with crop margin M (repeatable, e.g. 0 and 0.1: a box a little off). "
+    "The point must then hold on every reading: an item counts once, flagged if any reading flags.",
+)
 @_batch_option
 @_threads_option
 @json_option
@@ -66,6 +77,7 @@ def fit(
     two_sided: bool,
     keep_temperature: bool,
     clones_per_image: int,
+    robust_margins: tuple[float, ...],
     batch_size: int,
     threads: int,
     as_json: bool,
@@ -77,20 +89,29 @@ def fit(
     new bundle carries the operating point (a daemon never flags with a bundle that has none, or
     one that misses its target). Fit on held-out data, never on the model's training images.
 
+    --robust-margin reads each genuine item again with another crop margin (docs/DECISION.md,
+    "Readings"): the thresholds must then hold whichever way the box falls, which keeps them away
+    from the edge of the fitting set.
+
     \b
     Example:
       iaflash-agent fit /models/classifier-1.4.0 val/labels.csv --out /models/classifier-1.4.0+op --target 0.0025
+      iaflash-agent fit ... --robust-margin 0 --robust-margin 0.1
     """
     from iaflash.agent.decision.taxonomy import Taxonomy  # noqa: PLC0415  # `--help` stays fast
     from iaflash.agent.evaluation.fit import (  # noqa: PLC0415
         fit_operating_point,
         samples_from_inference,
+        with_readings,
         write_fitted_bundle,
     )
 
     bundle, inference = _load(bundle_dir, dataset, batch_size, threads)
     taxonomy = Taxonomy.from_bundle(bundle)
     samples = samples_from_inference(inference, taxonomy, clones_per_image=clones_per_image)
+    if robust_margins:
+        readings = [(f"margin={m:g}", _reading(bundle, dataset, m, batch_size, threads)) for m in robust_margins]
+        samples = with_readings(samples, readings)
     result = fit_operating_point(
         samples,
         taxonomy=taxonomy,
@@ -108,6 +129,9 @@ def fit(
     else:
         click.echo(f"operating point {op.id}  target {op.target:g}  ({'met' if op.met else 'NOT met'})")
         click.echo(f"false flags     {op.flags}/{op.n_genuine} genuine, 95% upper bound {op.upper_bound:.4%}")
+        if robust_margins:
+            margins = ", ".join(f"{m:g}" for m in robust_margins)
+            click.echo(f"readings        {chosen.genuine_readings} genuine readings (crop margins {margins} too)")
         make, model = f"{chosen.make_caught}/{chosen.n_make_clones}", f"{chosen.model_caught}/{chosen.n_model_clones}"
         click.echo(f"clones caught   make {make}  model {model}")
         click.echo("thresholds      " + "  ".join(f"{k} {v:g}" for k, v in op.thresholds.items()))
@@ -118,3 +142,15 @@ def fit(
         click.echo(f"WARNING: {warning}", err=True)
     if not op.met:
         sys.exit(EXIT_PROBLEMS)
+
+
+def _reading(bundle: Any, dataset: Path, margin: float, batch_size: int, threads: int) -> Any:
+    """The dataset run through the daemon's intake again, the bundle's crop contract at another margin."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from iaflash.agent.evaluation.evaluate import load_dataset, run_inference  # noqa: PLC0415
+
+    manifest = bundle.manifest
+    variant = replace(bundle, manifest=replace(manifest, crop=replace(manifest.crop_spec, margin=margin)))
+    with progress_callback(f"reading again at crop margin {margin:g}") as progress:
+        return run_inference(variant, load_dataset(dataset), batch_size=batch_size, threads=threads, progress=progress)

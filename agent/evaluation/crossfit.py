@@ -14,6 +14,11 @@ in every fold, and all pairs of one item stay in its fold). For each fold:
    point does not meet the fit's target never flags (the daemon's rule for an unmet point).
 
 So every item is reported once per pair, each time out of fold.
+
+``readings``: other readings of the same items (:class:`Reading`: the tight photo, another crop
+margin), used **only to fit**: each fold's fit also sees the genuine readings of its training items,
+and an item counts once in the finite-sample rule, flagged if any of its readings flags
+(``FitSample.unit``). The report is always on the main reading, one verdict per pair.
 """
 
 from __future__ import annotations
@@ -32,8 +37,18 @@ from iaflash.agent.evaluation.evaluate import Inference, classified, daemon_scor
 from iaflash.agent.evaluation.fit import FitSample, fit_operating_point
 from iaflash.agent.evaluation.simulate import Pair, Rates, rates
 from iaflash.engines.bundle import Bundle
+from iaflash.engines.manifest import Manifest
 
-__all__ = ["CrossFit", "cross_fit"]
+__all__ = ["CrossFit", "Reading", "cross_fit"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Another reading of the items: ``items[n]`` is the index in the main inference of ``inference``'s sample n."""
+
+    inference: Inference
+    items: np.ndarray
+    name: str = "reading"
 
 
 @dataclass(frozen=True)
@@ -60,21 +75,51 @@ def _config(thresholds: dict[str, float], base: DecisionConfig) -> DecisionConfi
     return DecisionConfig.model_validate(data)
 
 
+def _log(probs: np.ndarray) -> np.ndarray:
+    return np.asarray(np.log(np.clip(np.nan_to_num(probs, nan=1.0), 1e-12, 1.0)))
+
+
 def _fit_samples(
-    pairs: Sequence[Pair], probs: np.ndarray, inference: Inference, problems: Sequence[str | None]
+    pairs: Sequence[Pair], probs: np.ndarray, inference: Inference, problems: Sequence[str | None], units: bool
 ) -> list[FitSample]:
     return [
         FitSample(
-            logits=np.log(np.clip(np.nan_to_num(probs[p.sample], nan=1.0), 1e-12, 1.0)),
+            logits=_log(probs[p.sample]),
             record=p.record,
             genuine=not p.clone,
             label=int(inference.labels[p.sample]),
             level=None if not p.clone else ("make" if p.kind == "make" else "model"),
             image_problem=problems[p.sample],
             sample_id=inference.samples[p.sample].where,
+            unit=f"item{p.sample}" if units and not p.clone else "",
         )
         for p in pairs
     ]
+
+
+def _reading_samples(
+    reading: Reading, manifest: Manifest, genuine: dict[int, Pair], folds: int, k: int
+) -> list[FitSample]:
+    """The genuine readings of the items outside fold ``k``, each in the unit of its item."""
+    probs, problems = daemon_scores(reading.inference, manifest)
+    out = []
+    for n, item in enumerate(int(i) for i in reading.items):
+        pair = genuine.get(item)
+        if pair is None or item % folds == k:
+            continue
+        out.append(
+            FitSample(
+                logits=_log(probs[n]),
+                record=pair.record,
+                genuine=True,
+                label=int(reading.inference.labels[n]),
+                image_problem=problems[n],
+                sample_id=reading.inference.samples[n].where,
+                unit=f"item{item}",
+                reading=reading.name,
+            )
+        )
+    return out
 
 
 def cross_fit(
@@ -85,6 +130,7 @@ def cross_fit(
     folds: int,
     target: float,
     base: DecisionConfig | None = None,
+    readings: Sequence[Reading] = (),
 ) -> CrossFit:
     """Fit on K-1 folds, judge the K-th, for every fold (module doc)."""
     base = base or DecisionConfig.model_validate({})
@@ -92,13 +138,19 @@ def cross_fit(
     ok = classified(inference)
     out: list[Verdict | None] = [None] * len(pairs)
     fitted = []
+    genuine = {p.sample: p for p in pairs if not p.clone}
+    for r in readings:
+        if len(r.items) != len(r.inference.samples):
+            raise ValueError(f"a reading maps {len(r.items)} items for {len(r.inference.samples)} samples")
     for k in range(folds):
         train_rows = np.array([i % folds != k and bool(ok[i]) for i in range(len(inference.samples))])
         temperature = fit_temperature(inference.logits[train_rows], inference.labels[train_rows])
-        probs, problems = daemon_scores(inference, replace(bundle.manifest, temperature=temperature))
+        fold_manifest = replace(bundle.manifest, temperature=temperature)
+        probs, problems = daemon_scores(inference, fold_manifest)
         train = [p for p in pairs if p.sample % folds != k]
+        extra = [s for r in readings for s in _reading_samples(r, fold_manifest, genuine, folds, k)]
         result = fit_operating_point(
-            _fit_samples(train, probs, inference, problems),
+            _fit_samples(train, probs, inference, problems, units=bool(readings)) + extra,
             taxonomy=taxonomy,
             target=target,
             base=base,

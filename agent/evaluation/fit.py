@@ -63,6 +63,7 @@ __all__ = [
     "genuine_needed",
     "samples_from_inference",
     "samples_sha256",
+    "with_readings",
     "write_fitted_bundle",
 ]
 
@@ -162,6 +163,10 @@ class FitSample:
     ``image_problem`` is what the daemon's intake said about the image (None when usable).
     ``outputs``/``views``: every view's raw outputs ``[V, C]`` (crop, mirror, second image) when the
     daemon fuses several (:func:`iaflash.engines.scores.fuse`); None: ``logits`` is the one view.
+    ``unit``: the vehicle this sample reads ("": the sample alone). Genuine samples that share a
+    unit are several *readings* of one vehicle (another crop margin, the tight photo): the
+    finite-sample rule counts the unit once, flagged if any of its readings flags. ``reading``
+    names an extra reading ("" for the daemon's own); only the daemon's own fit the temperature.
     """
 
     logits: np.ndarray
@@ -174,6 +179,8 @@ class FitSample:
     view: str | None = None
     outputs: np.ndarray | None = None
     views: tuple[str, ...] = ()
+    unit: str = ""
+    reading: str = ""
 
 
 def samples_sha256(samples: Sequence[FitSample]) -> str:
@@ -182,6 +189,8 @@ def samples_sha256(samples: Sequence[FitSample]) -> str:
     for s in samples:
         digest.update(np.ascontiguousarray(s.logits, dtype=np.float32).tobytes())
         meta = [s.record.make, s.record.model, s.genuine, s.label, s.level, s.image_problem, s.sample_id]
+        if s.unit:  # fitting sets without readings keep the digest they always had
+            meta.append(s.unit)
         digest.update(json.dumps(meta).encode("utf-8"))
     return digest.hexdigest()
 
@@ -200,12 +209,14 @@ class GridPoint:
     n_make_clones: int = 0
     model_caught: int = 0
     n_model_clones: int = 0
+    genuine_readings: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "thresholds": dict(self.thresholds),
             "flags": self.flags,
             "n_genuine": self.n_genuine,
+            "genuine_readings": self.genuine_readings,
             "upper_bound": self.upper_bound,
             "clones_caught": self.clones_caught,
             "n_clones": self.n_clones,
@@ -290,6 +301,45 @@ def samples_from_inference(
     return out
 
 
+def with_readings(samples: Sequence[FitSample], readings: Sequence[tuple[str, Any]]) -> list[FitSample]:
+    """``samples`` plus other readings of their genuine items: the point must hold on every reading.
+
+    ``readings`` are ``(name, Inference)`` pairs over the same dataset read another way (another crop
+    margin, the tight photo). A reading's sample joins the genuine sample with the same
+    ``Sample.where`` (read against that sample's own record); the two share a unit, so the item counts
+    once in the finite-sample rule and is flagged if any reading flags. Clones stay on the main reading.
+    """
+    out = list(samples)
+    own: dict[str, int] = {}
+    for i, s in enumerate(out):
+        if s.genuine and s.sample_id:
+            own.setdefault(s.sample_id, i)
+            out[i] = replace(s, unit=s.sample_id)
+    for name, inference in readings:
+        for n, sample in enumerate(inference.samples):
+            i = own.get(sample.where)
+            if i is None:
+                continue
+            outputs = inference.outputs[n] if len(inference.outputs) > n else None
+            views = tuple(inference.views[n]) if len(inference.views) > n else ()
+            problem = inference.image_problems[n] or (None if outputs is not None else "not classified")
+            out.append(
+                FitSample(
+                    logits=np.nan_to_num(np.asarray(inference.logits[n], dtype=np.float64), nan=0.0),
+                    record=out[i].record,
+                    genuine=True,
+                    label=int(inference.labels[n]),
+                    image_problem=problem,
+                    sample_id=f"{sample.where}@{name}",
+                    outputs=None if outputs is None or len(views) < 2 else np.asarray(outputs),
+                    views=views,
+                    unit=sample.where,
+                    reading=name,
+                )
+            )
+    return out
+
+
 # ---------------------------------------------------------------- the fit
 
 _PERMISSIVE = {"min_top1": 0.0, "make_threshold": 0.0, "model_threshold": 0.0, "other_threshold": 1.0}
@@ -306,6 +356,16 @@ class _Features:
     p_model: np.ndarray  # NaN: make-level check only
     genuine: np.ndarray
     level: np.ndarray  # "make", "model" or "" per sample
+    unit: np.ndarray  # per sample, the index of the vehicle it reads (genuine samples sharing one count once)
+
+
+def _units(samples: Sequence[FitSample]) -> np.ndarray:
+    """Each sample's unit as an integer: samples with the same non-empty ``unit`` share one; others are alone."""
+    index: dict[str, int] = {}
+    out = np.empty(len(samples), dtype=np.int64)
+    for i, s in enumerate(samples):
+        out[i] = index.setdefault(f"u:{s.unit}" if s.unit else f"#{i}", len(index))
+    return out
 
 
 def _features(samples: Sequence[FitSample], probs: np.ndarray, taxonomy: Taxonomy, base: DecisionConfig) -> _Features:
@@ -338,6 +398,7 @@ def _features(samples: Sequence[FitSample], probs: np.ndarray, taxonomy: Taxonom
         p_model=p_model,
         genuine=np.array([s.genuine for s in samples], dtype=bool),
         level=np.array([("" if s.genuine else (s.level or "")) for s in samples]),
+        unit=_units(samples),
     )
 
 
@@ -358,8 +419,9 @@ def _flags(f: _Features, t: dict[str, float]) -> np.ndarray:
 
 
 def _point(f: _Features, t: dict[str, float], flagged: np.ndarray, confidence: float, sided: Sided) -> GridPoint:
+    """Counts at ``t``: genuine flags per unit (a vehicle flagged in any reading counts once), clones per sample."""
     genuine, clones = f.genuine, ~f.genuine
-    k, n = int((flagged & genuine).sum()), int(genuine.sum())
+    k, n = len(np.unique(f.unit[flagged & genuine])), len(np.unique(f.unit[genuine]))
     make, model = clones & (f.level == "make"), clones & (f.level == "model")
     return GridPoint(
         thresholds=dict(t),
@@ -372,6 +434,7 @@ def _point(f: _Features, t: dict[str, float], flagged: np.ndarray, confidence: f
         n_make_clones=int(make.sum()),
         model_caught=int((flagged & model).sum()),
         n_model_clones=int(model.sum()),
+        genuine_readings=int(genuine.sum()),
     )
 
 
@@ -404,6 +467,7 @@ def count_flags(
         p_model=np.zeros(0),
         genuine=np.array([s.genuine for s in samples], dtype=bool),
         level=np.array([("" if s.genuine else (s.level or "")) for s in samples]),
+        unit=_units(samples),
     )
     t = {k: float(getattr(cfg, k)) for k in ("min_top1", "make_threshold", "model_threshold", "other_threshold")}
     return _point(f, t, flagged, confidence, sided), verdicts
@@ -458,7 +522,7 @@ def _temperature(samples: Sequence[FitSample], temperature: float | None) -> flo
         if not (math.isfinite(temperature) and temperature > 0):
             raise CalibrationError(f"temperature must be a positive finite number, got {temperature!r}")
         return float(temperature)
-    labelled = [s for s in samples if s.genuine and s.label is not None and s.image_problem is None]
+    labelled = [s for s in samples if s.genuine and s.label is not None and s.image_problem is None and not s.reading]
     if not labelled:
         raise CalibrationError(
             "no genuine sample with a label to fit the temperature on; fix: give label= or temperature="
@@ -527,7 +591,7 @@ def fit_operating_point(
     if not met:
         warnings.append(
             f"target {target} not met: the best point has {chosen.flags} flag(s) in {chosen.n_genuine} genuine "
-            f"samples, upper bound {chosen.upper_bound:.5f}; 0 flags need at least {needed} genuine samples"
+            f"items, upper bound {chosen.upper_bound:.5f}; 0 flags need at least {needed} genuine samples"
         )
     op = _operating_point(
         chosen, met, target, confidence, sided, t_fit, base, dataset_sha256 or samples_sha256(samples), fitted_at
