@@ -103,11 +103,18 @@ def _condition(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.nda
     return image
 
 
-def build_frame(photo: np.ndarray, n: int) -> tuple[np.ndarray, tuple[int, int, int, int] | None, str]:
-    """(frame, sidecar box or None, condition) for val photo number ``n`` (deterministic)."""
-    rng = np.random.default_rng(10_000 + n)
-    with_box = n % 2 == 0
-    condition = "grey" if n % 5 == 1 else "low_light" if n % 7 == 3 else "day"
+def build_frame(
+    photo: np.ndarray, n: int, variant: int = 0
+) -> tuple[np.ndarray, tuple[int, int, int, int] | None, str]:
+    """(frame, sidecar box or None, condition) for val photo number ``n`` (deterministic).
+
+    ``variant`` 1 is a second capture of the same photo: another background and place, the box
+    swapped (a photo with a sidecar box in variant 0 has none in variant 1) and another condition.
+    """
+    rng = np.random.default_rng(10_000 + n + 1_000_000 * variant)
+    with_box = (n + variant) % 2 == 0
+    c = n + 3 * variant
+    condition = "grey" if c % 5 == 1 else "low_light" if c % 7 == 3 else "day"
     frame = _clutter(rng)
     h, w = photo.shape[:2]
     share = rng.uniform(0.35, 0.55) if with_box else rng.uniform(0.82, 0.92)
@@ -120,7 +127,7 @@ def build_frame(photo: np.ndarray, n: int) -> tuple[np.ndarray, tuple[int, int, 
     return _condition(frame, condition, rng), ((x, y, cw, ch) if with_box else None), condition
 
 
-def write_captures(data: Path, rows: Sequence[dict[str, str]], out: Path) -> dict[str, str]:
+def write_captures(data: Path, rows: Sequence[dict[str, str]], out: Path, variant: int = 0) -> dict[str, str]:
     """The val photos as radar captures (frames + sidecars + truth.csv, all genuine); capture id → condition."""
     conditions: dict[str, str] = {}
     done = out / "conditions.json"
@@ -131,7 +138,7 @@ def write_captures(data: Path, rows: Sequence[dict[str, str]], out: Path) -> dic
     for n, row in enumerate(rows):
         cid = f"val{n:05d}"
         photo = cv2.imread(str(data / row["image"]), cv2.IMREAD_COLOR)
-        frame, box, condition = build_frame(photo, n)
+        frame, box, condition = build_frame(photo, n, variant)
         cv2.imwrite(str(out / f"{cid}.jpg"), frame, [cv2.IMWRITE_JPEG_QUALITY, 90])
         sidecar = {
             "schema_version": 1,
@@ -323,7 +330,13 @@ def measure(
     print(f"  {name}: legacy crops done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     pairs = simulate_pairs(daemon.labels, Taxonomy(bundle.labels), clones_per_image=1, seed=0)
     fitted = cross_fit(daemon, bundle, pairs, folds=args.folds, target=args.fit_target)
-    readings = reading_maps(daemon, tight, legacy, rows)
+    second = None
+    if args.second_frame:  # a second capture of each photo (other place, box swapped, other light)
+        second_dir = args.work / f"captures2-{len(rows)}"
+        write_captures(data, rows, second_dir, variant=1)
+        second = inference(f"{name}-daemon2", bundle, load_dataset(second_dir), args, detector=detector)
+        print(f"  {name}: second frames done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    readings = reading_maps(daemon, tight, legacy, rows, second)
     robust = cross_fit(daemon, bundle, pairs, folds=args.folds, target=args.fit_target, readings=readings)
     legacy_pairs = simulate_pairs(legacy.labels, Taxonomy(bundle.labels), clones_per_image=1, seed=0)
     defaults = at_defaults(legacy, legacy_bundle, legacy_pairs)
@@ -344,6 +357,7 @@ def measure(
         "by_condition": per_condition(daemon, bundle, conditions),
         "fitted": fitted.rates.to_dict(),
         "robust": robust.rates.to_dict(),
+        "readings": "daemon crop, " + ", ".join(r.name for r in readings),
         "defaults": defaults.to_dict(),
         "folds": list(fitted.folds),
         "robust_folds": list(robust.folds),
@@ -352,17 +366,24 @@ def measure(
 
 
 def reading_maps(
-    daemon: Inference, tight: Inference, legacy: Inference, rows: Sequence[dict[str, str]]
+    daemon: Inference,
+    tight: Inference,
+    legacy: Inference,
+    rows: Sequence[dict[str, str]],
+    second: Inference | None = None,
 ) -> list[Reading]:
-    """The tight photos and the legacy-margin crops as readings of the daemon's items (matched by val photo)."""
+    """The tight photos, the legacy-margin crops (and the second frames) as readings of the daemon's items."""
     item = {int(s.capture.capture_id[3:]): i for i, s in enumerate(daemon.samples) if s.capture is not None}
     row = {r["image"]: n for n, r in enumerate(rows)}
-    tight_items = [item.get(row.get(s.where.split(":", 1)[1], -1), -1) for s in tight.samples]
-    legacy_items = [item.get(int(s.capture.capture_id[3:]), -1) if s.capture else -1 for s in legacy.samples]
-    return [
-        Reading(tight, np.array(tight_items, dtype=np.int64), name="tight"),
-        Reading(legacy, np.array(legacy_items, dtype=np.int64), name="margin=0.1"),
-    ]
+
+    def by_capture(inf: Inference) -> np.ndarray:
+        return np.array([item.get(int(s.capture.capture_id[3:]), -1) if s.capture else -1 for s in inf.samples])
+
+    tight_items = np.array([item.get(row.get(s.where.split(":", 1)[1], -1), -1) for s in tight.samples])
+    out = [Reading(tight, tight_items, name="tight"), Reading(legacy, by_capture(legacy), name="margin=0.1")]
+    if second is not None:
+        out.append(Reading(second, by_capture(second), name="second frame"))
+    return out
 
 
 def _rate(r: dict[str, Any], kind: str) -> str:
@@ -380,7 +401,7 @@ def table(results: Sequence[dict[str, Any]], target: float) -> str:
         for label, r, daemon_top1 in (
             (f"fitted out of fold (K={len(res['folds'])})", res["fitted"], res["top1_daemon"]),
             (
-                "fitted out of fold, on 3 readings (daemon crop, tight photo, 10 % margin)",
+                f"fitted out of fold on readings ({res['readings']})",
                 res["robust"],
                 res["top1_daemon"],
             ),
@@ -412,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--target", type=float, default=0.0025, help="reported target: 95 %% upper bound")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--second-frame",
+        action="store_true",
+        help="the fit on readings also reads a second radar-like frame of each photo (box swapped, other light)",
+    )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N val photos (smoke runs)")
     parser.add_argument("--json", dest="json_out", type=Path)
     parser.add_argument("--fresh", action="store_true", help="run the models again (default: reuse --work/inference)")
