@@ -361,6 +361,8 @@ def measure(
         "defaults": defaults.to_dict(),
         "folds": list(fitted.folds),
         "robust_folds": list(robust.folds),
+        "flagged": flagged_genuine(fitted, pairs, daemon, args.folds),
+        "robust_flagged": flagged_genuine(robust, pairs, daemon, args.folds),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -383,6 +385,27 @@ def reading_maps(
     out = [Reading(tight, tight_items, name="tight"), Reading(legacy, by_capture(legacy), name="margin=0.1")]
     if second is not None:
         out.append(Reading(second, by_capture(second), name="second frame"))
+    return out
+
+
+def flagged_genuine(fit: Any, pairs: Sequence[Pair], daemon: Inference, folds: int) -> list[dict[str, Any]]:
+    """Every genuine capture flagged out of fold: what it is, what it was read as, and at which point."""
+    out = []
+    for pair, verdict in zip(pairs, fit.verdicts, strict=True):
+        if pair.clone or not verdict.is_flag:
+            continue
+        sample = daemon.samples[pair.sample]
+        top = verdict.top_k[0] if verdict.top_k else None
+        out.append(
+            {
+                "capture": sample.capture.capture_id if sample.capture else sample.where,
+                "registered": f"{pair.record.make} {pair.record.model}",
+                "seen": None if top is None else f"{top.make} {top.model} p={top.p:.3f}",
+                "level": verdict.level,
+                "fold": pair.sample % folds,
+                "vehicle": daemon.evidence[pair.sample].get("vehicle_source") if daemon.evidence else None,
+            }
+        )
     return out
 
 
@@ -471,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         print(f"\n{r['model']}: {r['bundle']} crop={r['crop']} detector={r['detector']} ({r['seconds']:.0f}s)")
         print(f"  top-1 by frame kind (daemon crops): {r['by_condition']}")
+        for kind in ("flagged", "robust_flagged"):
+            for f in r[kind]:
+                print(f"  {kind.replace('_', ' ')} genuine: {f}")
         for kind in ("folds", "robust_folds"):
             for f in r[kind]:
                 print(

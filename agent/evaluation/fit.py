@@ -317,8 +317,8 @@ def with_readings(samples: Sequence[FitSample], readings: Sequence[tuple[str, An
             out[i] = replace(s, unit=s.sample_id)
     for name, inference in readings:
         for n, sample in enumerate(inference.samples):
-            i = own.get(sample.where)
-            if i is None:
+            at = own.get(sample.where)
+            if at is None:
                 continue
             outputs = inference.outputs[n] if len(inference.outputs) > n else None
             views = tuple(inference.views[n]) if len(inference.views) > n else ()
@@ -326,7 +326,7 @@ def with_readings(samples: Sequence[FitSample], readings: Sequence[tuple[str, An
             out.append(
                 FitSample(
                     logits=np.nan_to_num(np.asarray(inference.logits[n], dtype=np.float64), nan=0.0),
-                    record=out[i].record,
+                    record=out[at].record,
                     genuine=True,
                     label=int(inference.labels[n]),
                     image_problem=problem,
