@@ -14,7 +14,11 @@
   start and after any read error; a corrupt, unreadable or missing cache makes the registry
   *unavailable* (:class:`RegistryUnavailable`, verdicts ``inconclusive``/``registry_unavailable``)
   instead of crashing the agent, and it is reopened by itself (every ``REOPEN_EVERY_S``) once a
-  snapshot was re-imported. ``registry status`` and ``doctor`` report the same check.
+  snapshot was re-imported, or the fault was fixed. ``registry status`` and ``doctor`` report the same check.
+* Each failure is told by its cause (:func:`iaflash.agent.sqlite.store_fault`): a full file system,
+  a read-only one and a permission error each name the folder and their own fix, and say the
+  cache is intact; only real corruption (SQLITE_CORRUPT, SQLITE_NOTADB, a failed ``quick_check``)
+  advises moving the file aside and re-importing a snapshot (:func:`fix_corrupt`).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from iaflash.agent.registry.subset_file import (
     records_from_plates,
     write_subset,
 )
-from iaflash.agent.sqlite import sqlite_errors
+from iaflash.agent.sqlite import StoreFault, store_fault
 from iaflash.engines.signing import TrustedFile, TrustState, open_trusted_file, signature_path
 
 __all__ = [
@@ -105,14 +109,28 @@ def fix_corrupt(db_path: Path) -> str:
     )
 
 
-def check_integrity(db_path: Path) -> str | None:
-    """None when ``db_path`` passes SQLite's ``quick_check``; else what is wrong (the file is not changed).
+_HEALS = "no re-import is needed: the running agent reads the registry again by itself once this is fixed"
+_NOT_IMPORTED = "nothing was imported (the cache is as it was): run the import again once this is fixed"
 
-    A missing file is a problem too (the agent never recreates it silently).
-    """
-    db_path = Path(db_path)
+
+def _fault(exc: BaseException, db_path: Path, *, reading: bool) -> StoreFault:
+    """What ``exc`` on the cache means: its problem and the fix for a registry (re-import only when corrupt)."""
+    fault = store_fault(exc, db_path)
+    if fault.kind == "corrupt":
+        return StoreFault("corrupt", f"{db_path}: corrupt ({exc})", fix_corrupt(db_path))
+    problem = fault.problem if fault.problem.startswith(f"{db_path}") else f"{db_path}: {fault.problem}"
+    return StoreFault(fault.kind, problem, f"{fault.fix}; {_HEALS if reading else _NOT_IMPORTED}")
+
+
+def _check(db_path: Path) -> StoreFault | None:
+    """None when ``db_path`` passes SQLite's ``quick_check``; else the fault, with its fix (see check_integrity)."""
     if not db_path.is_file():
-        return f"{db_path}: no registry cache here"
+        return StoreFault(
+            "missing",
+            f"{db_path}: no registry cache here",
+            "import a snapshot with `iaflash-provision registry import SNAPSHOT.jsonl.gz` (or check [registry] db); "
+            "the running agent picks it up by itself",
+        )
     try:
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
         try:
@@ -121,17 +139,31 @@ def check_integrity(db_path: Path) -> str | None:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        return f"{db_path}: corrupt or unreadable ({exc})"
+        return _fault(exc, db_path, reading=True)
     if rows != ["ok"]:
-        return f"{db_path}: corrupt (quick_check: {'; '.join(str(r) for r in rows)[:300]})"
+        found = "; ".join(str(r) for r in rows)[:300]
+        return StoreFault("corrupt", f"{db_path}: corrupt (quick_check: {found})", fix_corrupt(db_path))
     return None
 
 
+def check_integrity(db_path: Path) -> str | None:
+    """None when ``db_path`` passes SQLite's ``quick_check``; else what is wrong (the file is not changed).
+
+    A missing file is a problem too (the agent never recreates it silently). The problem names its
+    cause: "corrupt" only for real damage; a full or read-only file system or a permission error says so.
+    """
+    fault = _check(Path(db_path))
+    return None if fault is None else fault.problem
+
+
 @contextlib.contextmanager
-def _db_errors(what: str, db_path: Path) -> Iterator[None]:
-    """sqlite3's exceptions become RegistryError (the one map is iaflash.agent.sqlite)."""
-    with sqlite_errors(what, db_path, RegistryError):
+def _db_errors(what: str, db_path: Path, *, importing: bool = False) -> Iterator[None]:
+    """sqlite3's exceptions (and OSErrors) on the cache become RegistryError, with the fix for their cause."""
+    try:
         yield
+    except (sqlite3.Error, OSError) as exc:
+        fault = _fault(exc, db_path, reading=not importing)
+        raise RegistryError(f"{what} failed on {fault.problem}; fix: {fault.fix}") from exc  # problem: "<db>: ..."
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:
@@ -291,7 +323,7 @@ def import_subset(
     cache) is refused with :class:`RollbackRefused` and nothing is imported.
     """
     file, db_path = Path(file), Path(db_path)
-    with SubsetReader(file, data) as reader, _db_errors("registry import", db_path):
+    with SubsetReader(file, data) as reader, _db_errors("registry import", db_path, importing=True):
         conn = _connect(db_path)
         try:
             conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: B-tree inserts
@@ -410,8 +442,9 @@ def _registry_mark(state: TrustState | None) -> Applied | None:
 def read_state(db_path: Path) -> RegistryState | None:
     """The state of an existing cache without creating anything (None if never imported).
 
-    The file passes SQLite's ``quick_check`` first: a corrupt cache raises RegistryUnavailable
-    with the fix (re-import a snapshot), never "all is well" on a file the agent cannot read.
+    The file passes SQLite's ``quick_check`` first: a cache it cannot read raises RegistryUnavailable
+    with the fix for the cause (re-import a snapshot only when it is corrupt; free space, remount or
+    fix permissions otherwise), never "all is well" on a file the agent cannot read.
     """
     db_path = Path(db_path)
     if not db_path.is_file():
@@ -419,9 +452,9 @@ def read_state(db_path: Path) -> RegistryState | None:
             f"{db_path}: no registry cache here; fix: check [registry] db or --db, "
             "or import a snapshot with `iaflash-provision registry import FILE`"
         )
-    problem = check_integrity(db_path)
-    if problem is not None:
-        raise RegistryUnavailable(f"{problem}; fix: {fix_corrupt(db_path)}")
+    fault = _check(db_path)
+    if fault is not None:
+        raise RegistryUnavailable(f"{fault.problem}; fix: {fault.fix}")
     with _db_errors("reading the registry state", db_path):
         conn = sqlite3.connect(str(db_path), timeout=30)
         try:
@@ -453,6 +486,7 @@ class Registry:
         self._data_version: int | None = None
         self._state: RegistryState | None = None
         self.problem: str | None = None
+        self._fault: StoreFault | None = None  # the problem's cause and fix
         self.unavailable_since: float | None = None
         self._checked_at = 0.0  # monotonic time of the last integrity check
         self.reopen_every_s = REOPEN_EVERY_S
@@ -463,43 +497,55 @@ class Registry:
 
     def _open(self) -> bool:
         """(Re)open the file after a quick_check; on failure record the problem, log it once, return False."""
-        problem = check_integrity(self._path)
-        if problem is None:
+        fault = _check(self._path)
+        if fault is None:
             try:
                 conn = _connect(self._path)
             except sqlite3.Error as exc:
-                problem = f"{self._path}: cannot be opened ({exc})"
+                fault = _fault(exc, self._path, reading=True)
             else:
                 if self._conn is not None:
                     with contextlib.suppress(sqlite3.Error):
                         self._conn.close()
                 self._conn, self._data_version, self._state = conn, None, None
-        if problem is not None:
-            self._set_unavailable(problem)
+        if fault is not None:
+            self._set_unavailable(fault)
             return False
         if self.problem is not None:
             log.warning("registry cache %s is available again (was: %s)", self._path, self.problem)
-        self.problem, self.unavailable_since = None, None
+        self.problem, self._fault, self.unavailable_since = None, None, None
         return True
 
-    def _set_unavailable(self, problem: str) -> None:
-        if problem != self.problem:
+    def _set_unavailable(self, fault: StoreFault) -> None:
+        if fault.problem != self.problem:
             log.error(
                 "registry unavailable: %s; verdicts are inconclusive (registry_unavailable) until it is fixed. Fix: %s",
-                problem,
-                fix_corrupt(self._path),
+                fault.problem,
+                fault.fix,
             )
         if self.unavailable_since is None:
             self.unavailable_since = time.time()
-        self.problem = problem
+        self.problem, self._fault = fault.problem, fault
         self._checked_at = time.monotonic()
+
+    @property
+    def fix(self) -> str | None:
+        """How to fix the problem that makes the registry unavailable (None when it is available)."""
+        return None if self._fault is None else self._fault.fix
+
+    @property
+    def cause(self) -> str | None:
+        """The kind of that problem (``corrupt``, ``disk_full``, ``read_only``, ``permission``, ...), or None."""
+        return None if self._fault is None else self._fault.kind
 
     def _usable(self) -> sqlite3.Connection:
         """The open connection, or RegistryUnavailable (re-checking the file when it is time)."""
         if self.problem is not None and time.monotonic() - self._checked_at >= self.reopen_every_s:
             self._open()
-        if self.problem is not None or self._conn is None:
-            raise RegistryUnavailable(f"registry unavailable: {self.problem}; fix: {fix_corrupt(self._path)}")
+        if self.problem is not None:
+            raise RegistryUnavailable(f"registry unavailable: {self.problem}; fix: {self.fix}")
+        if self._conn is None:
+            raise RegistryUnavailable(f"registry unavailable: {self._path} was closed; fix: open a new Registry")
         return self._conn
 
     @contextlib.contextmanager
@@ -509,24 +555,26 @@ class Registry:
         try:
             yield conn
         except sqlite3.Error as exc:
-            self._set_unavailable(check_integrity(self._path) or f"{self._path}: {what} failed ({exc})")
+            fault = _check(self._path) or _fault(exc, self._path, reading=True)
+            self._set_unavailable(fault)
             raise RegistryUnavailable(
-                f"registry unavailable: {what} failed on {self._path}: {exc}; fix: {fix_corrupt(self._path)}"
+                f"registry unavailable: {what} failed: {fault.problem}; fix: {fault.fix}"
             ) from exc
 
     def health(self) -> dict[str, Any]:
-        """For the heartbeat and doctor: state ok / empty / unavailable, with the problem and the fix."""
+        """For the heartbeat and doctor: state ok / empty / unavailable, with the problem, its cause and the fix."""
         if self.problem is not None:
             return {
                 "state": "unavailable",
                 "problem": self.problem,
-                "fix": fix_corrupt(self._path),
+                "cause": self.cause,
+                "fix": self.fix,
                 "since": self.unavailable_since,
             }
         try:
             state = self.state()
         except RegistryError as exc:
-            return {"state": "unavailable", "problem": str(exc), "fix": fix_corrupt(self._path)}
+            return {"state": "unavailable", "problem": str(exc), "cause": self.cause, "fix": self.fix}
         if state is None or state.count == 0:
             return {
                 "state": "empty",

@@ -279,6 +279,11 @@ def _chunks(file: Path, data: bytes | IO[bytes] | None) -> Generator[tuple[int, 
                 if lines:
                     yield lineno + 1, lines
                     lineno += len(lines)
+    except PermissionError as exc:  # not damage: copying it again would not help
+        raise RegistryFileError(
+            f"{file}: cannot be read: {exc}; fix: let the user running the import read it (`ls -l {file}`), "
+            "or run the import with sudo; the file itself is not damaged"
+        ) from exc
     except (OSError, EOFError, zlib.error) as exc:
         raise RegistryFileError(
             f"{file}: unreadable after line {lineno}: {exc}; fix: copy the file again (it is damaged or not gzip)"
