@@ -7,6 +7,12 @@ capture in flight is committed before the link goes down.
 :meth:`Service.reload` (SIGHUP, or the signed ``reload`` command) loads the bundles the config's
 paths name now, warms them beside the running ones and swaps them between two captures; a bundle
 that fails to load leaves the old models running, and says so (docs/BUNDLES.md#reload).
+
+A reload and :meth:`Service.stop` never overlap (``_reload_lock``): stop waits for a reload in
+flight (one still loading drops its new models as soon as they are loaded), and a reload asked for
+once stop has begun does nothing and says so in the log. A reload never calls stop, and stop is
+only called by the thread that runs :meth:`Service.run` (or the CLI after a failed start), never
+from a signal handler, so the wait cannot deadlock.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ log = logging.getLogger(__name__)
 PURGE_EVERY_S = 3600.0
 AGENT_VERSION = "0.1.0"
 RETIRE_WAIT_S = 30.0  # how long a reload waits for the captures still on the old models before closing them
+STOP_WAIT_LOG_S = 10.0  # while stop() waits for a reload in flight, it says so this often
 
 
 class Service:
@@ -71,7 +78,10 @@ class Service:
         self.commands: CommandWorker | None = None
         self.models: ModelSet | None = None
         self._retired: list[ModelSet] = []  # swapped out, still held by a capture when the reload returned
-        self._reload_lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # held by a reload from start to end; stop() waits for it
+        self._reloading: str | None = None  # the trigger of the reload in flight
+        # A seam for tests: called at each step of a reload ("loaded", "swapped") with the new models.
+        self.reload_hook: Callable[[str, ModelSet], None] | None = None
         self._reload_wanted: str | None = None  # set by request_reload (a signal handler), run by run()
         self._reload_thread: threading.Thread | None = None
         self._stopping = False
@@ -185,40 +195,72 @@ class Service:
         nothing: the old models keep running and the failure is logged, counted and reported.
         """
         with self._reload_lock:
-            pipeline = self.pipeline
-            if pipeline is None or self._stopping:
-                return self._reloaded(
-                    trigger, None, None, error="the agent is not running", started=time.perf_counter()
-                )
-            old, started = pipeline.models, time.perf_counter()
-            log.info("model reload (%s): loading %s", trigger, self.cfg.model.bundle)
             try:
-                new = load_model_set(self.cfg, generation=old.generation + 1, record=False)
-            except (IaflashError, OSError) as exc:
-                return self._reloaded(trigger, old, None, error=str(exc), started=started)
-            if self._stopping:
-                new.close()
-                return self._reloaded(trigger, old, None, error="the agent is stopping", started=started)
-            retired = pipeline.swap(new)
-            try:  # only now is the new version the one this box runs (a stop before the swap records nothing)
-                record_model_set(self.cfg, new)
-            except (IaflashError, OSError) as exc:  # running all the same; the next start records it again
-                log.error("model reload (%s): the trust state was not updated (%s); fix: check the disk", trigger, exc)
-            self.models, self.backend = new, new.backend
-            self.detector_backend = new.detector[0] if new.detector else None
-            outcome = self._reloaded(trigger, old, new, error=None, started=started)
-            if self.commands is not None:
-                self.commands.models_reloaded()
-            in_flight = retired.users
-            if retired.wait_idle(RETIRE_WAIT_S):
-                retired.close()
-            else:
-                log.warning(
-                    "%d captures still hold the old models after %.0f s; closed at stop", retired.users, RETIRE_WAIT_S
-                )
-                self._retired.append(retired)
-            outcome["in_flight_on_old"] = in_flight
-            return outcome
+                self._reloading = trigger
+                return self._reload(trigger)
+            finally:
+                self._reloading = None
+
+    def _reload(self, trigger: str) -> dict[str, Any]:
+        """reload() under ``_reload_lock``: stop() has not begun tearing down, and does not until this returns."""
+        started = time.perf_counter()
+        if self._stopping:  # stop() began: nothing to reload into (and nothing is recorded or counted)
+            return self._not_reloaded(trigger, "the agent is stopping; nothing was loaded", started)
+        pipeline = self.pipeline
+        if pipeline is None:
+            return self._reloaded(trigger, None, None, error="the agent is not running", started=started)
+        old = pipeline.models
+        log.info("model reload (%s): loading %s", trigger, self.cfg.model.bundle)
+        try:
+            new = load_model_set(self.cfg, generation=old.generation + 1, record=False)
+        except (IaflashError, OSError) as exc:
+            return self._reloaded(trigger, old, None, error=str(exc), started=started)
+        self._step("loaded", new)
+        if self._stopping:  # stop() began while the models loaded: it waits for us; drop them, swap nothing
+            new.close()
+            return self._not_reloaded(
+                trigger, "the agent began to stop while the new models loaded; they were dropped", started, old
+            )
+        retired = pipeline.swap(new)
+        self._step("swapped", new)
+        try:  # only now is the new version the one this box runs (a stop before the swap records nothing)
+            record_model_set(self.cfg, new)
+        except (IaflashError, OSError) as exc:  # running all the same; the next start records it again
+            log.error("model reload (%s): the trust state was not updated (%s); fix: check the disk", trigger, exc)
+        self.models, self.backend = new, new.backend
+        self.detector_backend = new.detector[0] if new.detector else None
+        outcome = self._reloaded(trigger, old, new, error=None, started=started)
+        if self.commands is not None:
+            self.commands.models_reloaded()
+        in_flight = retired.users
+        if self._stopping:  # stop() waits for us: it stops the pipeline, then closes the old models too
+            self._retired.append(retired)
+        elif retired.wait_idle(RETIRE_WAIT_S):
+            retired.close()
+        else:
+            log.warning(
+                "%d captures still hold the old models after %.0f s; closed at stop", retired.users, RETIRE_WAIT_S
+            )
+            self._retired.append(retired)
+        outcome["in_flight_on_old"] = in_flight
+        return outcome
+
+    def _step(self, step: str, new: ModelSet) -> None:
+        if self.reload_hook is not None:
+            self.reload_hook(step, new)
+
+    def _not_reloaded(self, trigger: str, why: str, started: float, old: ModelSet | None = None) -> dict[str, Any]:
+        """A reload that stop() made moot: logged (WARNING), answered, but neither counted nor recorded."""
+        log.warning("model reload (%s) not done: %s", trigger, why)
+        return {
+            "ok": False,
+            "trigger": trigger,
+            "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "seconds": round(time.perf_counter() - started, 3),
+            "error": f"model reload not done: {why}",
+            "previous": _brief(old),
+            "running": _brief(old),
+        }
 
     def _reloaded(
         self, trigger: str, old: ModelSet | None, new: ModelSet | None, *, error: str | None, started: float
@@ -356,10 +398,14 @@ class Service:
             )
 
     def stop(self) -> None:
-        self._stopping = True
-        reloading = self._reload_thread
-        if reloading is not None and reloading is not threading.current_thread():
-            reloading.join(60)  # a model loading now is dropped once loaded (see reload)
+        """Stop every part, in the reverse order of start (idempotent).
+
+        A reload in flight (SIGHUP thread or ``reload`` command) is waited for first, so nothing is
+        torn down under it and it cannot swap models in afterwards; one still loading drops its new
+        models as soon as they are loaded. A reload asked for from now on does nothing (see reload).
+        """
+        self._stopping = True  # before the wait: a reload loading now gives up at its next step
+        self._wait_for_reload()
         stop_exporters(self.exporters)
         self.exporters = []
         if self.pipeline is not None:
@@ -381,6 +427,16 @@ class Service:
         self.lock.release()
         self.pipeline = self.publisher = self.link = self.backend = self.registry = None  # stop is idempotent
         self.detector_backend = self.models = None
+
+    def _wait_for_reload(self) -> None:
+        """Until no reload holds ``_reload_lock``; any reload that takes it afterwards sees ``_stopping``."""
+        if not self._reload_lock.acquire(blocking=False):
+            log.info("stop: waiting for the model reload in progress (%s) to finish", self._reloading)
+            waited = 0.0
+            while not self._reload_lock.acquire(timeout=STOP_WAIT_LOG_S):
+                waited += STOP_WAIT_LOG_S
+                log.warning("stop: still waiting for the model reload (%s) after %.0f s", self._reloading, waited)
+        self._reload_lock.release()
 
     def _errors(self) -> dict[str, int]:
         """Every error counter of the running parts, in one flat dict (heartbeat and doctor)."""
