@@ -336,3 +336,19 @@ def test_cross_fit_reports_every_item_out_of_fold_and_an_unmet_fit_never_flags(b
     assert all(f["met"] for f in cf["fitted"])
     assert cf["make_detected"] > 0  # met points flag, out of fold
     assert {f["fold"] for f in cf["fitted"]} == {0, 1, 2}
+
+
+def test_cross_fit_on_readings_counts_items_not_readings_and_needs_cross_fit(bundle: Bundle, tmp_path: Path) -> None:
+    """--robust-margin reads every item again for the fits; the fits count items, the report stays one per item."""
+    data = write_photos(tmp_path / "photos")
+    args = ["evaluate", str(bundle.path), str(data), "--json", "--cross-fit", "3", "--target-false-flag-rate", "0.5"]
+    robust = CliRunner().invoke(cli(), [*args, "--robust-margin", "0", "--robust-margin", "0.3"])
+    cf = json.loads(robust.stdout)["cross_fit"]
+    assert cf["readings"] == ["margin=0", "margin=0.3"]
+    assert cf["genuine"] == 24  # the report: the daemon's own reading, once per item
+    assert [f["n_genuine"] for f in cf["fitted"]] == [16, 16, 16]  # each fit: its 16 items, read 3 times each
+    plain = json.loads(CliRunner().invoke(cli(), args).stdout)["cross_fit"]
+    assert plain["readings"] == []
+    bad = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(data), "--robust-margin", "0"])
+    assert bad.exit_code == 2
+    assert "add --cross-fit" in bad.output

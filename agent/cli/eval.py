@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -68,6 +68,27 @@ def _load(
     return bundle, inference
 
 
+def _reading(bundle: Bundle, dataset: Path, margin: float, batch_size: int, threads: int) -> Inference:
+    """The dataset run through the daemon's intake again, the bundle's crop contract at another margin."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from iaflash.agent.evaluation.evaluate import load_dataset, run_inference  # noqa: PLC0415
+
+    manifest = bundle.manifest
+    variant = replace(bundle, manifest=replace(manifest, crop=replace(manifest.crop_spec, margin=margin)))
+    with progress_callback(f"reading again at crop margin {margin:g}") as progress:
+        return run_inference(variant, load_dataset(dataset), batch_size=batch_size, threads=threads, progress=progress)
+
+
+_robust_option = click.option(
+    "--robust-margin",
+    "robust_margins",
+    type=click.FloatRange(0, 1),
+    multiple=True,
+    metavar="M",
+    help="Also read every genuine item with crop margin M (repeatable, e.g. 0 and 0.1: a box a little off). "
+    "The fitted point must then hold on every reading: an item counts once, flagged if any reading flags.",
+)
 _batch_option = click.option(
     "--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="Images per inference call."
 )
@@ -155,18 +176,20 @@ def _with_cross_fit(
     target: float,
     clones_per_image: int,
     seed: int,
+    readings: Sequence[tuple[str, Inference]] = (),
 ) -> dict[str, Any]:
     """The document with ``cross_fit``: the fit's operating point judged out of fold (and a warning if missed)."""
     from iaflash.agent.decision.taxonomy import Taxonomy  # noqa: PLC0415
-    from iaflash.agent.evaluation.crossfit import cross_fit  # noqa: PLC0415
+    from iaflash.agent.evaluation.crossfit import Reading, cross_fit  # noqa: PLC0415
     from iaflash.agent.evaluation.evaluate import make_pairs, rounded  # noqa: PLC0415
 
     pairs = make_pairs(inference, Taxonomy(bundle.labels), clones_per_image, seed)
+    matched = [Reading.matching(inference, other, name) for name, other in readings]
     with progress_callback("cross-fitting") as progress:
         progress(0, folds)
-        result = cross_fit(inference, bundle, pairs, folds=folds, target=target, base=base)
+        result = cross_fit(inference, bundle, pairs, folds=folds, target=target, base=base, readings=matched)
         progress(folds, folds)
-    summary = rounded(result.to_dict(target))
+    summary = {**rounded(result.to_dict(target)), "readings": [name for name, _ in readings]}
     warnings = list(doc["warnings"])
     if not summary["met"]:
         warnings.append(
@@ -245,6 +268,7 @@ def _print_summary(doc: dict[str, Any], out: Path | None) -> None:
     show_default=True,
     help="Also fit temperature + thresholds on K-1 folds and report every item out of fold (0: off).",
 )
+@_robust_option
 @_batch_option
 @_threads_option
 @json_option
@@ -258,6 +282,7 @@ def evaluate(
     clones_per_image: int,
     seed: int,
     cross_fit_folds: int,
+    robust_margins: tuple[float, ...],
     batch_size: int,
     threads: int,
     as_json: bool,
@@ -293,8 +318,13 @@ def evaluate(
             progress=progress,
             dataset_path=dataset,
         )
+    if robust_margins and not cross_fit_folds:
+        raise click.UsageError("--robust-margin applies to the cross-fit; fix: add --cross-fit K (e.g. 5)")
     if cross_fit_folds:
-        doc = _with_cross_fit(doc, bundle, inference, config.decision, cross_fit_folds, target, clones_per_image, seed)
+        readings = [(f"margin={m:g}", _reading(bundle, dataset, m, batch_size, threads)) for m in robust_margins]
+        doc = _with_cross_fit(
+            doc, bundle, inference, config.decision, cross_fit_folds, target, clones_per_image, seed, readings
+        )
     if out is not None:
         out.write_text(render_html(doc), encoding="utf-8")
     if as_json:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -20,10 +19,11 @@ from iaflash.agent.cli.eval import (  # the CLI's shared options
     _batch_option,
     _load,
     _operational,
+    _reading,
+    _robust_option,
     _threads_option,
     _with_paths,
 )
-from iaflash.agent.cli.progress import progress_callback
 from iaflash.engines.cli_common import CONTEXT, EXIT_PROBLEMS, json_option
 
 __all__ = ["fit"]
@@ -56,15 +56,7 @@ __all__ = ["fit"]
     show_default=True,
     help="Simulated clones per photo and level (make, model).",
 )
-@click.option(
-    "--robust-margin",
-    "robust_margins",
-    type=click.FloatRange(0, 1),
-    multiple=True,
-    metavar="M",
-    help="Also read every genuine item with crop margin M (repeatable, e.g. 0 and 0.1: a box a little off). "
-    "The point must then hold on every reading: an item counts once, flagged if any reading flags.",
-)
+@_robust_option
 @_batch_option
 @_threads_option
 @json_option
@@ -142,15 +134,3 @@ def fit(
         click.echo(f"WARNING: {warning}", err=True)
     if not op.met:
         sys.exit(EXIT_PROBLEMS)
-
-
-def _reading(bundle: Any, dataset: Path, margin: float, batch_size: int, threads: int) -> Any:
-    """The dataset run through the daemon's intake again, the bundle's crop contract at another margin."""
-    from dataclasses import replace  # noqa: PLC0415
-
-    from iaflash.agent.evaluation.evaluate import load_dataset, run_inference  # noqa: PLC0415
-
-    manifest = bundle.manifest
-    variant = replace(bundle, manifest=replace(manifest, crop=replace(manifest.crop_spec, margin=margin)))
-    with progress_callback(f"reading again at crop margin {margin:g}") as progress:
-        return run_inference(variant, load_dataset(dataset), batch_size=batch_size, threads=threads, progress=progress)

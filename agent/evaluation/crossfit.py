@@ -50,6 +50,12 @@ class Reading:
     items: np.ndarray
     name: str = "reading"
 
+    @classmethod
+    def matching(cls, main: Inference, other: Inference, name: str) -> Reading:
+        """``other`` (the same dataset read another way) matched to ``main``'s items by ``Sample.where``."""
+        at = {s.where: i for i, s in enumerate(main.samples)}
+        return cls(other, np.array([at.get(s.where, -1) for s in other.samples], dtype=np.int64), name)
+
 
 @dataclass(frozen=True)
 class CrossFit:
