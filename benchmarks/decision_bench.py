@@ -277,7 +277,7 @@ def inference(kind: str, bundle: Bundle, samples: Sequence[Sample], args: argpar
 
 def at_defaults(inference: Inference, bundle: Bundle, pairs: Sequence[Pair]) -> Rates:
     """Counts at DecisionConfig() and the bundle's temperature, as given (no operating-point rule)."""
-    taxonomy = Taxonomy(bundle.labels)
+    taxonomy = Taxonomy.from_bundle(bundle)
     probs, problems = daemon_scores(inference, bundle.manifest)
     return rates(pair_verdicts(probs, pairs, problems, taxonomy, DecisionConfig.model_validate({})), pairs)
 

@@ -352,3 +352,25 @@ def test_cross_fit_on_readings_counts_items_not_readings_and_needs_cross_fit(bun
     bad = CliRunner().invoke(cli(), ["evaluate", str(bundle.path), str(data), "--robust-margin", "0"])
     assert bad.exit_code == 2
     assert "add --cross-fit" in bad.output
+
+
+def test_cross_fit_judges_with_the_bundle_s_look_alike_groups_as_the_daemon_does(
+    bundle: Bundle, tmp_path: Path
+) -> None:
+    """A MEGANE shown, a PEUGEOT 208 registered: a make-level flag, unless the bundle declares them look-alikes."""
+    from dataclasses import replace
+
+    from iaflash.agent.evaluation.crossfit import cross_fit
+    from iaflash.agent.evaluation.evaluate import make_pairs
+
+    inference = run_inference(bundle, load_dataset(write_photos(tmp_path / "photos")))
+    twins = replace(bundle, manifest=replace(bundle.manifest, lookalike_groups=(("RENAULT MEGANE", "PEUGEOT 208"),)))
+    pairs = make_pairs(inference, Taxonomy(bundle.labels), 1, 0)
+    noisy = {n for n, s in enumerate(inference.samples) if s.image.name in ("img009.jpg", "img017.jpg")}
+
+    def flagged(b: Bundle) -> set[int]:
+        cf = cross_fit(inference, b, pairs, folds=3, target=0.5)
+        return {p.sample for p, v in zip(pairs, cf.verdicts, strict=True) if not p.clone and v.is_flag}
+
+    assert noisy & flagged(bundle)  # the daemon would flag them without the declaration
+    assert not noisy & flagged(twins)

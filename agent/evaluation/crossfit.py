@@ -140,7 +140,7 @@ def cross_fit(
 ) -> CrossFit:
     """Fit on K-1 folds, judge the K-th, for every fold (module doc)."""
     base = base or DecisionConfig.model_validate({})
-    taxonomy = Taxonomy(bundle.labels, full_range_makes=frozenset(bundle.manifest.full_range_makes))
+    taxonomy = Taxonomy.from_bundle(bundle)  # its full-range makes and look-alike groups, as the daemon reads it
     ok = classified(inference)
     out: list[Verdict | None] = [None] * len(pairs)
     fitted = []

@@ -555,7 +555,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """The evaluation document (schema ``iaflash.evaluation/2``): every figure of the report and one row per sample."""
     require_supported(inference)
-    taxonomy, temperature = Taxonomy(bundle.labels), bundle.manifest.temperature
+    taxonomy, temperature = Taxonomy.from_bundle(bundle), bundle.manifest.temperature
     categories = tuple(lb.category for lb in bundle.labels) if any(lb.category for lb in bundle.labels) else None
     probs, problems = daemon_scores(inference, bundle.manifest)
     is_captures = all(s.capture is not None for s in inference.samples)
