@@ -49,6 +49,7 @@ import pickle
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,41 @@ from iaflash.engines.manifest import CropSpec
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cars-dev"
 FRAME_W, FRAME_H = 2448, 2048
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# Badge twins and shared platforms, from public automotive facts (not from the photos): each group is
+# (make, model prefix) pairs; --twins declares, as a model owner would, the groups whose labels the
+# bundle has (docs/DECISION.md, "Label groups and look-alike groups").
+PLATFORM_TWINS: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("CHEVROLET", "EXPRESS"), ("GMC", "SAVANA")),  # GM full-size vans
+    (("CHEVROLET", "TAHOE"), ("GMC", "YUKON"), ("CADILLAC", "ESCALADE SUV")),  # GMT900 SUVs
+    (("CHEVROLET", "AVALANCHE"), ("CADILLAC", "ESCALADE EXT")),  # GMT900 sport-utility trucks
+    (("CHEVROLET", "SILVERADO"), ("GMC", "SIERRA")),  # GM full-size pickups
+    (("CHEVROLET", "COLORADO"), ("GMC", "CANYON")),  # GM mid-size pickups
+    (("CHEVROLET", "TRAVERSE"), ("GMC", "ACADIA"), ("BUICK", "ENCLAVE")),  # GM Lambda crossovers
+    (("CHEVROLET", "TRAILBLAZER"), ("GMC", "ENVOY"), ("BUICK", "RAINIER"), ("ISUZU", "ASCENDER")),  # GMT360
+    (("CHEVROLET", "EQUINOX"), ("GMC", "TERRAIN")),  # GM Theta crossovers
+    (("DODGE", "DURANGO SUV 2012"), ("JEEP", "GRAND CHEROKEE SUV 2012")),  # Chrysler WK2 platform
+    (("DODGE", "DURANGO SUV 2007"), ("CHRYSLER", "ASPEN")),  # Chrysler HB platform
+    (("DODGE", "GRAND CARAVAN"), ("CHRYSLER", "TOWN AND COUNTRY"), ("RAM", "C/V")),  # Chrysler RT minivans
+    (("DODGE", "SPRINTER"), ("MERCEDES-BENZ", "SPRINTER"), ("FREIGHTLINER", "SPRINTER")),  # one van, three badges
+    (("FORD", "ESCAPE"), ("MAZDA", "TRIBUTE"), ("MERCURY", "MARINER")),  # Ford CD2
+    (("MITSUBISHI", "ECLIPSE"), ("EAGLE", "TALON"), ("PLYMOUTH", "LASER")),  # Diamond-Star Motors
+    (("DODGE", "NEON"), ("PLYMOUTH", "NEON")),
+    (("GEO", "METRO"), ("SUZUKI", "SWIFT")),
+    (("PEUGEOT", "108"), ("CITROEN", "C1"), ("TOYOTA", "AYGO")),
+    (("DACIA", "SANDERO"), ("RENAULT", "SANDERO")),
+)
+
+
+def twin_groups(labels: Sequence[Label]) -> tuple[tuple[str, ...], ...]:
+    """The PLATFORM_TWINS groups this taxonomy has labels of, at least two makes each, as label names."""
+    out = []
+    for group in PLATFORM_TWINS:
+        hits = [lb for lb in labels for make, prefix in group if lb.make == make and lb.model.startswith(prefix)]
+        if len({lb.make for lb in hits}) >= 2:
+            out.append(tuple(dict.fromkeys(lb.name for lb in hits)))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- data and frames
@@ -457,6 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.0025, help="reported target: 95 %% upper bound")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="declare the PLATFORM_TWINS groups the taxonomy has as look-alike groups (badge twins never make a flag)",
+    )
+    parser.add_argument(
         "--second-frame",
         action="store_true",
         help="the fit on readings also reads a second radar-like frame of each photo (box swapped, other light)",
@@ -485,6 +526,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         models.append(("best", bundle_from_run(args.best, args.work / "best-bundle")))
     if not args.no_weak:
         models.append(("weak", weak_bundle(args.data, args.work / "weak-bundle")))
+    if args.twins:  # declared as a model owner would (same model, same inference cache: the manifest file is unchanged)
+        models = [
+            (n, replace(b, manifest=replace(b.manifest, lookalike_groups=twin_groups(b.labels)))) for n, b in models
+        ]
+        for n, b in models:
+            print(f"{n}: look-alike groups {[list(g) for g in b.manifest.lookalike_groups]}", file=sys.stderr)
     try:
         results = [measure(name, b, args.data, rows, captures, conditions, args) for name, b in models]
     finally:
