@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from tmpfs_mounts import Mount, tmpfs_mounts
 
 from iaflash.agent.demo.broker import MosquittoBroker, find_mosquitto
 
@@ -18,3 +19,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Mount]:
+    """``mount(path, size="64m")``: a real tmpfs at path (root only; tests mark themselves ``needs_root``)."""
+    yield from tmpfs_mounts()

@@ -21,13 +21,13 @@ import pwd
 import shutil
 import sqlite3
 import string
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tmpfs_mounts import needs_root, remount
 
 from iaflash.agent.errors import RegistryError, RegistryFileError, RegistryUnavailable
 from iaflash.agent.registry.cache import (
@@ -47,11 +47,6 @@ KID = key_id(KEY)
 LETTERS = [a + b for a in string.ascii_uppercase for b in string.ascii_uppercase if a not in "IOU" and b not in "IOU"]
 ROOT = os.geteuid() == 0
 
-needs_root = pytest.mark.skipif(
-    not ROOT or shutil.which("mount") is None,
-    reason="tmpfs mounts (a real full or read-only disk) need root and mount(8)",
-)
-
 
 def plates(n: int) -> list[tuple[str, str, str, str | None, str | None]]:
     return [(f"{a}-{i:03d}-{a}", "RENAULT", "CLIO", "VP", "CI") for a in LETTERS for i in range(1, 1000)][:n]
@@ -64,28 +59,6 @@ def snapshot(path: Path, n: int, seq: int = 1) -> Path:
 
 FIRST = plates(1)[0][0]
 RECORD = RegistryRecord("RENAULT", "CLIO", "VP", "CI")
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Any]:
-    """mount(path, size): a real tmpfs there, unmounted at the end."""
-    mounted: list[Path] = []
-
-    def mount(path: Path, size: str = "1m") -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False)
-        if result.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (a container without CAP_SYS_ADMIN)")
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def remount(path: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
 
 
 def fill(folder: Path) -> Path:
@@ -114,7 +87,7 @@ def assert_not_called_corrupt(text: str) -> None:
 def test_a_registry_on_a_full_disk_is_unavailable_with_the_free_space_fix_and_heals_without_a_re_import(
     tmp_path: Path, tmpfs: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    disk = tmpfs(tmp_path / "disk")
+    disk = tmpfs(tmp_path / "disk", "1m")
     db = disk / "registry.db"
     import_subset(db, snapshot(tmp_path / "s1.jsonl.gz", 5), expected_key_id=KID)
     filler = fill(disk)  # no -wal/-shm now: opening the cache must create its -shm, and cannot
@@ -151,7 +124,7 @@ def test_a_registry_on_a_full_disk_is_unavailable_with_the_free_space_fix_and_he
 def test_an_import_that_fills_the_disk_says_free_space_and_leaves_the_cache_as_it_was(
     tmp_path: Path, tmpfs: Any
 ) -> None:
-    disk = tmpfs(tmp_path / "disk")
+    disk = tmpfs(tmp_path / "disk", "1m")
     db = disk / "registry.db"
     import_subset(db, snapshot(tmp_path / "s1.jsonl.gz", 5), expected_key_id=KID)
     big = snapshot(tmp_path / "s2.jsonl.gz", 20_000, seq=2)  # ~2 MB of rows: more than the 1 MiB disk holds

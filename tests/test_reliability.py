@@ -13,11 +13,9 @@ import logging
 import os
 import shutil
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import pytest
 from e2e_site import Site, build_models, make_site
 from jpeg_builders import EOI, progressive_of, repeated_scans
+from tmpfs_mounts import needs_root, remount
 from waiting import wait_until
 
 from iaflash.agent.capture.jpeg import read_structure
@@ -261,31 +260,6 @@ def test_a_corrupt_registry_gives_inconclusive_registry_unavailable_then_heals_a
 
 
 # ---------------------------------------------------------------- 3. file systems
-
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("mount") is None, reason="tmpfs mounts need root and mount(8)"
-)
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Any]:
-    mounted: list[Path] = []
-
-    def mount(path: Path, size: str = "64m") -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False)
-        if result.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (a container without CAP_SYS_ADMIN)")
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def remount(path: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
 
 
 @needs_root
