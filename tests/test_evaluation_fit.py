@@ -331,17 +331,17 @@ def test_fit_command_with_robust_margins_counts_each_photo_once_over_its_reading
     from iaflash.agent.demo.model import build_demo_bundle
 
     bundle, _ = build_demo_bundle(tmp_path / "bundle", per_class=8, seed=1, fit_per_class=10)
-    data = write_dataset(tmp_path / "data", per_class=12, seed=5, level=0.2)
+    data = write_dataset(tmp_path / "data", per_class=6, seed=5, level=0.2)
     args = ["fit", str(bundle.path), str(data), "--target", "0.05"]
     robust = CliRunner().invoke(
         main, [*args, "--out", str(tmp_path / "r"), "--json", "--robust-margin", "0", "--robust-margin", "0.25"]
     )
     doc = json.loads(robust.stdout)
-    assert doc["operating_point"]["n_genuine"] == 96
-    assert doc["chosen"]["genuine_readings"] == 3 * 96
+    assert doc["operating_point"]["n_genuine"] == 48
+    assert doc["chosen"]["genuine_readings"] == 3 * 48
     assert (
         load_bundle(tmp_path / "r").manifest.operating_point
         == Manifest.from_dict(json.loads((tmp_path / "r" / "manifest.json").read_text())).operating_point
     )
     text = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "t"), "--robust-margin", "0"])
-    assert "192 genuine readings (crop margins 0 too)" in text.stdout
+    assert "96 genuine readings (crop margins 0 too)" in text.stdout
