@@ -370,7 +370,23 @@ def test_cross_fit_judges_with_the_bundle_s_look_alike_groups_as_the_daemon_does
 
     def flagged(b: Bundle) -> set[int]:
         cf = cross_fit(inference, b, pairs, folds=3, target=0.5)
-        return {p.sample for p, v in zip(pairs, cf.verdicts, strict=True) if not p.clone and v.is_flag}
+        return {p.sample for p, v in zip(cf.reported, cf.verdicts, strict=True) if not p.clone and v.is_flag}
 
     assert noisy & flagged(bundle)  # the daemon would flag them without the declaration
     assert not noisy & flagged(twins)
+
+
+def test_fit_only_items_join_every_fold_s_fit_and_are_never_reported(bundle: Bundle, tmp_path: Path) -> None:
+    """cross_fit(fit_only=...): more genuine vehicles for each fit, the report stays on the other items."""
+    from iaflash.agent.evaluation.crossfit import cross_fit
+    from iaflash.agent.evaluation.evaluate import make_pairs
+
+    inference = run_inference(bundle, load_dataset(write_photos(tmp_path / "photos")))
+    pairs = make_pairs(inference, Taxonomy(bundle.labels), 1, 0)
+    only = [n >= 18 for n in range(len(inference.samples))]  # the last 6 of 24 only ever fit
+    cf = cross_fit(inference, bundle, pairs, folds=3, target=0.5, fit_only=only)
+    assert {p.sample for p in cf.reported} == set(range(18))
+    assert cf.rates.genuine == 18
+    assert [f["n_genuine"] for f in cf.folds] == [12 + 6, 12 + 6, 12 + 6]
+    with pytest.raises(ValueError, match="fit_only has 2 entries for 24 items"):
+        cross_fit(inference, bundle, pairs, folds=3, target=0.5, fit_only=[True, False])

@@ -15,6 +15,10 @@ in every fold, and all pairs of one item stay in its fold). For each fold:
 
 So every item is reported once per pair, each time out of fold.
 
+``fit_only``: items that only ever fit (every fold's fit sees them, no fold reports them): more
+genuine vehicles for the finite-sample rule, e.g. photos held out of the model's training but not
+part of the reported set.
+
 ``readings``: other readings of the same items (:class:`Reading`: the tight photo, another crop
 margin), used **only to fit**: each fold's fit also sees the genuine readings of its training items,
 and an item counts once in the finite-sample rule, flagged if any of its readings flags
@@ -59,11 +63,12 @@ class Reading:
 
 @dataclass(frozen=True)
 class CrossFit:
-    """Out-of-fold counts over every pair, each fold's fitted point, and the verdicts (pair order)."""
+    """Out-of-fold counts over the reported pairs, each fold's fitted point, and the verdicts (``reported`` order)."""
 
     rates: Rates
     folds: tuple[dict[str, Any], ...]
     verdicts: tuple[Verdict, ...]
+    reported: tuple[Pair, ...] = ()
 
     def to_dict(self, target: float) -> dict[str, Any]:
         return {
@@ -104,14 +109,14 @@ def _fit_samples(
 
 
 def _reading_samples(
-    reading: Reading, manifest: Manifest, genuine: dict[int, Pair], folds: int, k: int
+    reading: Reading, manifest: Manifest, genuine: dict[int, Pair], fits: np.ndarray
 ) -> list[FitSample]:
-    """The genuine readings of the items outside fold ``k``, each in the unit of its item."""
+    """The genuine readings of the items this fold fits on (``fits[item]``), each in the unit of its item."""
     probs, problems = daemon_scores(reading.inference, manifest)
     out = []
     for n, item in enumerate(int(i) for i in reading.items):
         pair = genuine.get(item)
-        if pair is None or item % folds == k:
+        if pair is None or not fits[item]:
             continue
         out.append(
             FitSample(
@@ -137,6 +142,7 @@ def cross_fit(
     target: float,
     base: DecisionConfig | None = None,
     readings: Sequence[Reading] = (),
+    fit_only: Sequence[bool] | None = None,
 ) -> CrossFit:
     """Fit on K-1 folds, judge the K-th, for every fold (module doc)."""
     base = base or DecisionConfig.model_validate({})
@@ -148,13 +154,18 @@ def cross_fit(
     for r in readings:
         if len(r.items) != len(r.inference.samples):
             raise ValueError(f"a reading maps {len(r.items)} items for {len(r.inference.samples)} samples")
+    only = np.zeros(len(inference.samples), dtype=bool) if fit_only is None else np.asarray(fit_only, dtype=bool)
+    if len(only) != len(inference.samples):
+        raise ValueError(f"fit_only has {len(only)} entries for {len(inference.samples)} items")
+    fold_of = np.where(only, -1, np.arange(len(inference.samples)) % folds)  # -1: fits in every fold
     for k in range(folds):
-        train_rows = np.array([i % folds != k and bool(ok[i]) for i in range(len(inference.samples))])
+        fits = fold_of != k
+        train_rows = fits & ok
         temperature = fit_temperature(inference.logits[train_rows], inference.labels[train_rows])
         fold_manifest = replace(bundle.manifest, temperature=temperature)
         probs, problems = daemon_scores(inference, fold_manifest)
-        train = [p for p in pairs if p.sample % folds != k]
-        extra = [s for r in readings for s in _reading_samples(r, fold_manifest, genuine, folds, k)]
+        train = [p for p in pairs if fits[p.sample]]
+        extra = [s for r in readings for s in _reading_samples(r, fold_manifest, genuine, fits)]
         result = fit_operating_point(
             _fit_samples(train, probs, inference, problems, units=bool(readings)) + extra,
             taxonomy=taxonomy,
@@ -173,7 +184,7 @@ def cross_fit(
         cfg = _config(op.thresholds, base)
         held = None if op.met else "operating point fitted on the other folds does not meet its target: never flags"
         for n, p in enumerate(pairs):
-            if p.sample % folds == k:
+            if fold_of[p.sample] == k:
                 out[n] = decide(
                     probs=probs[p.sample],
                     taxonomy=taxonomy,
@@ -183,5 +194,6 @@ def cross_fit(
                     image_problem=problems[p.sample],
                     no_flag_reason=held,
                 )
+    reported = tuple(p for p, v in zip(pairs, out, strict=True) if v is not None)
     verdicts = tuple(v for v in out if v is not None)
-    return CrossFit(rates(verdicts, pairs), tuple(fitted), verdicts)
+    return CrossFit(rates(verdicts, reported), tuple(fitted), verdicts, reported)
