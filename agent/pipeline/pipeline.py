@@ -78,6 +78,7 @@ class Pipeline:
         self._intake_lock = threading.Lock()
         self._intake_done = threading.Event()
         self._fatal: BaseException | None = None
+        self._inference_done = threading.Event()  # the inference thread has ended: nothing queued is taken
         self.intake_liveness = [Liveness(stuck_after_s=60.0) for _ in range(n_intake)]  # decode + detector
         self._threads = [
             threading.Thread(target=self._intake_loop, args=(i,), name=f"intake-{i}", daemon=True)
@@ -232,13 +233,32 @@ class Pipeline:
         self.spool.reject_internal(capture_id, "taking it in (claim, sidecar, decode, detector)", exc)
 
     def _put(self, item: Item) -> None:
-        while True:  # never drop a claimed capture: wait for room even while stopping
+        """Queue a prepared capture, waiting for room even while stopping (a claimed capture is never dropped).
+
+        Once a worker thread has died, a capture that finds no room, or that is queued after inference
+        has ended, lets go of its models (they would be held for ever) and stays in processing/,
+        where the next start requeues it (Spool.recover).
+        """
+        while True:
             try:
                 self._queue.put(item, timeout=0.1)
-                return
             except queue.Full:
                 if self.fatal is not None:
-                    return  # inference died; the capture stays in processing/ for recovery
+                    item[0].release()
+                    return
+                continue
+            if self._inference_done.is_set():  # inference ended (and drained) before it could take this one
+                self._release_queued()
+            return
+
+    def _release_queued(self) -> None:
+        """Let go of the models of every capture still queued (inference has ended; they wait in processing/)."""
+        while True:
+            try:
+                models, _ = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            models.release()
 
     def _intake_one(self, capture_id: str, liveness: Liveness) -> Item | None:
         started = time.perf_counter()
@@ -281,22 +301,29 @@ class Pipeline:
             self._fatal = exc
             self._stop.set()
         finally:
+            self._inference_done.set()  # before the drain: an intake worker queueing after it drains too
+            self._release_queued()
             self.committer.inputs_done()
 
     def _classify_and_decide(self, batch: list[Item]) -> None:
         """Each capture gets a verdict or a rejection, on the models it was taken with (a batch that
-        straddles a reload is split); then it lets go of them."""
-        start = 0
-        while start < len(batch):
-            models = batch[start][0]
-            end = start
-            while end < len(batch) and batch[end][0] is models:
-                end += 1
-            try:
-                self._decide_group(models, [work for _, work in batch[start:end]])
-            finally:
-                models.release(end - start)
-            start = end
+        straddles a reload is split); then it lets go of them, even when a group's error stops inference."""
+        groups: list[tuple[ModelSet, list[Work]]] = []
+        for models, work in batch:
+            if groups and groups[-1][0] is models:
+                groups[-1][1].append(work)
+            else:
+                groups.append((models, [work]))
+        try:
+            while groups:
+                (models, works), groups = groups[0], groups[1:]
+                try:
+                    self._decide_group(models, works)
+                finally:
+                    models.release(len(works))
+        finally:  # the groups an error left undecided: their captures wait in processing/ for the next start
+            for models, works in groups:
+                models.release(len(works))
 
     def _decide_group(self, models: ModelSet, batch: list[Work]) -> None:
         """Each capture of the batch gets a verdict or a rejection; an error on one never stops the others."""
