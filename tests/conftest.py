@@ -1,10 +1,12 @@
-"""Shared fixtures: a real Mosquitto broker on a free 127.0.0.1 port, real files in tmp_path."""
+"""Shared fixtures: a real Mosquitto broker on a free 127.0.0.1 port, real files in tmp_path, tiny signed models."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from tiny_models import build_tiny_models
 from tmpfs_mounts import Mount, tmpfs_mounts
 
 from iaflash.agent.demo.broker import MosquittoBroker, find_mosquitto
@@ -25,3 +27,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker
 def tmpfs() -> Iterator[Mount]:
     """``mount(path, size="64m")``: a real tmpfs at path (root only; tests mark themselves ``needs_root``)."""
     yield from tmpfs_mounts()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model/ (a tiny signed classifier), detector/ (the demo detector), trust/ (models, commands), central.key."""
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))

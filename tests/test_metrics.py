@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import socket
 import urllib.error
 import urllib.request
@@ -15,15 +14,11 @@ from typing import Any
 
 import pytest
 from e2e_site import Site, make_site
-from onnx_builders import LABELS, classifier_onnx
 from waiting import wait_until
 
 from iaflash.agent.demo.broker import MosquittoBroker, free_port
-from iaflash.agent.demo.detector import build_demo_detector_bundle
 from iaflash.agent.metrics import OPENMETRICS_TYPE, PROMETHEUS_TYPE, TextfileWriter, render
 from iaflash.agent.service import Service
-from iaflash.engines.bundle import Preprocessing, write_bundle
-from iaflash.engines.signing import generate_keypair, sign_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -75,36 +70,12 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], metric: 
     return hits[0]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """model/ (a tiny signed classifier), detector/ (the demo detector), trust/."""
-    out = tmp_path_factory.mktemp("metrics-models")
-    (out / "trust").mkdir()
-    key, pub = generate_keypair(out / "publisher")
-    shutil.copy(pub, out / "trust" / pub.name)
-    write_bundle(
-        out / "model",
-        onnx_bytes=classifier_onnx(),
-        labels=LABELS,
-        name="tiny",
-        version="1.0.0",
-        input_name="input",
-        input_shape=["N", 3, 8, 8],
-        preprocessing=Preprocessing(height=8, width=8),
-        output_name="logits",
-    )
-    build_demo_detector_bundle(out / "detector")
-    for bundle in ("model", "detector"):
-        sign_bundle(out / bundle, key, signer="test-publisher")
-    return out
-
-
 @pytest.fixture
-def running(tmp_path: Path, models: Path, broker: MosquittoBroker) -> Iterator[tuple[Site, Service]]:
+def running(tmp_path: Path, tiny_models: Path, broker: MosquittoBroker) -> Iterator[tuple[Site, Service]]:
     port = free_port()
     site = make_site(
         tmp_path / "site",
-        models,
+        tiny_models,
         broker.port,
         n=8,
         overrides={
@@ -217,9 +188,9 @@ def test_the_endpoint_serves_the_same_figures_as_openmetrics_on_127_0_0_1_and_as
 
 
 def test_metrics_are_off_by_default_and_listen_only_on_the_loopback(
-    tmp_path: Path, models: Path, broker: MosquittoBroker
+    tmp_path: Path, tiny_models: Path, broker: MosquittoBroker
 ) -> None:
-    site = make_site(tmp_path / "plain", models, broker.port, n=1, overrides={"model": {"backend": "onnxruntime"}})
+    site = make_site(tmp_path / "plain", tiny_models, broker.port, n=1, overrides={"model": {"backend": "onnxruntime"}})
     assert site.cfg.metrics.port == 0 and site.cfg.metrics.textfile is None
     service = Service(site.cfg)
     service.start()
@@ -230,7 +201,7 @@ def test_metrics_are_off_by_default_and_listen_only_on_the_loopback(
 
 
 def test_a_port_in_use_is_an_error_in_the_log_and_the_heartbeat_never_a_stopped_agent(
-    tmp_path: Path, models: Path, broker: MosquittoBroker
+    tmp_path: Path, tiny_models: Path, broker: MosquittoBroker
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -238,7 +209,7 @@ def test_a_port_in_use_is_an_error_in_the_log_and_the_heartbeat_never_a_stopped_
         port = taken.getsockname()[1]
         site = make_site(
             tmp_path / "site",
-            models,
+            tiny_models,
             broker.port,
             n=2,
             overrides={"model": {"backend": "onnxruntime"}, "metrics": {"port": port}},

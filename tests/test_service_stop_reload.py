@@ -13,7 +13,6 @@ in the daemon (the thread of ``run()``); the order is read from the Service's ow
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,45 +20,14 @@ from typing import Any
 
 import pytest
 from e2e_site import Site, make_site
-from onnx_builders import LABELS, classifier_onnx
 from waiting import wait_until
 
 from iaflash.agent.demo.broker import MosquittoBroker
-from iaflash.agent.demo.detector import build_demo_detector_bundle
 from iaflash.agent.pipeline.models import ModelSet
 from iaflash.agent.service import Service
 from iaflash.central.commands import CommandClient
-from iaflash.engines.bundle import Preprocessing, write_bundle
-from iaflash.engines.signing import generate_keypair, sign_bundle
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """model/ (a tiny signed classifier), detector/ (the demo detector), trust/ (models and commands), central.key."""
-    out = tmp_path_factory.mktemp("stop-reload-models")
-    for role in ("models", "commands"):
-        (out / "trust" / role).mkdir(parents=True)
-    key, pub = generate_keypair(out / "publisher", role="models")
-    shutil.copy(pub, out / "trust" / "models" / pub.name)
-    _, central_pub = generate_keypair(out / "central", role="commands")
-    shutil.copy(central_pub, out / "trust" / "commands" / central_pub.name)
-    write_bundle(
-        out / "model",
-        onnx_bytes=classifier_onnx(),
-        labels=LABELS,
-        name="tiny",
-        version="1.0.0",
-        input_name="input",
-        input_shape=["N", 3, 8, 8],
-        preprocessing=Preprocessing(height=8, width=8),
-        output_name="logits",
-    )
-    build_demo_detector_bundle(out / "detector")
-    for bundle in ("model", "detector"):
-        sign_bundle(out / bundle, key, signer="test-publisher")
-    return out
 
 
 class Hold:
@@ -79,10 +47,10 @@ class Hold:
 
 
 @pytest.fixture
-def running(tmp_path: Path, models: Path, broker: MosquittoBroker) -> Iterator[tuple[Site, Service]]:
+def running(tmp_path: Path, tiny_models: Path, broker: MosquittoBroker) -> Iterator[tuple[Site, Service]]:
     site = make_site(
         tmp_path / "site",
-        models,
+        tiny_models,
         broker.port,
         n=4,
         overrides={"model": {"backend": "onnxruntime"}, "spool": {"min_free_mb": 1}},
@@ -104,7 +72,7 @@ def logged(caplog: pytest.LogCaptureFixture, start: str) -> Callable[[], bool]:
 
 
 def test_stop_waits_for_a_reload_command_in_flight_then_closes_the_models_it_swapped_in(
-    running: tuple[Site, Service], models: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
+    running: tuple[Site, Service], tiny_models: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     site, service = running
     caplog.set_level(logging.INFO)
@@ -116,7 +84,7 @@ def test_stop_waits_for_a_reload_command_in_flight_then_closes_the_models_it_swa
     answer: dict[str, Any] = {}
 
     def send_reload() -> None:  # central's signed reload command, answered on the command worker's thread
-        with CommandClient("127.0.0.1", broker.port, private_key_path=models / "central.key") as client:
+        with CommandClient("127.0.0.1", broker.port, private_key_path=tiny_models / "central.key") as client:
             answer.update(client.send(site.cfg.site.site_id, site.cfg.site.device_id, "reload", timeout=60))
 
     sender = threading.Thread(target=send_reload)
