@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from iaflash.agent.cli.progress import progress_callback
-from iaflash.agent.config import load_config, read_secret
+from iaflash.agent.config import Config, load_config, read_secret
 from iaflash.agent.errors import AlreadyApplied, IaflashError, RegistryError
 from iaflash.agent.registry.cache import import_signed_subset, read_state
 from iaflash.agent.registry.plates import key_id, load_hmac_key
@@ -31,6 +31,7 @@ from iaflash.provisioning.doctor.checks import DEFAULT_CONFIG, Report, run_docto
 from iaflash.provisioning.enrol.command import enrol_command
 from iaflash.provisioning.model.cli import model as model_group
 from iaflash.provisioning.output import print_error
+from iaflash.provisioning.ownership import give_to_agent
 from iaflash.provisioning.selftest_command import selftest_command
 from iaflash.provisioning.tail import tail_command
 
@@ -39,17 +40,27 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_WARNINGS = "iaflash.warnings"  # ctx.meta key: what a command warns about, said after its result or its error
+
+
 def _operational(func: F) -> F:
-    """Print our errors as ``error: ...`` on stderr and exit 1 (Click keeps exit 2 for usage errors)."""
+    """Print our errors as ``error: ...`` on stderr and exit 1 (Click keeps exit 2 for usage errors).
+
+    The command's warnings (``ctx.meta[_WARNINGS]``) follow on stderr as ``warning: ...``, whether it failed or not.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
         try:
             return func(*args, **kwargs)
         except (IaflashError, EngineError) as exc:  # EngineError: signature refusals (iaflash.engines.signing)
-            command = " ".join(click.get_current_context().command_path.split()[1:])  # e.g. "registry import"
+            command = " ".join(ctx.command_path.split()[1:])  # e.g. "registry import"
             print_error(command, str(exc), EXIT_ERROR, bool(kwargs.get("as_json")))  # --json: the error document
             sys.exit(EXIT_ERROR)
+        finally:
+            for warning in ctx.meta.pop(_WARNINGS, []):
+                click.echo(f"warning: {warning}", err=True)
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy can't see it
 
@@ -142,9 +153,27 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
         else read_secret("hmac-key", cfg.registry.hmac_key_file, what="HMAC key", config_key="registry.hmac_key_file")
     )
     expected = key_id(load_hmac_key(raw, cfg.registry.hmac_key_id))
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        doc, text = _import_file(cfg, file, db_path, expected)
+    finally:  # as root: the files it wrote, even for a refused file (refusals are counted), go to the agent's user
+        warnings = give_to_agent(_written(db_path, cfg.trust_state_file))
+        click.get_current_context().meta[_WARNINGS] = warnings  # said after the result, or after the error
+    _emit({**doc, "warnings": warnings}, as_json, text)
+
+
+def _written(db_path: Path, state_file: Path) -> list[Path]:
+    """What an import may write: the cache, its -wal and -shm, the trust state and its lock."""
+    return [
+        *(db_path.with_name(db_path.name + suffix) for suffix in ("", "-wal", "-shm")),
+        *(state_file.with_name(state_file.name + suffix) for suffix in ("", ".lock")),
+    ]
+
+
+def _import_file(cfg: Config, file: Path, db_path: Path, expected: str) -> tuple[dict[str, Any], str]:
+    """Import ``file`` with progress on stderr; the command's JSON document and its line of text."""
     records = [0]
     start = time.perf_counter()
-    db_path.parent.mkdir(parents=True, exist_ok=True)
     with progress_callback(f"importing {file.name}", "records") as show:
 
         def progress(done: int, total: int) -> None:
@@ -166,9 +195,8 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
             assert applied is not None  # AlreadyApplied is raised only against a cache holding that seq
             doc = {"command": "registry import", "file": str(file), "db": str(db_path), "records": 0,
                    "already_applied": True, "state": applied.to_dict(), "signed_by": None}  # fmt: skip
-            _emit(doc, as_json, f"already at seq {applied.seq}: {file.name} (delta seq {applied.seq} of "
-                  f"{applied.dataset_id}) was applied before; nothing changed in {db_path}")  # fmt: skip
-            return
+            return doc, (f"already at seq {applied.seq}: {file.name} (delta seq {applied.seq} of "
+                         f"{applied.dataset_id}) was applied before; nothing changed in {db_path}")  # fmt: skip
     seconds = time.perf_counter() - start
     rate = records[0] / seconds if seconds > 0 else 0.0
     doc = {
@@ -181,12 +209,11 @@ def import_cmd(file: Path, config_path: Path | None, db: Path | None, key_file: 
         "state": state.to_dict(),
         "signed_by": signer,
     }
-    _emit(
-        doc,
-        as_json,
+    text = (
         f"imported {state.kind} {state.dataset_id} seq {state.seq}: {records[0]} records "
-        f"in {seconds:.1f} s ({rate:,.0f} records/s); {state.count} vehicles in {db_path}",
+        f"in {seconds:.1f} s ({rate:,.0f} records/s); {state.count} vehicles in {db_path}"
     )
+    return doc, text
 
 
 def _status_text(db_path: Path, state: RegistryState | None, max_age: float) -> str:

@@ -25,6 +25,7 @@ from iaflash.provisioning.model.agent import AgentReload, agent_report, reload_a
 from iaflash.provisioning.model.source import measure, remove_tree, stage
 from iaflash.provisioning.model.steps import Report, Say, signer_of, trial_load, verify
 from iaflash.provisioning.model.store import HISTORY_KEPT, SLOTS, ModelStore, Slot, now_text, slot_of
+from iaflash.provisioning.ownership import chown_like
 
 __all__ = ["install", "switch_and_reload"]
 
@@ -95,16 +96,6 @@ def _entry(
         "signed_by": signer,
         "source": source,
     }
-
-
-def _chown_like_store(store: ModelStore, path: Path) -> None:
-    """As root, the new files get the owner of the store folder (the service user reads and caches there)."""
-    if os.geteuid() != 0:
-        return
-    st = store.root.stat()
-    for p in (path, *path.rglob("*")):
-        with contextlib.suppress(OSError):
-            os.chown(p, st.st_uid, st.st_gid, follow_symlinks=False)
 
 
 def _adopt(cfg: Config, store: ModelStore, slot: Slot, state: dict[str, Any], report: Report) -> None:
@@ -244,7 +235,7 @@ def _install_staged(
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         os.rename(staged, target)
-        _chown_like_store(store, target)
+        chown_like(store.root, [target])  # as root: the service user reads and caches there
         report.step("install", f"{target}")
     else:
         report.step("install", f"{target} (already there for another slot: shared)")
