@@ -25,6 +25,7 @@ Every error says what failed, where (file, config key, capture id) and how to fi
         ├── BundleError
         │   ├── TaxonomyError  the bundle's labels cannot form a taxonomy (one spelling, two groups)
         │   └── SignatureError
+        │       ├── UnreadableFile  a signed file, its .sig or a key cannot be read (counted unreadable_registry)
         │       ├── UntrustedKey
         │       │   ├── WrongRole
         │       │   ├── KeyExpired
@@ -57,6 +58,7 @@ from iaflash.engines.errors import (
     ModelLoadError,
     RollbackRefused,
     SignatureError,
+    UnreadableFile,
     UntrustedKey,
     UnusablePlan,
     WrongRole,
@@ -93,6 +95,7 @@ __all__ = [
     "RollbackRefused",
     "SignatureError",
     "TaxonomyError",
+    "UnreadableFile",
     "UntrustedKey",
     "UnusablePlan",
     "WrongRole",

@@ -9,6 +9,7 @@ with everything below and draws the whole tree::
     ├── BackendUnavailable   the backend's library or device is missing (is_available() said why)
     ├── BundleError          a model bundle is missing a file, fails its sha256, or has a bad manifest
     │   └── SignatureError   a bundle or signed file is unsigned, altered after signing, or its .sig is malformed
+    │       ├── UnreadableFile   a signed file, its .sig or a key cannot be read (permissions, I/O): nothing checked
     │       ├── UntrustedKey the signature is by a key that is not in the trust store
     │       │   ├── WrongRole    the key is trusted, but for another role (docs/SIGNING.md#roles)
     │       │   ├── KeyExpired   the key's not_after has passed
@@ -21,6 +22,9 @@ with everything below and draws the whole tree::
 """
 
 from __future__ import annotations
+
+import errno
+from pathlib import Path
 
 
 class IaflashError(Exception):
@@ -41,6 +45,32 @@ class BundleError(EngineError):
 
 class SignatureError(BundleError):
     """A signature is missing, malformed, or does not match the signed bytes (see iaflash.engines.signing)."""
+
+
+class UnreadableFile(SignatureError):
+    """A signed file, its signature or a key file cannot be read (permission, I/O error): nothing was checked.
+
+    Not a verdict on the signature: ``path`` is the file that could not be read, ``error`` the
+    OSError; the message names both and the fix for that cause (a permission is not fixed by a copy).
+    """
+
+    def __init__(self, what: str, path: Path | str, error: OSError) -> None:
+        self.path, self.error = Path(path), error
+        super().__init__(
+            f"{what} {path} cannot be read ({error.strerror or error}); fix: {unreadable_fix(path, error)}"
+        )
+
+
+def unreadable_fix(path: Path | str, error: OSError) -> str:
+    """How to fix ``error`` on reading ``path``: by its cause (permission, a folder, else the storage)."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"let the user running this read it and enter every folder above it (`namei -l {path}` shows the "
+            "owners and modes), or run the command with sudo; the file itself is not damaged"
+        )
+    if error.errno == errno.EISDIR:
+        return "it is a folder: give the path of the file"
+    return f"check the storage holding it (`dmesg`, `ls -l {path}`), then copy the file again"
 
 
 class UntrustedKey(SignatureError):

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from iaflash.engines.atomic import write_atomic
-from iaflash.engines.errors import SignatureError
+from iaflash.engines.errors import SignatureError, UnreadableFile
 
 __all__ = [
     "ROLES",
@@ -85,13 +85,22 @@ def public_key_bytes(public_key: Ed25519PublicKey) -> bytes:
 
 
 def read_file(path: Path, what: str, fix: str) -> bytes:
-    """The bytes of ``path``; a missing or unreadable file raises :class:`SignatureError` naming ``what``."""
+    """The bytes of ``path``; a missing file raises :class:`SignatureError` with ``fix``, an unreadable one
+    :class:`UnreadableFile` (the fix for its cause), both naming ``what``."""
     try:
         return path.read_bytes()
     except FileNotFoundError as exc:
         raise SignatureError(f"{what} {path} is missing; fix: {fix}") from exc
     except OSError as exc:
-        raise SignatureError(f"{what} {path} cannot be read ({exc.strerror}); fix: check its permissions") from exc
+        raise UnreadableFile(what, path, exc) from exc
+
+
+def file_exists(path: Path, what: str) -> bool:
+    """``path.exists()``, except that a folder above it this user may not enter raises :class:`UnreadableFile`."""
+    try:
+        return path.exists()  # Python < 3.14 raises PermissionError there; False would say "not signed"
+    except OSError as exc:
+        raise UnreadableFile(what, path, exc) from exc
 
 
 # ---------------------------------------------------------------- keys

@@ -20,7 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from iaflash.engines.errors import SignatureError
-from iaflash.engines.keys import key_id, public_key_bytes, read_file
+from iaflash.engines.keys import file_exists, key_id, public_key_bytes, read_file
 from iaflash.engines.prehash import FileDigest, signed_message
 
 __all__ = [
@@ -140,7 +140,7 @@ def check_document(doc: Any, where: str) -> tuple[str, bytes]:
 def read_signature(sig_path: Path, signed: Path) -> dict[str, Any]:
     """Read and decode the signature file of ``signed``; a missing or non-JSON file raises SignatureError."""
     fix = "sign it with " + SIGN_HINT.format(target=signed)
-    if not sig_path.exists():
+    if not file_exists(sig_path, "signature"):
         raise SignatureError(f"not signed: {sig_path} is missing; fix: {fix}")
     data = read_file(sig_path, "signature", fix)
     try:

@@ -43,10 +43,11 @@ from typing import IO, BinaryIO
 
 from iaflash.engines.atomic import write_atomic
 from iaflash.engines.bundle import MANIFEST_FILE, SIGNATURE_FILE, Bundle, load_bundle
-from iaflash.engines.errors import RollbackRefused, SignatureError, WrongRole
+from iaflash.engines.errors import RollbackRefused, SignatureError, UnreadableFile, WrongRole
 from iaflash.engines.keys import (
     ROLE_SIGNS,
     ROLES,
+    file_exists,
     generate_keypair,
     key_id,
     load_private_key,
@@ -89,6 +90,7 @@ __all__ = [
     "bundle_verifier",
     "check_bundle_version",
     "check_signing_role",
+    "file_exists",
     "generate_keypair",
     "install_revocations",
     "key_id",
@@ -167,8 +169,10 @@ def sign_file(
 def _open_file(path: Path, what: str) -> BinaryIO:
     try:
         return open(path, "rb")  # the caller closes it (a context manager or TrustedFile.close)
+    except FileNotFoundError as exc:
+        raise SignatureError(f"{what} {path} is missing; fix: check the path") from exc
     except OSError as exc:
-        raise SignatureError(f"cannot read {what} {path}: {exc.strerror or exc}; fix: check the path") from exc
+        raise UnreadableFile(what, path, exc) from exc
 
 
 class TrustedFile:
@@ -231,6 +235,9 @@ def _open_verified(target: Path, trust: TrustStore, role: str | None) -> Trusted
         verified = trust.check_digest(digest, doc, role=role, what=str(target), source=str(sig))
         fh.seek(0)
         return TrustedFile(target, fh, verified, digest)
+    except OSError as exc:  # a read of the open file failed (an I/O error of its storage)
+        fh.close()
+        raise UnreadableFile("signed file", target, exc) from exc
     except BaseException:
         fh.close()
         raise
@@ -254,7 +261,7 @@ def open_trusted_file(
     """
     target = Path(path)
     trust = _open_trust(trust_dir, allow_unsigned, state_file)
-    if allow_unsigned and (trust is None or not signature_path(target).exists()):
+    if allow_unsigned and (trust is None or not file_exists(signature_path(target), "signature")):
         log.warning("%s is NOT signed or not checked; accepted because security.allow_unsigned = true", target)
         return TrustedFile(target, _open_file(target, "file"), None, None)
     if trust is None:
@@ -288,7 +295,7 @@ def read_trusted_file(
     """
     target = Path(path)
     trust = _open_trust(trust_dir, allow_unsigned, state_file)
-    if allow_unsigned and (trust is None or not signature_path(target).exists()):
+    if allow_unsigned and (trust is None or not file_exists(signature_path(target), "signature")):
         log.warning("%s is NOT signed or not checked; accepted because security.allow_unsigned = true", target)
         return read_file(target, "file", "check the path"), None
     if trust is None:

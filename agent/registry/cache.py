@@ -42,6 +42,7 @@ from iaflash.agent.errors import (
     RegistryUnavailable,
     RollbackRefused,
     SignatureError,
+    UnreadableFile,
 )
 from iaflash.agent.registry.plates import key_id as compute_key_id
 from iaflash.agent.registry.plates import plate_key
@@ -57,10 +58,11 @@ from iaflash.agent.registry.subset_file import (
     check_not_rolled_back,
     parse_time,
     records_from_plates,
+    unreadable,
     write_subset,
 )
 from iaflash.agent.sqlite import StoreFault, store_fault
-from iaflash.engines.signing import TrustedFile, TrustState, open_trusted_file, signature_path
+from iaflash.engines.signing import TrustedFile, TrustState, file_exists, open_trusted_file, signature_path
 
 __all__ = [
     "FORMAT",
@@ -348,11 +350,30 @@ def import_subset(
 def _open_signed(
     file: Path, trust_dir: Path | None, allow_unsigned: bool, state_file: Path | None = None
 ) -> TrustedFile:
-    """iaflash.engines.signing.open_trusted_file, with messages that name the subset file and the fix."""
-    if not file.is_file():
+    """iaflash.engines.signing.open_trusted_file, with messages that name the subset file and the fix.
+
+    A file or ``.sig`` this user cannot read (permission, I/O error) is RegistryFileError with the fix for
+    that cause, counted ``unreadable_registry`` in the trust state like the other refusals of a registry file.
+    """
+    try:
+        return _open_checked(file, trust_dir, allow_unsigned, state_file)
+    except UnreadableFile as exc:
+        if exc.path not in (file, signature_path(file)):
+            raise  # a key of the trust store: its own message names it
+        if state_file is not None:
+            TrustState(state_file).count("unreadable_registry")
+        raise unreadable(exc.path, exc.error) from exc
+
+
+def _open_checked(file: Path, trust_dir: Path | None, allow_unsigned: bool, state_file: Path | None) -> TrustedFile:
+    try:
+        present = file.is_file()
+    except OSError as exc:  # Python < 3.14: a folder above it this user may not enter
+        raise UnreadableFile("subset file", file, exc) from exc
+    if not present:
         raise RegistryFileError(f"{file}: no such file; fix: check the path of the subset file")
     sig = signature_path(file)
-    if not allow_unsigned and not sig.exists():  # the clearer message; open_trusted_file refuses it anyway
+    if not allow_unsigned and not file_exists(sig, "signature"):  # the clearer message; open_trusted_file's too
         raise SignatureError(
             f"{file}: not signed ({sig} is missing); fix: sign it at central with "
             f"`iaflash-engines sign {file} --key PUBLISHER.key` and copy both files "
@@ -360,6 +381,8 @@ def _open_signed(
         )
     try:
         return open_trusted_file(file, trust_dir, allow_unsigned, role="registry", state_file=state_file)
+    except UnreadableFile:
+        raise  # named and fixed by _open_signed
     except SignatureError as exc:
         if str(file) in str(exc):
             raise

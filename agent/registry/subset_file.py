@@ -17,6 +17,7 @@ only to say exactly what is wrong with it.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
@@ -35,6 +36,7 @@ import orjson
 from iaflash.agent.errors import RegistryFileError, RollbackRefused
 from iaflash.agent.registry.plates import plate_key
 from iaflash.engines.atomic import open_atomic
+from iaflash.engines.errors import unreadable_fix
 
 __all__ = [
     "FORMAT",
@@ -49,6 +51,7 @@ __all__ = [
     "parse_header",
     "parse_time",
     "records_from_plates",
+    "unreadable",
     "write_subset",
 ]
 
@@ -265,6 +268,18 @@ def _open(file: Path, data: bytes | IO[bytes] | None) -> gzip.GzipFile:
     return gzip.GzipFile(file, mode="rb")
 
 
+def unreadable(file: Path, exc: OSError) -> RegistryFileError:
+    """A subset file (or its ``.sig``) the import cannot read: the cause and its fix (a copy fixes no permission)."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        fix = (
+            f"let the user running the import read it and enter every folder above it (`namei -l {file}` shows the "
+            "owners and modes), or run the import with sudo; the file itself is not damaged"
+        )
+    else:
+        fix = f"{unreadable_fix(file, exc)}; nothing was imported"
+    return RegistryFileError(f"{file}: cannot be read: {exc}; fix: {fix}")
+
+
 def _chunks(file: Path, data: bytes | IO[bytes] | None) -> Generator[tuple[int, list[bytes]], None, None]:
     """(number of the first line, lines) for each chunk of the decompressed file.
 
@@ -280,10 +295,7 @@ def _chunks(file: Path, data: bytes | IO[bytes] | None) -> Generator[tuple[int, 
                     yield lineno + 1, lines
                     lineno += len(lines)
     except PermissionError as exc:  # not damage: copying it again would not help
-        raise RegistryFileError(
-            f"{file}: cannot be read: {exc}; fix: let the user running the import read it (`ls -l {file}`), "
-            "or run the import with sudo; the file itself is not damaged"
-        ) from exc
+        raise unreadable(file, exc) from exc
     except (OSError, EOFError, zlib.error) as exc:
         raise RegistryFileError(
             f"{file}: unreadable after line {lineno}: {exc}; fix: copy the file again (it is damaged or not gzip)"
