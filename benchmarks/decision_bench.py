@@ -376,7 +376,9 @@ def measure(
         fit_only += [True] * len(extra.samples)
         daemon = concat(daemon, extra)
     pairs = simulate_pairs(daemon.labels, Taxonomy(bundle.labels), clones_per_image=1, seed=0)
-    fitted = cross_fit(daemon, bundle, pairs, folds=args.folds, target=args.fit_target, fit_only=fit_only)
+    fitted = cross_fit(
+        daemon, bundle, pairs, folds=args.folds, target=args.fit_target, fit_only=fit_only, guard=args.guard
+    )
     second = None
     if args.second_frame:  # a second capture of each photo (other place, box swapped, other light)
         second_dir = args.work / f"captures2-{len(rows)}"
@@ -385,7 +387,14 @@ def measure(
         print(f"  {name}: second frames done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     readings = reading_maps(daemon, tight, legacy, rows, second)
     robust = cross_fit(
-        daemon, bundle, pairs, folds=args.folds, target=args.fit_target, readings=readings, fit_only=fit_only
+        daemon,
+        bundle,
+        pairs,
+        folds=args.folds,
+        target=args.fit_target,
+        readings=readings,
+        fit_only=fit_only,
+        guard=args.guard,
     )
     legacy_pairs = simulate_pairs(legacy.labels, Taxonomy(bundle.labels), clones_per_image=1, seed=0)
     defaults = at_defaults(legacy, legacy_bundle, legacy_pairs)
@@ -513,6 +522,18 @@ def table(results: Sequence[dict[str, Any]], target: float) -> str:
     return "\n".join(lines)
 
 
+def _guard(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number >= 1 nor 'auto'") from None
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the guard must be >= 1 (1 = none)")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
@@ -543,6 +564,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--second-frame",
         action="store_true",
         help="the fit on readings also reads a second radar-like frame of each photo (box swapped, other light)",
+    )
+    parser.add_argument(
+        "--guard",
+        type=_guard,
+        default=1.0,
+        help="the fit's guard: genuine samples are also judged at probabilities sharpened to this power "
+        "(1 = none), or 'auto': each fold chooses its own by cross-validation inside its fitting set",
     )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N val photos (smoke runs)")
     parser.add_argument("--json", dest="json_out", type=Path)
@@ -591,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"  {'plain' if kind == 'folds' else 'readings'} fold {f['fold']}: met={f['met']} "
                     f"thresholds={f['thresholds']} T={f['temperature']:.3f} "
-                    f"fit flags {f['flags']}/{f['n_genuine']} (bound {f['upper_bound']:.4f})"
+                    f"fit flags {f['flags']}/{f['n_genuine']} (bound {f['upper_bound']:.4f}) guard={f['guard']:g}"
+                    + (f" (inner escapes {f['guard_choice']['escapes']})" if "guard_choice" in f else "")
                 )
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(results, indent=2, default=str))

@@ -114,6 +114,9 @@ class OperatingPoint:
     upper confidence bound (``confidence``, ``sided``) of the false-flag rate, ``flags`` flags in
     ``n_genuine`` genuine samples; ``met`` is ``upper_bound <= target``. ``temperature`` is the one the
     thresholds were fitted at (it must equal the manifest's). ``dataset_sha256`` names the fitting set.
+    ``guard`` (>= 1, 1 = none) is the margin the fit kept: each genuine sample was also judged at its
+    probabilities raised to that power (docs/DECISION.md "The guard"); written only when not 1, so
+    manifests without it read as before.
     """
 
     id: str
@@ -130,9 +133,13 @@ class OperatingPoint:
     clones_caught: int = 0
     fitted_at: str
     dataset_sha256: str
+    guard: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return cast(dict[str, Any], _jsonable(asdict(self)))
+        data = cast(dict[str, Any], _jsonable(asdict(self)))
+        if self.guard == 1.0:
+            del data["guard"]  # what agents before the guard read
+        return data
 
     def summary(self) -> dict[str, Any]:
         """What a verdict's evidence names: id, target, bound, met."""
@@ -253,6 +260,8 @@ class Manifest:
             del data["lookalike_groups"]
         if self.operating_point is None:
             del data["operating_point"]
+        else:
+            data["operating_point"] = self.operating_point.to_dict()
         if self.allow_rollback_from is None:
             del data["allow_rollback_from"]
         return data
@@ -473,7 +482,10 @@ def _parse_operating_point(data: Mapping[str, Any], temperature: float) -> Opera
         clones_caught=_count(op, "clones_caught", 0),
         fitted_at=_text(op, "fitted_at", refit),
         dataset_sha256=_text(op, "dataset_sha256", refit),
+        guard=_number(op, "guard", refit, 1.0),
     )
+    if point.guard < 1.0:
+        raise _bad("operating_point.guard", f"must be >= 1 (1 = no guard), got {point.guard}", refit)
     if point.flags > point.n_genuine or point.clones_caught > point.n_clones:
         raise _bad("operating_point", "counts more flags (or caught clones) than samples", refit)
     if point.met != (point.upper_bound <= point.target):

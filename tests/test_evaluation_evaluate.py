@@ -390,3 +390,32 @@ def test_fit_only_items_join_every_fold_s_fit_and_are_never_reported(bundle: Bun
     assert [f["n_genuine"] for f in cf.folds] == [12 + 6, 12 + 6, 12 + 6]
     with pytest.raises(ValueError, match="fit_only has 2 entries for 24 items"):
         cross_fit(inference, bundle, pairs, folds=3, target=0.5, fit_only=[True, False])
+
+
+def test_cross_fit_guard_is_each_fold_s_own_and_needs_cross_fit(bundle: Bundle, tmp_path: Path) -> None:
+    """--guard G fits every fold with G; --guard auto lets each fold choose inside its own fitting set."""
+    from iaflash.agent.evaluation.crossfit import cross_fit
+    from iaflash.agent.evaluation.evaluate import make_pairs
+
+    inference = run_inference(bundle, load_dataset(write_photos(tmp_path / "photos")))
+    pairs = make_pairs(inference, Taxonomy(bundle.labels), 1, 0)
+    fixed = cross_fit(inference, bundle, pairs, folds=3, target=0.5, guard=1.5)
+    assert [f["guard"] for f in fixed.folds] == [1.5, 1.5, 1.5]
+    assert not any("guard_choice" in f for f in fixed.folds)
+    auto = cross_fit(inference, bundle, pairs, folds=3, target=0.5, guard="auto")
+    for f in auto.folds:
+        choice = f["guard_choice"]
+        assert f["guard"] == choice["guard"]
+        assert choice["n_genuine"] == 16  # the fold's own fitting set, never the items it reports
+        assert choice["escapes"] == {} or choice["escapes"][f"{f['guard']:g}"] == min(choice["escapes"].values())
+    data = write_photos(tmp_path / "cli")
+    args = ["evaluate", str(bundle.path), str(data), "--json"]
+    bad = CliRunner().invoke(cli(), [*args, "--guard", "2"])
+    assert bad.exit_code == 2
+    assert "--guard applies to the cross-fit" in bad.output
+    wrong = CliRunner().invoke(cli(), [*args, "--cross-fit", "3", "--guard", "lots"])
+    assert wrong.exit_code == 2
+    assert "neither a number >= 1 nor 'auto'" in wrong.output
+    ok = CliRunner().invoke(cli(), [*args, "--cross-fit", "3", "--target-false-flag-rate", "0.5", "--guard", "auto"])
+    assert ok.exit_code in (0, 3), ok.output
+    assert all("guard_choice" in f for f in json.loads(ok.stdout)["cross_fit"]["fitted"])

@@ -89,6 +89,33 @@ _robust_option = click.option(
     help="Also read every genuine item with crop margin M (repeatable, e.g. 0 and 0.1: a box a little off). "
     "The fitted point must then hold on every reading: an item counts once, flagged if any reading flags.",
 )
+
+
+def _parse_guard(ctx: click.Context, param: click.Parameter, value: str) -> float | str:
+    """``--guard``: "auto" or a finite number >= 1."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither a number >= 1 nor 'auto'; fix: e.g. --guard 1.5 or --guard auto"
+        ) from None
+    if not (number >= 1.0 and number != float("inf")):
+        raise click.BadParameter(f"{value!r}: the guard must be a finite number >= 1 (1 = no guard)")
+    return number
+
+
+_guard_option = click.option(
+    "--guard",
+    metavar="G|auto",
+    default="1",
+    callback=_parse_guard,
+    show_default=True,
+    help="Margin beyond the worst genuine sample: each is also judged at its probabilities raised to the "
+    "power G (1 = none); 'auto' picks the smallest G under which no genuine vehicle flags out of fold "
+    'inside the fitting set (docs/DECISION.md, "The guard").',
+)
 _batch_option = click.option(
     "--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="Images per inference call."
 )
@@ -177,6 +204,7 @@ def _with_cross_fit(
     clones_per_image: int,
     seed: int,
     readings: Sequence[tuple[str, Inference]] = (),
+    guard: float | str = 1.0,
 ) -> dict[str, Any]:
     """The document with ``cross_fit``: the fit's operating point judged out of fold (and a warning if missed)."""
     from iaflash.agent.decision.taxonomy import Taxonomy  # noqa: PLC0415
@@ -187,7 +215,16 @@ def _with_cross_fit(
     matched = [Reading.matching(inference, other, name) for name, other in readings]
     with progress_callback("cross-fitting") as progress:
         progress(0, folds)
-        result = cross_fit(inference, bundle, pairs, folds=folds, target=target, base=base, readings=matched)
+        result = cross_fit(
+            inference,
+            bundle,
+            pairs,
+            folds=folds,
+            target=target,
+            base=base,
+            readings=matched,
+            guard=guard,  # type: ignore[arg-type]  # "auto" or a float >= 1 (_GuardType)
+        )
         progress(folds, folds)
     summary = {**rounded(result.to_dict(target)), "readings": [name for name, _ in readings]}
     warnings = list(doc["warnings"])
@@ -269,6 +306,7 @@ def _print_summary(doc: dict[str, Any], out: Path | None) -> None:
     help="Also fit temperature + thresholds on K-1 folds and report every item out of fold (0: off).",
 )
 @_robust_option
+@_guard_option
 @_batch_option
 @_threads_option
 @json_option
@@ -283,6 +321,7 @@ def evaluate(
     seed: int,
     cross_fit_folds: int,
     robust_margins: tuple[float, ...],
+    guard: float | str,
     batch_size: int,
     threads: int,
     as_json: bool,
@@ -320,10 +359,12 @@ def evaluate(
         )
     if robust_margins and not cross_fit_folds:
         raise click.UsageError("--robust-margin applies to the cross-fit; fix: add --cross-fit K (e.g. 5)")
+    if guard != 1.0 and not cross_fit_folds:
+        raise click.UsageError("--guard applies to the cross-fit; fix: add --cross-fit K (e.g. 5)")
     if cross_fit_folds:
         readings = [(f"margin={m:g}", _reading(bundle, dataset, m, batch_size, threads)) for m in robust_margins]
         doc = _with_cross_fit(
-            doc, bundle, inference, config.decision, cross_fit_folds, target, clones_per_image, seed, readings
+            doc, bundle, inference, config.decision, cross_fit_folds, target, clones_per_image, seed, readings, guard
         )
     if out is not None:
         out.write_text(render_html(doc), encoding="utf-8")

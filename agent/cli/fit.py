@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import click
 
 from iaflash.agent.cli.eval import (  # the CLI's shared options
     _batch_option,
+    _guard_option,
     _load,
     _operational,
     _reading,
@@ -57,6 +59,7 @@ __all__ = ["fit"]
     help="Simulated clones per photo and level (make, model).",
 )
 @_robust_option
+@_guard_option
 @_batch_option
 @_threads_option
 @json_option
@@ -70,6 +73,7 @@ def fit(
     keep_temperature: bool,
     clones_per_image: int,
     robust_margins: tuple[float, ...],
+    guard: float | str,
     batch_size: int,
     threads: int,
     as_json: bool,
@@ -85,13 +89,18 @@ def fit(
     "Readings"): the thresholds must then hold whichever way the box falls, which keeps them away
     from the edge of the fitting set.
 
+    --guard keeps a margin beyond the worst genuine sample seen (docs/DECISION.md, "The guard"):
+    without it, a point fitted at the edge of n genuine samples lets about one new vehicle in n
+    through. --guard auto chooses it by cross-validation inside DATASET.
+
     \b
     Example:
       iaflash-agent fit /models/classifier-1.4.0 val/labels.csv --out /models/classifier-1.4.0+op --target 0.0025
-      iaflash-agent fit ... --robust-margin 0 --robust-margin 0.1
+      iaflash-agent fit ... --robust-margin 0 --robust-margin 0.1 --guard auto
     """
     from iaflash.agent.decision.taxonomy import Taxonomy  # noqa: PLC0415  # `--help` stays fast
     from iaflash.agent.evaluation.fit import (  # noqa: PLC0415
+        choose_guard,
         fit_operating_point,
         samples_from_inference,
         with_readings,
@@ -104,18 +113,33 @@ def fit(
     if robust_margins:
         readings = [(f"margin={m:g}", _reading(bundle, dataset, m, batch_size, threads)) for m in robust_margins]
         samples = with_readings(samples, readings)
+    sided: Literal["one", "two"] = "two" if two_sided else "one"
+    temperature = bundle.manifest.temperature if keep_temperature else None
+    choice = None
+    if guard == "auto":
+        choice = choose_guard(
+            samples,
+            taxonomy=taxonomy,
+            target=target,
+            sided=sided,
+            temperature=temperature,
+            output_kind=bundle.manifest.output_kind,
+        )
     result = fit_operating_point(
         samples,
         taxonomy=taxonomy,
         target=target,
-        sided="two" if two_sided else "one",
-        temperature=bundle.manifest.temperature if keep_temperature else None,
+        sided=sided,
+        temperature=temperature,
         dataset_sha256=inference.dataset_sha256 or None,
         output_kind=bundle.manifest.output_kind,
+        guard=choice.guard if choice is not None else float(guard),
     )
     new = write_fitted_bundle(bundle, result.operating_point, out_dir)
     op, chosen = result.operating_point, result.chosen
     doc = {"schema": "iaflash.fit/1", "bundle": str(out_dir), "version": new.manifest.version, **result.to_dict()}
+    if choice is not None:
+        doc["guard_choice"] = choice.to_dict()
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
@@ -128,6 +152,14 @@ def fit(
         click.echo(f"clones caught   make {make}  model {model}")
         click.echo("thresholds      " + "  ".join(f"{k} {v:g}" for k, v in op.thresholds.items()))
         click.echo(f"temperature     {op.temperature:.4f}")
+        if choice is not None:
+            tried = "  ".join(f"{g:g}: {k}" for g, k in choice.escapes.items())
+            click.echo(
+                f"guard           {op.guard:g} (auto; genuine vehicles flagged out of {choice.folds} inner folds "
+                f"per guard: {tried})"
+            )
+        elif op.guard != 1.0:
+            click.echo(f"guard           {op.guard:g}")
         click.echo(f"needs           {result.genuine_needed} genuine samples with 0 flags for this target")
         click.echo(f"wrote {out_dir} (version {new.manifest.version}, unsigned: sign it before deploying)")
     for warning in result.warnings:

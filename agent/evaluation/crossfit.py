@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from iaflash.agent.decision.taxonomy import Taxonomy
 from iaflash.agent.decision.verdict import Verdict, decide
 from iaflash.agent.evaluation.calibrate import fit_temperature
 from iaflash.agent.evaluation.evaluate import Inference, classified, daemon_scores
-from iaflash.agent.evaluation.fit import FitSample, fit_operating_point
+from iaflash.agent.evaluation.fit import FitSample, choose_guard, fit_operating_point
 from iaflash.agent.evaluation.simulate import Pair, Rates, rates
 from iaflash.engines.bundle import Bundle
 from iaflash.engines.manifest import Manifest
@@ -143,8 +143,14 @@ def cross_fit(
     base: DecisionConfig | None = None,
     readings: Sequence[Reading] = (),
     fit_only: Sequence[bool] | None = None,
+    guard: float | Literal["auto"] = 1.0,
 ) -> CrossFit:
-    """Fit on K-1 folds, judge the K-th, for every fold (module doc)."""
+    """Fit on K-1 folds, judge the K-th, for every fold (module doc).
+
+    ``guard``: the fit's guard (:func:`~iaflash.agent.evaluation.fit.fit_operating_point`), or
+    ``"auto"``: each fold's own, chosen by :func:`~iaflash.agent.evaluation.fit.choose_guard` inside
+    that fold's fitting set only (recorded in the fold's ``guard`` and ``guard_choice``).
+    """
     base = base or DecisionConfig.model_validate({})
     taxonomy = Taxonomy.from_bundle(bundle)  # its full-range makes and look-alike groups, as the daemon reads it
     ok = classified(inference)
@@ -166,12 +172,13 @@ def cross_fit(
         probs, problems = daemon_scores(inference, fold_manifest)
         train = [p for p in pairs if fits[p.sample]]
         extra = [s for r in readings for s in _reading_samples(r, fold_manifest, genuine, fits)]
+        samples = _fit_samples(train, probs, inference, problems, units=bool(readings)) + extra
+        choice = None
+        if guard == "auto":
+            choice = choose_guard(samples, taxonomy=taxonomy, target=target, base=base, temperature=1.0, folds=folds)
+        fold_guard = choice.guard if choice is not None else float(guard)
         result = fit_operating_point(
-            _fit_samples(train, probs, inference, problems, units=bool(readings)) + extra,
-            taxonomy=taxonomy,
-            target=target,
-            base=base,
-            temperature=1.0,
+            samples, taxonomy=taxonomy, target=target, base=base, temperature=1.0, guard=fold_guard
         )
         op = result.operating_point
         fitted.append(
@@ -179,6 +186,8 @@ def cross_fit(
                 "fold": k,
                 "temperature": temperature,
                 **{key: v for key, v in op.to_dict().items() if key != "temperature"},
+                "guard": fold_guard,
+                **({"guard_choice": choice.to_dict()} if choice is not None else {}),
             }
         )
         cfg = _config(op.thresholds, base)

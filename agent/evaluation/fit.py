@@ -50,6 +50,7 @@ from iaflash.engines.scores import fuse
 __all__ = [
     "DEFAULT_CONFIDENCE",
     "DEFAULT_TARGET",
+    "GUARD_GRID",
     "MAKE_GRID",
     "MIN_TOP1_GRID",
     "MODEL_GRID",
@@ -57,12 +58,15 @@ __all__ = [
     "FitResult",
     "FitSample",
     "GridPoint",
+    "GuardChoice",
+    "choose_guard",
     "clopper_pearson_upper",
     "count_flags",
     "fit_operating_point",
     "genuine_needed",
     "samples_from_inference",
     "samples_sha256",
+    "sharpen",
     "with_readings",
     "write_fitted_bundle",
 ]
@@ -418,10 +422,15 @@ def _flags(f: _Features, t: dict[str, float]) -> np.ndarray:
     return out
 
 
+def _count_units(units: np.ndarray) -> int:
+    """How many distinct units (small integers >= 0) ``units`` holds; np.unique's answer, without its sort."""
+    return int(np.count_nonzero(np.bincount(units))) if len(units) else 0
+
+
 def _point(f: _Features, t: dict[str, float], flagged: np.ndarray, confidence: float, sided: Sided) -> GridPoint:
     """Counts at ``t``: genuine flags per unit (a vehicle flagged in any reading counts once), clones per sample."""
     genuine, clones = f.genuine, ~f.genuine
-    k, n = len(np.unique(f.unit[flagged & genuine])), len(np.unique(f.unit[genuine]))
+    k, n = _count_units(f.unit[flagged & genuine]), _count_units(f.unit[genuine])
     make, model = clones & (f.level == "make"), clones & (f.level == "model")
     return GridPoint(
         thresholds=dict(t),
@@ -473,12 +482,86 @@ def count_flags(
     return _point(f, t, flagged, confidence, sided), verdicts
 
 
+def _axes(base: DecisionConfig, other_grid: Sequence[float] | None) -> tuple[tuple[float, ...], ...]:
+    """The grid's four axes: min_top1, make, model and other thresholds."""
+    return MIN_TOP1_GRID, MAKE_GRID, MODEL_GRID, tuple(sorted({*(other_grid or OTHER_GRID), base.other_threshold}))
+
+
 def _grid(base: DecisionConfig, other_grid: Sequence[float] | None) -> list[dict[str, float]]:
-    others = sorted({*(other_grid or OTHER_GRID), base.other_threshold})
     return [
         {"min_top1": a, "make_threshold": b, "model_threshold": c, "other_threshold": d}
-        for a, b, c, d in itertools.product(MIN_TOP1_GRID, MAKE_GRID, MODEL_GRID, others)
+        for a, b, c, d in itertools.product(*_axes(base, other_grid))
     ]
+
+
+def _scan(
+    f: _Features, base: DecisionConfig, other_grid: Sequence[float] | None, confidence: float, sided: Sided
+) -> list[GridPoint]:
+    """:func:`_point` at every point of :func:`_grid` (same order), at once.
+
+    A sample flags at (a, b, c, d) when it passes the gate (min_top1 a, other d) and the make rule
+    (b) or the model rule (c): the clone counts are products of gate and rule matrices, and the
+    genuine flags are ORed over each unit's readings (samples sorted by unit, ``reduceat``).
+    """
+    tops, makes, models, others = (np.asarray(x, dtype=np.float64) for x in _axes(base, other_grid))
+    with np.errstate(invalid="ignore"):  # NaN: the rule never runs, never flags
+        gate = (f.judged & (f.p_other < f.top1))[None, None, :] & (
+            (f.top1[None, :] >= tops[:, None])[:, None, :] & (f.p_other[None, :] < others[:, None])[None, :, :]
+        )  # A x D x N
+        make_ok = f.p_make[None, :] < makes[:, None]  # B x N
+        model_ok = ~np.isnan(f.p_model)[None, :] & (f.p_model[None, :] < models[:, None])  # C x N
+    rule = (make_ok[:, None, :] | model_ok[None, :, :]).reshape(len(makes) * len(models), -1)  # (B*C) x N
+    gate2 = gate.reshape(len(tops) * len(others), -1)  # (A*D) x N
+
+    def caught(cols: np.ndarray) -> np.ndarray:  # (A*D) x (B*C) samples flagged among cols
+        product = gate2[:, cols].astype(np.float32) @ rule[:, cols].T.astype(np.float32)  # exact below 2**24
+        out: np.ndarray = np.rint(product).astype(np.int64)
+        return out
+
+    clones = ~f.genuine
+    make_cols, model_cols = np.flatnonzero(clones & (f.level == "make")), np.flatnonzero(clones & (f.level == "model"))
+    make_caught, model_caught = caught(make_cols), caught(model_cols)
+    all_caught = caught(np.flatnonzero(clones))
+    g_rows = np.flatnonzero(f.genuine)
+    order = g_rows[np.argsort(f.unit[g_rows], kind="stable")]
+    units = f.unit[order]
+    starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]]) if len(units) else np.zeros(0, dtype=int)
+    n = len(starts)
+    genuine_flags = np.zeros((gate2.shape[0], rule.shape[0]), dtype=int)
+    if n:
+        g_rule = rule[:, order]
+        for ad in range(gate2.shape[0]):
+            hit = gate2[ad, order][None, :] & g_rule  # (B*C) x Ng
+            genuine_flags[ad] = np.logical_or.reduceat(hit, starts, axis=1).sum(axis=1)
+    shape = (len(tops), len(others), len(makes), len(models))
+    counts = [x.reshape(shape) for x in (genuine_flags, all_caught, make_caught, model_caught)]
+    n_clones, n_make, n_model, readings = int(clones.sum()), len(make_cols), len(model_cols), len(g_rows)
+    points = []
+    for (ia, a), (ib, b), (ic, c), (id_, d) in itertools.product(
+        *(list(enumerate(x)) for x in (tops, makes, models, others))
+    ):
+        k, cc, mc, dc = (int(x[ia, id_, ib, ic]) for x in counts)
+        points.append(
+            GridPoint(
+                thresholds={
+                    "min_top1": float(a),
+                    "make_threshold": float(b),
+                    "model_threshold": float(c),
+                    "other_threshold": float(d),
+                },
+                flags=k,
+                n_genuine=n,
+                upper_bound=clopper_pearson_upper(k, n, confidence, sided),
+                clones_caught=cc,
+                n_clones=n_clones,
+                make_caught=mc,
+                n_make_clones=n_make,
+                model_caught=dc,
+                n_model_clones=n_model,
+                genuine_readings=readings,
+            )
+        )
+    return points
 
 
 def _distance(t: dict[str, float], base: DecisionConfig) -> float:
@@ -544,6 +627,24 @@ def _check_samples(samples: Sequence[FitSample], taxonomy: Taxonomy) -> None:
         )
 
 
+def sharpen(probs: np.ndarray, guard: float) -> np.ndarray:
+    """Probabilities raised to the power ``guard`` and renormalised: softmax at temperature T / guard."""
+    log_p = np.log(np.clip(np.nan_to_num(probs, nan=0.0), 1e-300, 1.0)) * guard
+    log_p -= log_p.max(axis=-1, keepdims=True)
+    out = np.exp(log_p)
+    return np.asarray(out / out.sum(axis=-1, keepdims=True))
+
+
+def _guarded(samples: Sequence[FitSample], probs: np.ndarray, guard: float) -> tuple[list[FitSample], np.ndarray]:
+    """``samples`` plus, for ``guard`` > 1, a sharpened reading of every genuine sample (same unit)."""
+    if guard == 1.0:
+        return list(samples), probs
+    own = [replace(s, unit=s.unit or f"#guard{i}") if s.genuine else s for i, s in enumerate(samples)]
+    rows = [i for i, s in enumerate(own) if s.genuine]
+    extra = [replace(own[i], reading=f"guard={guard:g}", sample_id=f"{own[i].sample_id}@guard") for i in rows]
+    return own + extra, np.concatenate([probs, sharpen(probs[rows], guard)])
+
+
 def fit_operating_point(
     samples: Sequence[FitSample],
     *,
@@ -558,8 +659,14 @@ def fit_operating_point(
     fitted_at: datetime | None = None,
     progress: Progress | None = None,
     output_kind: str = "logits",
+    guard: float = 1.0,
 ) -> FitResult:
     """Fit the temperature (unless given) and the thresholds for ``target`` on labelled samples.
+
+    ``guard`` > 1 stresses the genuine samples: each is also judged at probabilities sharpened to
+    the power ``guard`` (temperature T / guard, so a confident error is more confident still), as a
+    reading of the same vehicle, so the point keeps a margin beyond the worst genuine sample seen
+    (:func:`choose_guard` picks it by cross-validation inside the fitting set).
 
     ``base`` supplies the thresholds that are not fitted (``match_threshold``, ``top_k``, ...).
     Raises :class:`CalibrationError` for unusable input. The result's ``operating_point.met`` is
@@ -569,18 +676,20 @@ def fit_operating_point(
     _check_samples(samples, taxonomy)
     if not 0.0 < target < 1.0:
         raise CalibrationError(f"target must be within (0, 1), got {target}; fix: e.g. --target 0.001")
+    if not (math.isfinite(guard) and guard >= 1.0):
+        raise CalibrationError(
+            f"guard must be a finite number >= 1 (1 = no guard), got {guard!r}; fix: e.g. --guard 1.5"
+        )
     base = base or DecisionConfig.model_validate({})
     t_fit = _temperature(samples, temperature)
     probs = _probs(samples, t_fit, output_kind)
-    feats = _features(samples, probs, taxonomy, base)
-    grid = _grid(base, other_grid)
-    points = []
-    for done, t in enumerate(grid, start=1):
-        points.append(_point(feats, t, _flags(feats, t), confidence, sided))
-        if progress is not None and (done % 500 == 0 or done == len(grid)):
-            progress(done, len(grid))
+    judged, probs = _guarded(samples, probs, guard)
+    feats = _features(judged, probs, taxonomy, base)
+    points = _scan(feats, base, other_grid, confidence, sided)
+    if progress is not None:
+        progress(len(points), len(points))
     chosen, met = _best(points, target, base)
-    checked, _ = count_flags(samples, probs, taxonomy, _config(base, chosen.thresholds), confidence, sided)
+    checked, _ = count_flags(judged, probs, taxonomy, _config(base, chosen.thresholds), confidence, sided)
     if (checked.flags, checked.clones_caught) != (chosen.flags, chosen.clones_caught):
         raise AssertionError(  # a bug: the vectorised scan must read decide's rule exactly
             f"grid scan counted {chosen.flags} flags/{chosen.clones_caught} caught, decide counted "
@@ -594,7 +703,7 @@ def fit_operating_point(
             f"items, upper bound {chosen.upper_bound:.5f}; 0 flags need at least {needed} genuine samples"
         )
     op = _operating_point(
-        chosen, met, target, confidence, sided, t_fit, base, dataset_sha256 or samples_sha256(samples), fitted_at
+        chosen, met, target, confidence, sided, t_fit, base, dataset_sha256 or samples_sha256(samples), fitted_at, guard
     )
     return FitResult(
         operating_point=op, chosen=chosen, grid=tuple(points), genuine_needed=needed, warnings=tuple(warnings)
@@ -611,6 +720,7 @@ def _operating_point(
     base: DecisionConfig,
     dataset_sha256: str,
     fitted_at: datetime | None,
+    guard: float = 1.0,
 ) -> OperatingPoint:
     thresholds = {
         **chosen.thresholds,
@@ -631,9 +741,116 @@ def _operating_point(
         "clones_caught": chosen.clones_caught,
         "fitted_at": when,
         "dataset_sha256": dataset_sha256,
+        **({"guard": guard} if guard != 1.0 else {}),  # absent at 1: the same id as before the guard
     }
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()[:12]
     return OperatingPoint(id=f"op-{digest}", **body)  # type: ignore[arg-type]  # keys are OperatingPoint's fields
+
+
+# ---------------------------------------------------------------- the guard, chosen inside the fitting set
+
+GUARD_GRID: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0)
+"""Guards :func:`choose_guard` tries, smallest first (1 = no guard)."""
+
+
+@dataclass(frozen=True)
+class GuardChoice:
+    """The guard chosen, and per guard tried the genuine vehicles flagged out of fold inside the fitting set."""
+
+    guard: float
+    escapes: dict[float, int]
+    n_genuine: int
+    folds: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "guard": self.guard,
+            "escapes": {f"{g:g}": k for g, k in self.escapes.items()},
+            "n_genuine": self.n_genuine,
+            "folds": self.folds,
+        }
+
+
+def _subset(f: _Features, mask: np.ndarray) -> _Features:
+    return _Features(**{name: getattr(f, name)[mask] for name in _Features.__dataclass_fields__})
+
+
+def _fold_keys(samples: Sequence[FitSample]) -> np.ndarray:
+    """Each sample's inner fold key: its vehicle (``unit``, else the item its ``sample_id`` names)."""
+    index: dict[str, int] = {}
+    return np.array(
+        [index.setdefault(s.unit or s.sample_id.split("#", 1)[0] or f"#{i}", len(index)) for i, s in enumerate(samples)]
+    )
+
+
+def choose_guard(
+    samples: Sequence[FitSample],
+    *,
+    taxonomy: Taxonomy,
+    target: float = DEFAULT_TARGET,
+    confidence: float = DEFAULT_CONFIDENCE,
+    sided: Sided = "one",
+    base: DecisionConfig | None = None,
+    temperature: float | None = None,
+    other_grid: Sequence[float] | None = None,
+    output_kind: str = "logits",
+    guards: Sequence[float] = GUARD_GRID,
+    folds: int = 5,
+) -> GuardChoice:
+    """The smallest guard under which no genuine vehicle flags out of fold *inside* ``samples``.
+
+    A point fitted at the edge of n genuine samples lets about one new vehicle in n through (the one
+    more confidently wrong than any it saw); the guard is the margin that, measured here, covers that
+    step. The fitting set is split into ``folds`` by vehicle; for each guard, smallest first, every
+    fold is judged (on the daemon's own reading, unsharpened) at the point fitted with that guard on
+    the other folds. The inner fits aim at ``target``, or at what 0 flags can show on their smaller
+    set when that is looser, so they sit at the edge as the outer fit does.
+
+    A guard is only a candidate when the fit on all of ``samples`` still meets ``target`` with it (a
+    larger guard that cannot is never chosen: that point would never flag). The search stops at the
+    first candidate with 0 escapes; with none, the candidate with fewest (the smaller on ties), and
+    1 (no guard) when no guard meets the target. ``escapes`` lists the candidates tried.
+    """
+    _check_samples(samples, taxonomy)
+    if folds < 2:
+        raise CalibrationError(f"choose_guard needs at least 2 folds, got {folds}")
+    if not guards or any(not (math.isfinite(g) and g >= 1.0) for g in guards):
+        raise CalibrationError(f"guards must be finite numbers >= 1, got {list(guards)!r}")
+    base = base or DecisionConfig.model_validate({})
+    t_fit = _temperature(samples, temperature)
+    probs = _probs(samples, t_fit, output_kind)
+    keys = _fold_keys(samples)
+    fold = (np.arange(int(keys.max()) + 1) % folds)[keys]
+    main = np.array([s.genuine and not s.reading for s in samples], dtype=bool)
+    genuine_rows = [i for i, s in enumerate(samples) if s.genuine]
+    plain = _features(samples, probs, taxonomy, base)
+
+    def fitted(f: _Features, aim: float) -> dict[str, float] | None:
+        chosen, met = _best(_scan(f, base, other_grid, confidence, sided), aim, base)
+        return chosen.thresholds if met else None
+
+    escapes: dict[float, int] = {}
+    for g in sorted(set(guards)):
+        judged, g_probs = _guarded(samples, probs, g)
+        feats = _features(judged, g_probs, taxonomy, base) if g != 1.0 else plain
+        if fitted(feats, target) is None:
+            break  # this guard's point would never flag, nor would a larger one's
+        g_fold = np.concatenate([fold, fold[genuine_rows]]) if g != 1.0 else fold
+        flagged_units: set[int] = set()
+        for k in range(folds):
+            inner = _subset(feats, g_fold != k)
+            n_inner = _count_units(inner.unit[inner.genuine])
+            aim = max(target, clopper_pearson_upper(0, n_inner, confidence, sided)) if n_inner else target
+            thresholds = fitted(inner, aim)
+            if thresholds is None:
+                continue  # that fold's point would never flag
+            out = _subset(plain, (fold == k) & main)
+            flagged_units.update(int(u) for u in out.unit[_flags(out, thresholds)])
+        escapes[g] = len(flagged_units)
+        if escapes[g] == 0:
+            break
+    best = min(escapes, key=lambda g: (escapes[g], g)) if escapes else 1.0
+    return GuardChoice(best, escapes, _count_units(keys[main]), folds)
 
 
 def write_fitted_bundle(bundle: Bundle, op: OperatingPoint, out: Path) -> Bundle:
