@@ -31,6 +31,10 @@ detector path (the intake's ``Preparer`` with the ``(backend, bundle)`` pair the
 ``detect_vehicles`` + ``select_vehicle``) instead of classifying the whole frame; frames with a
 box and the tight photos are unchanged.
 
+``--guard G|auto``: both fits (plain, on readings) keep a guard (docs/DECISION.md, "The guard");
+``auto``: each fold chooses its own by cross-validation inside its fitting set (printed per fold
+with the escapes per guard tried).
+
 Two models: ``--best`` (a bundle, or a training run directory with model.onnx + labels.csv +
 report.json) and a deliberately weak one built here (the demo's 8×8 colour-grid linear head,
 fitted on the train photos), unless ``--no-weak``.
@@ -517,7 +521,7 @@ def table(results: Sequence[dict[str, Any]], target: float) -> str:
             lines.append(
                 f"| {res['model']} | {label} | {k}/{n} = {k / n:.2%} (≤ {upper:.2%}, {met}) | {a / n:.1%} | "
                 f"{_rate(r, 'make')} | {_rate(r, 'model')} | {res['top1_tight']:.1%} → {daemon_top1:.1%} "
-                f"({(res['top1_tight'] - daemon_top1) * 100:+.1f} pts) |"
+                f"({(res['top1_tight'] - daemon_top1) * 100:.1f} pts lost) |"
             )
     return "\n".join(lines)
 
