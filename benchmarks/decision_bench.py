@@ -65,7 +65,7 @@ from iaflash.agent.decision.taxonomy import Taxonomy
 from iaflash.agent.evaluation.crossfit import Reading, cross_fit
 from iaflash.agent.evaluation.dataset import Sample, load_dataset
 from iaflash.agent.evaluation.evaluate import Inference, classified, daemon_scores, run_inference
-from iaflash.agent.evaluation.fit import clopper_pearson_upper
+from iaflash.agent.evaluation.fit import clopper_pearson_upper, parse_guard
 from iaflash.agent.evaluation.simulate import Pair, Rates, pair_verdicts, rates, simulate_pairs
 from iaflash.engines.base import Backend
 from iaflash.engines.bundle import Bundle, Label, Preprocessing, load_bundle, write_bundle
@@ -527,15 +527,10 @@ def table(results: Sequence[dict[str, Any]], target: float) -> str:
 
 
 def _guard(text: str) -> float | str:
-    if text == "auto":
-        return text
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number >= 1 nor 'auto'") from None
-    if not value >= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the guard must be >= 1 (1 = none)")
-    return value
+        return parse_guard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

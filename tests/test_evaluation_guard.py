@@ -86,6 +86,7 @@ def test_choose_guard_takes_the_smallest_guard_with_no_escape_inside_the_fitting
     assert choice.escapes[choice.guard] == 0
     assert all(choice.escapes[g] > 0 for g in tried if g < choice.guard)
     assert tried[-1] == choice.guard  # the search stops at the first guard with no escape
+    assert choice.unmet_from is None
     assert choice.n_genuine == 500 and choice.folds == 5
     assert choice.to_dict()["escapes"]["1"] == choice.escapes[1.0]
     assert fit_operating_point(FIT, taxonomy=TAX, target=TARGET, guard=choice.guard).operating_point.met
@@ -96,6 +97,8 @@ def test_choose_guard_never_picks_a_guard_whose_point_misses_the_target() -> Non
     few = generated_samples(40, seed=3, confusion=0.15)
     choice = choose_guard(few, taxonomy=TAX, target=TARGET)
     assert choice.guard == 1.0 and choice.escapes == {}
+    assert choice.unmet_from == 1.0  # why nothing was tried: already guard 1 misses the target
+    assert choice.to_dict()["unmet_from"] == 1.0
     with pytest.raises(CalibrationError, match="at least 2 folds"):
         choose_guard(few, taxonomy=TAX, target=TARGET, folds=1)
     with pytest.raises(CalibrationError, match="guards must be finite numbers >= 1"):
@@ -155,3 +158,17 @@ def test_fit_command_guard_auto_writes_the_chosen_guard_into_the_bundle(tmp_path
     assert refused.exit_code == 2
     assert "the guard must be a finite number >= 1" in refused.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_parse_guard_reads_auto_or_a_number_at_least_one_and_says_the_fix() -> None:
+    """The one parser behind ``fit --guard``, ``evaluate --guard`` and the decision bench."""
+    from iaflash.agent.evaluation.fit import parse_guard
+
+    assert parse_guard("auto") == "auto"
+    assert parse_guard("1") == 1.0
+    assert parse_guard("1.5") == 1.5
+    with pytest.raises(ValueError, match=r"neither a number >= 1 nor 'auto'; fix: e\.g\. --guard 1\.5"):
+        parse_guard("lots")
+    for bad in ("0.5", "nan", "inf"):
+        with pytest.raises(ValueError, match="the guard must be a finite number >= 1"):
+            parse_guard(bad)

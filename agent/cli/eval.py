@@ -92,18 +92,12 @@ _robust_option = click.option(
 
 
 def _parse_guard(ctx: click.Context, param: click.Parameter, value: str) -> float | str:
-    """``--guard``: "auto" or a finite number >= 1."""
-    if value == "auto":
-        return value
+    from iaflash.agent.evaluation.fit import parse_guard  # noqa: PLC0415  # `--help` stays fast
+
     try:
-        number = float(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is neither a number >= 1 nor 'auto'; fix: e.g. --guard 1.5 or --guard auto"
-        ) from None
-    if not (number >= 1.0 and number != float("inf")):
-        raise click.BadParameter(f"{value!r}: the guard must be a finite number >= 1 (1 = no guard)")
-    return number
+        return parse_guard(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 _guard_option = click.option(
@@ -223,7 +217,7 @@ def _with_cross_fit(
             target=target,
             base=base,
             readings=matched,
-            guard=guard,  # type: ignore[arg-type]  # "auto" or a float >= 1 (_GuardType)
+            guard=guard,  # type: ignore[arg-type]  # "auto" or a float >= 1 (_parse_guard)
         )
         progress(folds, folds)
     summary = {**rounded(result.to_dict(target)), "readings": [name for name, _ in readings]}

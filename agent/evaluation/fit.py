@@ -64,6 +64,7 @@ __all__ = [
     "count_flags",
     "fit_operating_point",
     "genuine_needed",
+    "parse_guard",
     "samples_from_inference",
     "samples_sha256",
     "sharpen",
@@ -753,14 +754,34 @@ GUARD_GRID: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0)
 """Guards :func:`choose_guard` tries, smallest first (1 = no guard)."""
 
 
+def parse_guard(text: str) -> float | Literal["auto"]:
+    """A guard as people type it (``--guard``): "auto", or a finite number >= 1; ValueError says the fix."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a number >= 1 nor 'auto'; fix: e.g. --guard 1.5 or --guard auto"
+        ) from None
+    if not (math.isfinite(value) and value >= 1.0):
+        raise ValueError(f"{text!r}: the guard must be a finite number >= 1 (1 = no guard)")
+    return value
+
+
 @dataclass(frozen=True)
 class GuardChoice:
-    """The guard chosen, and per guard tried the genuine vehicles flagged out of fold inside the fitting set."""
+    """The guard chosen, and per guard tried the genuine vehicles flagged out of fold inside the fitting set.
+
+    ``unmet_from``: the first guard whose fit on the whole set missed the target (the search stopped
+    there; None when it did not stop for that reason).
+    """
 
     guard: float
     escapes: dict[float, int]
     n_genuine: int
     folds: int
+    unmet_from: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -768,6 +789,7 @@ class GuardChoice:
             "escapes": {f"{g:g}": k for g, k in self.escapes.items()},
             "n_genuine": self.n_genuine,
             "folds": self.folds,
+            "unmet_from": self.unmet_from,
         }
 
 
@@ -830,11 +852,13 @@ def choose_guard(
         return chosen.thresholds if met else None
 
     escapes: dict[float, int] = {}
+    unmet_from = None
     for g in sorted(set(guards)):
         judged, g_probs = _guarded(samples, probs, g)
         feats = _features(judged, g_probs, taxonomy, base) if g != 1.0 else plain
         if fitted(feats, target) is None:
-            break  # this guard's point would never flag, nor would a larger one's
+            unmet_from = g  # this guard's point would never flag, nor would a larger one's
+            break
         g_fold = np.concatenate([fold, fold[genuine_rows]]) if g != 1.0 else fold
         flagged_units: set[int] = set()
         for k in range(folds):
@@ -850,7 +874,7 @@ def choose_guard(
         if escapes[g] == 0:
             break
     best = min(escapes, key=lambda g: (escapes[g], g)) if escapes else 1.0
-    return GuardChoice(best, escapes, _count_units(keys[main]), folds)
+    return GuardChoice(best, escapes, _count_units(keys[main]), folds, unmet_from)
 
 
 def write_fitted_bundle(bundle: Bundle, op: OperatingPoint, out: Path) -> Bundle:
